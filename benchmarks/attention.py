@@ -1,0 +1,427 @@
+"""Attention benchmark of issue 12: our public `sparse_attention` per backend against cuDNN SDPA dense, FA4 dense,
+FA4 called directly on the same block mask, and FlexAttention (torch.compile'd) on the same block mask.
+
+    python benchmarks/attention.py --out benchmarks/results            # the whole table (GPU, about 5 minutes)
+    python benchmarks/attention.py --shapes wan13 --densities 0.25     # one row
+
+Shapes (bf16, batch 1): Wan2.1-1.3B 480p 81f (12 heads, 32,760 tokens, D 128), Wan2.1-14B 720p 81f (40 heads,
+75,600), HunyuanVideo 720p 129f (24 heads, 118,800 + 256 text suffix with padding), CogVideoX-5B 720x480 49f
+(48 heads, 17,550 + 226 text prefix, D 64). Masks: `random_blocks` at each density and the radial mask, 128x128 blocks.
+Effective TFLOP/s = 4 * H * S_video^2 * D * density / time (dense columns: the whole sequence, density 1). Writes
+attention-<gpu>-<date>.json (rows with shape, density, backend, ms, ms_cudnn, ms_flex, ...) and a markdown table.
+Runs without installing the package and without diffusers (`ensure_importable`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # name: (label, heads, head_dim, (frames, height, width), text_len, text_position, valid_text, radial variant)
+    "wan13": ("Wan2.1-1.3B 480p 81f", 12, 128, (21, 30, 52), 0, None, 0, "wan"),
+    "wan14": ("Wan2.1-14B 720p 81f", 40, 128, (21, 45, 80), 0, None, 0, "wan"),
+    "hunyuan": ("HunyuanVideo 720p 129f", 24, 128, (33, 45, 80), 256, "suffix", 120, "hunyuan"),
+    "cogvideox": ("CogVideoX-5B 720x480 49f", 48, 64, (13, 30, 45), 226, "prefix", 226, "wan"),
+}
+#: tiny shapes for a CPU smoke run of this script's own logic (`--smoke`, reference backend)
+SMOKE_SHAPES = {
+    "smoke-suffix": ("smoke, text suffix", 2, 16, (2, 8, 16), 40, "suffix", 20, "hunyuan"),
+    "smoke-prefix": ("smoke, text prefix", 2, 16, (2, 8, 16), 40, "prefix", 40, "wan"),
+}
+DENSITIES = (0.1, 0.25, 0.5)
+
+
+# ---- imports that work without installing the package or diffusers ---------------------------------------------
+
+
+def _load(name: str, path: Path, package_dir: Path | None = None):
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_importable() -> str:
+    """Make `dit_sparse.kernels`, `dit_sparse.attention` importable: the installed package when it imports, else
+    the source tree mapped by hand (no diffusers needed: dit_sparse/__init__ is skipped). Returns how."""
+    try:
+        import dit_sparse.attention  # noqa: F401
+        import dit_sparse.kernels  # noqa: F401
+
+        return "package"
+    except Exception as error:  # diffusers missing on the GPU machine, or a teammate's module mid-edit
+        reason = f"{type(error).__name__}: {error}"
+    for name in [m for m in sys.modules if m == "dit_sparse" or m.startswith("dit_sparse.")]:
+        del sys.modules[name]
+    package = types.ModuleType("dit_sparse")
+    package.__path__ = [str(ROOT / "dit_sparse")]
+    sys.modules["dit_sparse"] = package
+    package.kernels = _load("dit_sparse.kernels", ROOT / "kernels" / "__init__.py", ROOT / "kernels")
+    patterns = types.ModuleType("dit_sparse.patterns")
+    patterns.__path__ = [str(ROOT / "dit_sparse" / "patterns")]
+    sys.modules["dit_sparse.patterns"] = patterns
+    package.patterns = patterns
+    return f"source tree ({reason})"
+
+
+def load_pattern(name: str):
+    """`dit_sparse.patterns.<name>.<name>` or None when the module is not there (yet)."""
+    try:
+        module = importlib.import_module(f"dit_sparse.patterns.{name}")
+        return getattr(module, name)
+    except Exception:
+        path = ROOT / "dit_sparse" / "patterns" / f"{name}.py"
+        if not path.exists():
+            return None
+        try:
+            return getattr(_load(f"dit_sparse.patterns.{name}", path), name)
+        except Exception:
+            return None
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+
+def bench_ms(fn) -> float:
+    """Median ms: triton's do_bench for short calls, 3 timed calls after a warm-up for long ones."""
+    import triton.testing
+
+    if not torch.cuda.is_available():  # the CPU smoke run (`--smoke`): one timed call
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end)
+    if once < 30:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(statistics.median(times))
+
+
+def _try(fn, errors: list, what: str):
+    try:
+        return fn()
+    except Exception as error:  # a column that cannot run here is reported, not fatal
+        errors.append(f"{what}: {type(error).__name__}: {str(error)[:300]}")
+        traceback.print_exc(limit=3)
+        return None
+
+
+# ---- baselines ---------------------------------------------------------------------------------------------------
+
+
+def cudnn_dense(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+
+    return run
+
+
+def fa4_dense(q, k, v):
+    from flash_attn.cute import flash_attn_func
+
+    return lambda: flash_attn_func(q, k, v)
+
+
+def fa4_direct(q, k, v, mask):
+    """FA4 on the video tokens with the mask's block lists prepared once: what calling FA4 by hand costs."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    from dit_sparse.kernels import fa4
+
+    t = fa4.to_fa4_block_sparse(mask)
+    sparse = BlockSparseTensorsTorch(*fa4._per_batch_and_head(mask, t, q.shape[0], q.shape[2]),
+                                     block_size=t.block_size)
+    return lambda: flash_attn_func(q, k, v, block_sparse_tensors=sparse, return_lse=True)
+
+
+_flex_compiled = None
+
+
+def flex_sparse(q, k, v, mask):
+    """FlexAttention, torch.compile'd, over the video tokens with the same kept blocks as full blocks."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    bm, hm, n_q, max_kept = mask.kv_block_indices.shape
+    n_kv = mask.n_kv_blocks
+    full_indices = torch.zeros(bm, hm, n_q, n_kv, dtype=torch.int32, device=q.device)
+    full_indices[..., :max_kept] = mask.kv_block_indices
+    flex_mask = FlexBlockMask.from_kv_blocks(
+        torch.zeros(bm, hm, n_q, dtype=torch.int32, device=q.device),
+        torch.zeros(bm, hm, n_q, n_kv, dtype=torch.int32, device=q.device),
+        mask.kv_block_counts.to(q.device),
+        full_indices,
+        BLOCK_SIZE=(mask.q_block_size, mask.kv_block_size),
+        seq_lengths=(mask.seq_len, mask.seq_len),
+    )
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: _flex_compiled(qt, kt, vt, block_mask=flex_mask)
+
+
+def fa4_text_as_blocks(q, k, v, mask, layout):
+    """Text as extra kept blocks (suffix text only): one FA4 call over the joint sequence, every query block keeping
+    its video blocks plus the text blocks, text query blocks keeping all. Timing only: padding is not expressible."""
+    from dit_sparse.blockmask import BlockMask
+
+    block = mask.q_block_size
+    n = math.ceil(layout.seq_len / block)
+    first_text_block = layout.video_len // block
+    video_blocks = mask.to_block_dense()[0, 0]  # (n_video, n_video)
+    joint = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+    joint[: video_blocks.shape[0], : video_blocks.shape[1]] = video_blocks
+    joint[:, first_text_block:] = True
+    joint[first_text_block:, :] = True
+    joint_mask = BlockMask.from_block_dense(joint, layout.seq_len, block)
+    return fa4_direct(q, k, v, joint_mask)
+
+
+# ---- one shape ---------------------------------------------------------------------------------------------------
+
+
+def run_shape(name: str, densities, backends, args, rows: list, notes: list):
+    from dit_sparse import kernels
+    from dit_sparse.attention import sparse_attention
+    from dit_sparse.layout import VideoLayout
+
+    label, heads, head_dim, (frames, height, width), text_len, text_position, valid_text, variant = \
+        {**SHAPES, **SMOKE_SHAPES}[name]
+    layout = VideoLayout(frames, height, width, text_len, text_position)
+    seq, video_len = layout.seq_len, layout.video_len
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    padding = None
+    if text_len:
+        padding = torch.zeros(1, text_len, dtype=torch.bool, device=device)
+        padding[:, :valid_text] = True
+        if valid_text == text_len:
+            padding = None  # CogVideoX attends to all 226 text tokens
+    video = layout.video_slice
+    qv, kv, vv = q[:, video], k[:, video], v[:, video]
+    errors: list[str] = []
+    dense_flops = 4 * heads * seq * seq * head_dim
+
+    ms_cudnn = _try(lambda: bench_ms(cudnn_dense(q, k, v)), errors, f"{name} cudnn")
+    ms_fa4_dense = _try(lambda: bench_ms(fa4_dense(q, k, v)), errors, f"{name} fa4 dense") if args.fa4 else None
+    print(f"[{name}] cudnn dense {ms_cudnn} ms, fa4 dense {ms_fa4_dense} ms", flush=True)
+
+    masks = []
+    random_blocks = load_pattern("random_blocks")
+    for density in densities:
+        masks.append((f"random {density}", density, random_blocks(layout, density=density, block_size=128)))
+    if args.radial:
+        radial = load_pattern("radial")
+        if radial is None:
+            notes.append(f"{name}: radial mask skipped: dit_sparse.patterns.radial is not importable")
+        else:
+            m = _try(lambda: radial(layout, block_size=128, decay_factor=1.0, variant=variant), errors,
+                     f"{name} radial mask")
+            if m is not None:
+                masks.append(("radial", None, m))
+
+    for mask_name, target, mask in masks:
+        mask = mask.to(device)
+        density = mask.density
+        flops = 4 * heads * video_len * video_len * head_dim * density
+        row_common = dict(shape=name, label=label, heads=heads, head_dim=head_dim, seq_video=video_len,
+                          text_len=text_len, valid_text=valid_text if text_len else 0, mask=mask_name,
+                          density=round(density, 4), target_density=target, ms_cudnn=ms_cudnn,
+                          ms_fa4_dense=ms_fa4_dense)
+        ms_flex = _try(lambda: bench_ms(flex_sparse(qv, kv, vv, mask)), errors, f"{name} {mask_name} flex") \
+            if args.flex else None
+        ms_direct = _try(lambda: bench_ms(fa4_direct(qv, kv, vv, mask)), errors, f"{name} {mask_name} fa4 direct") \
+            if args.fa4 else None
+        row_common.update(ms_flex=ms_flex, ms_fa4_direct=ms_direct)
+        for backend in backends:
+            resolved = _try(lambda: kernels.resolve_backend(backend, qv, mask), errors, f"{name} {backend}")
+            if resolved is None:
+                continue
+
+            def call(backend=backend):
+                return sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend=backend)
+
+            ms = _try(lambda: bench_ms(call), errors, f"{name} {mask_name} {backend}")
+            if ms is None:
+                continue
+            row = dict(row_common, backend=backend, resolved_backend=resolved, ms=ms,
+                       tflops=flops / ms / 1e9,
+                       speedup_vs_cudnn=(ms_cudnn / ms) if ms_cudnn else None,
+                       per_density=(ms_cudnn / ms * density) if ms_cudnn else None,
+                       vs_flex=(ms_flex / ms) if ms_flex else None,
+                       vs_fa4_direct=(ms / ms_direct) if ms_direct else None)
+            rows.append(row)
+            print(f"[{name}] {mask_name:12s} d={density:.3f} {backend:8s}({resolved}) {ms:8.3f} ms "
+                  f"x{row['speedup_vs_cudnn'] or 0:.2f} vs cudnn, flex {ms_flex}, fa4 direct {ms_direct}", flush=True)
+
+    # Extras on the first random mask: the cost of a token permutation, and text as extra kept blocks.
+    mask = masks[1][2].to(device) if len(masks) > 1 else masks[0][2].to(device)
+    perm = layout.tile_permutation((1, 8, 16), device=device)
+    from dit_sparse.blockmask import BlockMask
+
+    permuted = BlockMask(mask.kv_block_indices, mask.kv_block_counts, mask.seq_len, mask.q_block_size,
+                         mask.kv_block_size, perm)
+    for backend in backends:
+        def call(backend=backend):
+            return sparse_attention(q, k, v, permuted, layout, text_padding_mask=padding, backend=backend)
+
+        ms = _try(lambda: bench_ms(call), errors, f"{name} permuted {backend}")
+        if ms is not None:
+            rows.append(dict(shape=name, label=label, mask="random+tile permutation (1,8,16)",
+                             density=round(mask.density, 4), backend=backend, ms=ms, ms_cudnn=ms_cudnn,
+                             tflops=4 * heads * video_len**2 * head_dim * mask.density / ms / 1e9,
+                             speedup_vs_cudnn=(ms_cudnn / ms) if ms_cudnn else None, heads=heads,
+                             head_dim=head_dim, seq_video=video_len, text_len=text_len))
+            print(f"[{name}] permuted {backend} {ms:.3f} ms", flush=True)
+    if args.fa4 and text_position == "suffix":
+        ms = _try(lambda: bench_ms(fa4_text_as_blocks(q, k, v, mask, layout)), errors, f"{name} text as blocks")
+        if ms is not None:
+            rows.append(dict(shape=name, label=label, mask="random, text as extra kept blocks (FA4, no padding)",
+                             density=round(mask.density, 4), backend="fa4-joint-blocks", ms=ms, ms_cudnn=ms_cudnn,
+                             heads=heads, head_dim=head_dim, seq_video=video_len, text_len=text_len))
+            print(f"[{name}] text as extra kept blocks (fa4 joint) {ms:.3f} ms", flush=True)
+    notes.extend(errors)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Attention benchmark, {result['gpu']}, {result['date']}",
+        "",
+        f"`{result['command']}`; torch {result['torch']}, triton {result['triton']}, flash-attn-4 {result['fa4']}, "
+        f"bf16, batch 1. Ratios are to cuDNN SDPA dense (whole sequence, text included, no padding mask) in the "
+        "same run; `per density` = speedup x density (1.0 = perfectly proportional). `vs FA4 direct` = our time "
+        "through `sparse_attention` (text, padding, permutation included) over FA4 called by hand on the video "
+        "tokens only. Flex = FlexAttention compiled, same kept blocks, video tokens only.",
+        "",
+        "| shape | mask | density | backend | ms | TFLOP/s | vs cuDNN | per density | cuDNN ms | FA4 dense ms "
+        "| FA4 direct ms | vs FA4 direct | Flex ms | vs Flex |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        backend = r["backend"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend") not in (None, r["backend"])
+                                  else "")
+        lines.append(
+            f"| {r['shape']} | {r['mask']} | {_fmt(r.get('density'), 3)} | {backend} | {_fmt(r['ms'])} | "
+            f"{_fmt(r.get('tflops'), 0)} | {_fmt(r.get('speedup_vs_cudnn'))} | {_fmt(r.get('per_density'))} | "
+            f"{_fmt(r.get('ms_cudnn'))} | {_fmt(r.get('ms_fa4_dense'))} | {_fmt(r.get('ms_fa4_direct'))} | "
+            f"{_fmt(r.get('vs_fa4_direct'), 3)} | {_fmt(r.get('ms_flex'))} | {_fmt(r.get('vs_flex'))} |"
+        )
+    if result.get("triton_configs"):
+        lines += ["", "Triton configs kept by the autotuner (BLOCK_M, BLOCK_N, warps, stages):", ""]
+        lines += [f"- `{key}`: {value}" for key, value in result["triton_configs"].items()]
+    if result.get("notes"):
+        lines += ["", "Notes and errors:", ""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(SMOKE_SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--backends", nargs="+", default=["auto", "triton"])
+    parser.add_argument("--no-fa4", dest="fa4", action="store_false")
+    parser.add_argument("--no-flex", dest="flex", action="store_false")
+    parser.add_argument("--no-radial", dest="radial", action="store_false")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--smoke", action="store_true", help="CPU run of the script's logic on tiny shapes")
+    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later shapes are skipped")
+    args = parser.parse_args(argv)
+    how = ensure_importable()
+    print(f"dit_sparse from: {how}", flush=True)
+    if args.smoke:
+        args.shapes, args.backends, args.fa4, args.flex = list(SMOKE_SHAPES), ["reference"], False, False
+    elif not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark (--smoke runs the script's logic on CPU)")
+        return 1
+    try:
+        import flash_attn.cute  # noqa: F401
+
+        fa4_version = importlib.metadata.version("flash-attn-4")
+    except Exception as error:
+        fa4_version, args.fa4 = f"unavailable ({type(error).__name__})", False
+    import triton
+
+    from dit_sparse.kernels import triton_block_sparse
+
+    rows, notes = [], []
+    start = time.time()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"attention-{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}-{date}"
+    result = dict(
+        command="python benchmarks/attention.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        gpu=gpu, date=date, torch=torch.__version__, triton=triton.__version__, fa4=fa4_version,
+        python=platform.python_version(),
+        capability=list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+        imported_from=how, rows=rows, notes=notes,
+    )
+    for name in args.shapes:
+        if time.time() - start > args.time_budget:
+            notes.append(f"{name}: skipped, the run passed its time budget of {args.time_budget} s")
+            continue
+        run_shape(name, args.densities, args.backends, args, rows, notes)
+        # Written after every shape, so a run cut short still leaves its rows.
+        result.update(seconds=round(time.time() - start, 1), triton_configs=triton_block_sparse.chosen_configs())
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""dit-sparse: training-free sparse attention for video and image diffusion transformers.
+
+    import dit_sparse
+    dit_sparse.sparsify(pipe, "radial")     # wrap the pipeline's self-attention
+    video = pipe(prompt).frames[0]
+    dit_sparse.unsparsify(pipe)             # restore it exactly
+"""
+
+from dit_sparse.api import sparsify, sparsity_stats, unsparsify
+from dit_sparse.attention import sparse_attention
+from dit_sparse.blockmask import BlockMask
+from dit_sparse.config import (
+    CONFIGS,
+    DenseConfig,
+    MethodConfig,
+    RadialConfig,
+    RandomBlocksConfig,
+    make_config,
+)
+from dit_sparse.layout import VideoLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMask",
+    "CONFIGS",
+    "DenseConfig",
+    "MethodConfig",
+    "RadialConfig",
+    "RandomBlocksConfig",
+    "VideoLayout",
+    "make_config",
+    "sparse_attention",
+    "sparsify",
+    "sparsity_stats",
+    "unsparsify",
+]

@@ -1,0 +1,3 @@
+from dit_sparse.cli import main
+
+raise SystemExit(main())

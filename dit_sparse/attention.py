@@ -1,0 +1,88 @@
+"""`sparse_attention`: block-sparse attention over video tokens with joint text handled densely."""
+
+from __future__ import annotations
+
+import torch
+
+from dit_sparse import kernels
+from dit_sparse.blockmask import BlockMask
+from dit_sparse.config import BACKENDS
+from dit_sparse.layout import VideoLayout
+
+
+def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend) -> VideoLayout | None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {getattr(x, 'shape', type(x).__name__)}")
+    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]):
+        raise ValueError(
+            f"q, k, v must agree on (B, S, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"mask must be a dit_sparse.BlockMask, got {type(mask).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    batch, seq_len, heads, _ = q.shape
+    if layout is not None and layout.seq_len != seq_len:
+        raise ValueError(f"layout {layout} covers {layout.seq_len} tokens, but q has S={seq_len}")
+    video_len = seq_len if layout is None else layout.video_len
+    if mask.seq_len != video_len:
+        raise ValueError(f"mask was built for {mask.seq_len} video tokens, but this call has {video_len}")
+    mask_batch, mask_heads = mask.kv_block_counts.shape[:2]
+    if mask_heads not in (1, heads):
+        raise ValueError(f"mask has {mask_heads} heads; q has {heads} (a mask needs 1 or {heads})")
+    if mask_batch not in (1, batch):
+        raise ValueError(f"mask has batch {mask_batch}; q has {batch} (a mask needs 1 or {batch})")
+    if text_padding_mask is not None:
+        text_len = 0 if layout is None else layout.text_len
+        if text_padding_mask.dtype != torch.bool or tuple(text_padding_mask.shape) != (batch, text_len):
+            raise ValueError(
+                f"text_padding_mask must be bool ({batch}, {text_len}), got {text_padding_mask.dtype} "
+                f"{tuple(text_padding_mask.shape)}"
+            )
+    return layout
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockMask,
+    layout: VideoLayout | None = None,
+    *,
+    text_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse self-attention of a video DiT; q, k, v (B, S, H, D) as diffusers passes them.
+
+    Video queries attend to the key blocks `mask` keeps (over the video tokens) plus every valid text key; text
+    queries (`layout.text_len` tokens before or after the video) attend to every valid key. `text_padding_mask`
+    (B, text_len) bool marks real text tokens (True) and padding (False, zero weight). `scale` defaults to
+    1/sqrt(D). A query block with no kept key block and no text gets zeros. Output: (B, S, H, D), q's dtype.
+    """
+    layout = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if layout is None or layout.text_len == 0:
+        return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)[0]
+
+    # Video rows: kept blocks plus every valid text key, in one pass (the text keys continue the kernel's online
+    # softmax). Text rows: dense over every valid key. Each writes its slice of one output; no S x S mask, no
+    # (S, T) score tensor, padding exact.
+    video, text = layout.video_slice, layout.text_slice
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    kernels.block_sparse_attention(
+        q[:, video], k[:, video], v[:, video], mask, scale=scale, backend=backend,
+        extra_k=k[:, text], extra_v=v[:, text], extra_key_valid=text_padding_mask, out=out[:, video],
+    )
+    key_valid = None
+    if text_padding_mask is not None:
+        video_valid = torch.ones(q.shape[0], layout.video_len, dtype=torch.bool, device=q.device)
+        prefix = layout.text_position == "prefix"
+        key_valid = torch.cat([text_padding_mask, video_valid] if prefix else [video_valid, text_padding_mask], dim=1)
+    kernels.dense_attention(q[:, text], k, v, key_valid=key_valid, scale=scale, backend=backend, out=out[:, text])
+    return out

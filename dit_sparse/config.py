@@ -1,0 +1,127 @@
+"""One frozen config per sparsity method, validated on construction; `make_config` maps names and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+BACKENDS = ("auto", "fa4", "triton", "reference")
+
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_block_size(owner: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ValueError(f"{owner}.{name} must be a power of two >= 16, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options every method shares.
+
+    - `dense_steps`: the first N denoising steps run dense (the official Radial Attention runs 12 of 50 dense).
+    - `dense_layers`: the first M transformer blocks run dense (the official Radial Attention keeps 1).
+    - `backend`: kernel backend, one of `BACKENDS`; `"auto"` picks the fastest one available.
+    """
+
+    method: ClassVar[str] = ""
+    dense_steps: int = 0
+    dense_layers: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        _check_int(owner, "dense_steps", self.dense_steps, 0)
+        _check_int(owner, "dense_layers", self.dense_layers, 0)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def options(self) -> dict:
+        """The config as plain keyword arguments (for manifests and `make_config`)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DenseConfig(MethodConfig):
+    """Dense attention through the sparse path (a full block mask): the control every method is measured against."""
+
+    method: ClassVar[str] = "dense"
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_block_size(type(self).__name__, "block_size", self.block_size)
+
+
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Radial Attention (Li et al., 2025): a static mask whose window halves as the frame distance doubles.
+
+    - `block_size`: tokens per block (128 in the official code).
+    - `decay_factor`: scales the window; the official default is 1.0 (smaller is sparser).
+    - `variant`: `"wan"` or `"hunyuan"`, the two rules of the official `gen_log_mask_shrinked`.
+    """
+
+    method: ClassVar[str] = "radial"
+    block_size: int = 128
+    decay_factor: float = 1.0
+    variant: str = "wan"
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        _check_block_size(owner, "block_size", self.block_size)
+        if not isinstance(self.decay_factor, (int, float)) or isinstance(self.decay_factor, bool) or not (
+            self.decay_factor > 0
+        ):
+            raise ValueError(f"{owner}.decay_factor must be a number > 0, got {self.decay_factor!r}")
+        if self.variant not in self.VARIANTS:
+            raise ValueError(f"{owner}.variant must be one of {self.VARIANTS}, got {self.variant!r}")
+
+
+@dataclass(frozen=True)
+class RandomBlocksConfig(MethodConfig):
+    """Random kept key blocks at a given density (the diagonal always kept): a control for ablations and benchmarks."""
+
+    method: ClassVar[str] = "random"
+    density: float = 0.25
+    block_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        _check_block_size(owner, "block_size", self.block_size)
+        if not isinstance(self.density, (int, float)) or isinstance(self.density, bool) or not (
+            0 < self.density <= 1
+        ):
+            raise ValueError(f"{owner}.density must be in (0, 1], got {self.density!r}")
+        _check_int(owner, "seed", self.seed, 0)
+
+
+CONFIGS: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (DenseConfig, RadialConfig, RandomBlocksConfig)}
+
+
+def make_config(method_or_config: str | MethodConfig, **overrides) -> MethodConfig:
+    """A validated config from a method name (its defaults) or a config, with keyword overrides applied."""
+    if isinstance(method_or_config, MethodConfig):
+        base_cls, base = type(method_or_config), method_or_config
+    elif isinstance(method_or_config, str):
+        if method_or_config not in CONFIGS:
+            raise ValueError(f"unknown method {method_or_config!r}; allowed: {sorted(CONFIGS)}")
+        base_cls, base = CONFIGS[method_or_config], None
+    else:
+        raise TypeError(
+            f"method must be a method name {sorted(CONFIGS)} or a MethodConfig, got {type(method_or_config).__name__}"
+        )
+    allowed = {f.name for f in dataclasses.fields(base_cls)}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {base_cls.method!r}; allowed: {sorted(allowed)}")
+    return dataclasses.replace(base, **overrides) if base is not None else base_cls(**overrides)

@@ -1,0 +1,116 @@
+"""Block-sparse attention in plain PyTorch: the oracle every kernel is tested against; runs on any device.
+
+Chunked over query blocks: each block gathers only its kept key blocks, so memory stays O(S x block) per head and
+the work is proportional to the density.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dit_sparse.blockmask import BlockMask
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the kept key blocks of `mask`, accumulated in fp32.
+
+    q, k, v: (B, S, H, D), S == mask.seq_len, already checked by the caller. Returns the output (B, S, H, D) in q's
+    dtype and the log-sum-exp of the scaled scores (B, H, S) in fp32, -inf for rows with no kept key (their output
+    is zero).
+    """
+    batch, seq_len, heads, _ = q.shape
+    if mask.permutation is not None:
+        perm = mask.permutation.to(q.device)
+        q, k, v = (x.index_select(1, perm) for x in (q, k, v))
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
+    indices = mask.kv_block_indices.to(q.device).long().expand(batch, heads, -1, -1)  # (B, H, n_q, max_kept)
+    counts = mask.kv_block_counts.to(q.device).expand(batch, heads, -1)  # (B, H, n_q)
+    qbs, kbs = mask.q_block_size, mask.kv_block_size
+    max_kept = indices.shape[-1]
+    slot_offsets = torch.arange(kbs, device=q.device)
+
+    out = torch.empty(batch, heads, seq_len, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    for block in range(mask.n_q_blocks):
+        rows = slice(block * qbs, min(seq_len, (block + 1) * qbs))
+        tokens = (indices[:, :, block, :, None] * kbs + slot_offsets).flatten(-2)  # (B, H, max_kept * kbs)
+        slot_kept = torch.arange(max_kept, device=q.device) < counts[:, :, block, None]  # (B, H, max_kept)
+        key_valid = slot_kept.repeat_interleave(kbs, dim=-1) & (tokens < seq_len)
+        tokens = tokens.clamp(max=seq_len - 1)
+        k_kept = kh.gather(2, tokens[..., None].expand(-1, -1, -1, kh.shape[-1])).float()
+        v_kept = vh.gather(2, tokens[..., None].expand(-1, -1, -1, vh.shape[-1])).float()
+        scores = torch.matmul(qh[:, :, rows].float(), k_kept.transpose(-1, -2)) * scale  # (B, H, rows, keys)
+        scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # (B, H, rows)
+        weights = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
+        out[:, :, rows] = torch.matmul(weights, v_kept).to(q.dtype)
+        lse[:, :, rows] = row_lse
+    out = out.transpose(1, 2)  # (B, S, H, D)
+    if mask.permutation is not None:
+        inverse = torch.argsort(mask.permutation.to(q.device))
+        out, lse = out.index_select(1, inverse), lse.index_select(2, inverse)
+    return out, lse
+
+
+def _attention_chunk(q, k, v, key_valid, scale):
+    """fp32 attention of a query chunk over all keys: (out (B, c, H, D) fp32, lse (B, H, c)). q (B, c, H, D)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, c, Sk)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, c)
+    weights = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()), lse
+
+
+def _chunk_rows(q: torch.Tensor, keys: int, budget: int = 1 << 24) -> int:
+    """Query rows per chunk so that one chunk's fp32 scores stay under `budget` elements."""
+    batch, _, heads, _ = q.shape
+    return max(1, budget // max(1, batch * heads * keys))
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention with key padding, chunked over queries so memory stays bounded; fp32 accumulation.
+
+    q (B, Sq, H, D), k/v (B, Sk, H, D), key_valid (B, Sk) bool or None. Returns (out (B, Sq, H, D) in q's dtype,
+    lse (B, H, Sq) fp32; -inf and zeros for a row with no valid key).
+    """
+    batch, seq_q, heads, _ = q.shape
+    out = torch.empty(batch, seq_q, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
+    step = _chunk_rows(q, k.shape[1])
+    for start in range(0, seq_q, step):
+        rows = slice(start, min(seq_q, start + step))
+        chunk_out, lse[:, :, rows] = _attention_chunk(q[:, rows], k, v, key_valid, scale)
+        out[:, rows] = chunk_out.to(q.dtype)
+    return out, lse
+
+
+def extend_attention(
+    out0: torch.Tensor,
+    lse0: torch.Tensor,
+    q: torch.Tensor,
+    extra_k: torch.Tensor,
+    extra_v: torch.Tensor,
+    extra_key_valid: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine an attention result (out0 (B, S, H, D), lse0 (B, H, S)) with attention over extra keys, by the
+    log-sum-exps: the exact attention over the union of the two disjoint key sets. Chunked over queries."""
+    batch, seq_len, heads, _ = q.shape
+    out = torch.empty(batch, seq_len, heads, extra_v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    step = _chunk_rows(q, extra_k.shape[1])
+    for start in range(0, seq_len, step):
+        rows = slice(start, min(seq_len, start + step))
+        extra_out, extra_lse = _attention_chunk(q[:, rows], extra_k, extra_v, extra_key_valid, scale)
+        first_lse = lse0[:, :, rows]
+        total = torch.logaddexp(first_lse, extra_lse)  # (B, H, c); -inf only when both are
+        weight_first = torch.exp(first_lse - total).nan_to_num_(0.0).transpose(1, 2)[..., None]  # (B, c, H, 1)
+        weight_extra = torch.exp(extra_lse - total).nan_to_num_(0.0).transpose(1, 2)[..., None]
+        out[:, rows] = (out0[:, rows].float() * weight_first + extra_out * weight_extra).to(q.dtype)
+        lse[:, :, rows] = total
+    return out, lse

@@ -1,0 +1,288 @@
+"""Model adapters: a declarative description of where a transformer's self-attention is and what its tokens are.
+
+An adapter does not copy any diffusers processor code. It names the self-attention modules (with their block
+index, for `dense_layers`), derives the video part of the token layout from the transformer's forward arguments,
+says where the joint text tokens sit and how the family passes their padding, and reads the denoising timestep so
+the step counter can follow CFG's two calls per step. The text length itself is not the adapter's business: the
+interceptor sees the sequence length S of each attention call, and the text is the S - video_len tokens beyond the
+video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+
+from dit_sparse.layout import VideoLayout
+
+#: How a family passes the joint text's padding to its attention call.
+#: - None: no mask at all (a mask seen in an attention call is an error).
+#: - "key_padding": a bool mask (B or 1, 1, 1 or S, S), True where a key may be attended; every video key is True,
+#:   so the mask is the text's key padding. A (B, 1, S, S) mask is an outer product of one validity vector (its
+#:   video rows are that vector); its padded text rows are all False, where SDPA gives zeros and dit-sparse the
+#:   attention over the valid keys (rows no valid token ever reads).
+ATTENTION_MASKS = (None, "key_padding")
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention module: its qualified name, the module, and its transformer block index."""
+
+    name: str
+    module: torch.nn.Module
+    layer: int
+
+
+@dataclass(frozen=True)
+class TransformerAdapter:
+    """How to sparsify one family of transformers.
+
+    - `class_names`: the diffusers transformer classes it covers.
+    - `attention_sites(transformer)`: the self-attention modules to hook (cross-attention stays untouched), numbered
+      by block in execution order (dual-stream blocks first, then single-stream blocks).
+    - `layout(transformer, args, kwargs)`: the video tokens of this forward call (`text_len` 0).
+    - `timestep(args, kwargs)`: the denoising timestep of this call (a tensor), or None.
+    - `text_position`: where the joint text sits in each self-attention sequence (`"prefix"`, `"suffix"`), or None
+      when the self-attention sees video tokens only.
+    - `attention_mask`: how the family passes the text padding, one of `ATTENTION_MASKS`.
+    - `default_options`: per method name, option values this family uses when the user did not set them
+      (`sparsify(pipe, "radial")` on HunyuanVideo uses `variant="hunyuan"`); a config object is taken as given.
+    - `unsupported_methods`: per method name, why it does not apply to this family (raised by `sparsify`).
+    """
+
+    family: str
+    class_names: tuple[str, ...]
+    attention_sites: Callable[[torch.nn.Module], list[AttentionSite]]
+    layout: Callable[[torch.nn.Module, tuple, dict], VideoLayout]
+    timestep: Callable[[tuple, dict], Any]
+    text_position: str | None = None
+    attention_mask: str | None = None
+    default_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    unsupported_methods: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.text_position not in (None, "prefix", "suffix"):
+            raise ValueError(f"text_position must be None, 'prefix' or 'suffix', got {self.text_position!r}")
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise ValueError(f"attention_mask must be one of {ATTENTION_MASKS}, got {self.attention_mask!r}")
+        object.__setattr__(self, "default_options", MappingProxyType(dict(self.default_options)))
+        object.__setattr__(self, "unsupported_methods", MappingProxyType(dict(self.unsupported_methods)))
+
+    def matches(self, transformer: torch.nn.Module) -> bool:
+        return type(transformer).__name__ in self.class_names
+
+
+def _argument(args: tuple, kwargs: dict, name: str, position: int):
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def _sites(*block_lists: tuple[str, str]) -> Callable[[torch.nn.Module], list[AttentionSite]]:
+    """Sites `<blocks>.<i>.<attention>` for each (blocks, attention) name pair, layers numbered across the lists."""
+
+    def attention_sites(transformer: torch.nn.Module) -> list[AttentionSite]:
+        sites: list[AttentionSite] = []
+        for blocks_name, attention_name in block_lists:
+            for i, block in enumerate(getattr(transformer, blocks_name)):
+                sites.append(AttentionSite(f"{blocks_name}.{i}.{attention_name}", getattr(block, attention_name), len(sites)))
+        return sites
+
+    return attention_sites
+
+
+def _timestep_argument(position: int) -> Callable[[tuple, dict], Any]:
+    def timestep(args: tuple, kwargs: dict):
+        return _argument(args, kwargs, "timestep", position)
+
+    return timestep
+
+
+def _latents(family: str, args: tuple, kwargs: dict, order: str) -> torch.Tensor:
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # 5-D latents, axes named by `order`
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+        raise ValueError(
+            f"{family} transformer called without 5-D hidden_states ({order}); got "
+            f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}"
+        )
+    return hidden_states
+
+
+def _patched(sizes: tuple[int, int, int], patch: tuple[int, int, int]) -> VideoLayout:
+    """The token grid of latents of (frames, height, width) `sizes` cut into (t, h, w) `patch`es, floored as the
+    transformers' own patch embedding and RoPE do."""
+    return VideoLayout(*(size // p for size, p in zip(sizes, patch)))
+
+
+# ---- Wan 2.1 / 2.2 ----------------------------------------------------------------------------------------------
+def _wan_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    _, _, frames, height, width = _latents("Wan", args, kwargs, "B, C, F, H, W").shape
+    return _patched((frames, height, width), tuple(transformer.config.patch_size))
+
+
+WAN = TransformerAdapter(
+    family="wan",
+    # WanTransformer3DModel serves Wan 2.1 T2V/I2V and both Wan 2.2 experts (transformer, transformer_2).
+    class_names=("WanTransformer3DModel",),
+    attention_sites=_sites(("blocks", "attn1")),
+    layout=_wan_layout,
+    timestep=_timestep_argument(1),
+)
+
+
+# ---- HunyuanVideo, HunyuanVideo 1.5 -----------------------------------------------------------------------------
+def _hunyuan_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    _, _, frames, height, width = _latents("HunyuanVideo", args, kwargs, "B, C, F, H, W").shape
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    return _patched((frames, height, width), (p_t, p, p))
+
+
+HUNYUAN_VIDEO = TransformerAdapter(
+    family="hunyuan_video",
+    # HunyuanVideoPipeline and HunyuanVideoImageToVideoPipeline (both image conditions: latent concat, token replace).
+    class_names=("HunyuanVideoTransformer3DModel",),
+    # Dual-stream blocks: video and text projected apart, attended jointly; single-stream: one joint sequence.
+    attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
+    layout=_hunyuan_layout,
+    timestep=_timestep_argument(1),
+    text_position="suffix",
+    attention_mask="key_padding",  # (B, 1, 1, S): the prompt's padding
+    default_options={"radial": {"variant": "hunyuan"}},
+)
+
+HUNYUAN_VIDEO_15 = TransformerAdapter(
+    family="hunyuan_video_15",
+    class_names=("HunyuanVideo15Transformer3DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn")),
+    layout=_hunyuan_layout,
+    timestep=_timestep_argument(1),
+    text_position="suffix",  # [valid image, ByT5, LLM tokens; their padding] after the video
+    attention_mask="key_padding",  # (B, 1, S, S), the outer product of the token validity
+    default_options={"radial": {"variant": "hunyuan"}},
+)
+
+
+# ---- CogVideoX 2B / 5B / 1.5 ------------------------------------------------------------------------------------
+def _cogvideox_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    _, frames, _, height, width = _latents("CogVideoX", args, kwargs, "B, F, C, H, W").shape
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1  # p_t: None (1.0) or 2 (1.5)
+    return _patched((frames, height, width), (p_t, p, p))
+
+
+COGVIDEOX = TransformerAdapter(
+    family="cogvideox",
+    # CogVideoX 2B/5B and 1.5, T2V and I2V: the processor calls F.scaled_dot_product_attention directly; CFG batches
+    # both branches into one call.
+    class_names=("CogVideoXTransformer3DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn1")),
+    layout=_cogvideox_layout,
+    timestep=_timestep_argument(2),
+    text_position="prefix",  # all max_text_seq_length tokens, padding attended as in the original model
+)
+
+
+# ---- FLUX.1 (and Kontext) ---------------------------------------------------------------------------------------
+def _flux_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """The image tokens as `frames` x height x width from `img_ids` (N, 3) = (frame, row, column) per token.
+
+    FLUX packs its latents (B, N, C), so the grid is only in the position ids: one frame for FLUX.1, two for Kontext
+    with a reference image of the output's size (its ids carry frame 1). Reads the ids on the host (one small copy
+    per forward).
+    """
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
+    img_ids = _argument(args, kwargs, "img_ids", 4)
+    if not isinstance(img_ids, torch.Tensor) or img_ids.dim() not in (2, 3) or img_ids.shape[-1] != 3:
+        raise ValueError(
+            f"FLUX transformer called without img_ids (N, 3); got {getattr(img_ids, 'shape', type(img_ids).__name__)}"
+        )
+    ids = (img_ids[0] if img_ids.dim() == 3 else img_ids).detach().to("cpu", torch.int64)  # (N, 3)
+    frames, height, width = (int(ids[:, axis].max()) + 1 for axis in range(3))
+    layout = VideoLayout(frames, height, width)
+    grid = torch.stack(
+        torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
+    ).reshape(-1, 3)
+    if ids.shape != grid.shape or not torch.equal(ids, grid) or hidden_states.shape[1] != layout.video_len:
+        raise ValueError(
+            f"FLUX img_ids ({tuple(ids.shape)}) do not form a frames x height x width grid in raster order with one "
+            f"token each (e.g. a Kontext reference image of another size than the output); dit-sparse needs the "
+            f"image tokens on one {frames} x {height} x {width} grid"
+        )
+    return layout
+
+
+FLUX = TransformerAdapter(
+    family="flux",
+    # FluxPipeline, FluxImg2ImgPipeline, FluxKontextPipeline (reference image of the output's size), ...
+    class_names=("FluxTransformer2DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
+    layout=_flux_layout,
+    timestep=_timestep_argument(3),
+    text_position="prefix",
+    unsupported_methods={
+        "radial": "radial attention decays with the distance between frames, and an image is one frame (its "
+        "mask would be dense); use 'random' or 'dense' (spatial methods such as 'neighborhood' fit images)",
+    },
+)
+
+
+# ---- LTX-Video ----------------------------------------------------------------------------------------------------
+def _ltx_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
+    sizes = tuple(_argument(args, kwargs, name, 4 + i) for i, name in enumerate(("num_frames", "height", "width")))
+    if any(not isinstance(size, int) for size in sizes):
+        raise ValueError(
+            "LTX-Video transformer called without int num_frames, height and width (got "
+            f"{sizes}); dit-sparse supports LTXPipeline and LTXImageToVideoPipeline, not video_coords conditioning "
+            "(LTXConditionPipeline), whose extra tokens do not form a grid"
+        )
+    layout = VideoLayout(*sizes)
+    if hidden_states.shape[1] != layout.video_len:
+        raise ValueError(
+            f"LTX-Video hidden_states have {hidden_states.shape[1]} tokens, but num_frames x height x width is "
+            f"{sizes} ({layout.video_len} tokens)"
+        )
+    return layout
+
+
+LTX_VIDEO = TransformerAdapter(
+    family="ltx_video",
+    class_names=("LTXVideoTransformer3DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn1")),  # attn2 is cross-attention to the text
+    layout=_ltx_layout,
+    timestep=_timestep_argument(2),
+)
+
+
+# ---- Mochi --------------------------------------------------------------------------------------------------------
+def _mochi_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    _, _, frames, height, width = _latents("Mochi", args, kwargs, "B, C, F, H, W").shape
+    p = transformer.config.patch_size
+    return _patched((frames, height, width), (1, p, p))
+
+
+MOCHI = TransformerAdapter(
+    family="mochi",
+    class_names=("MochiTransformer3DModel",),
+    # Its processor attends one batch element at a time over [video; that prompt's valid tokens] (no padding).
+    attention_sites=_sites(("transformer_blocks", "attn1")),
+    layout=_mochi_layout,
+    timestep=_timestep_argument(2),
+    text_position="suffix",
+)
+
+#: Registry of adapters, searched in order.
+ADAPTERS: list[TransformerAdapter] = [WAN, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, MOCHI]
+
+
+def find_adapter(transformer: torch.nn.Module) -> TransformerAdapter | None:
+    for adapter in ADAPTERS:
+        if adapter.matches(transformer):
+            return adapter
+    return None
+
+
+def supported_classes() -> list[str]:
+    return sorted(name for adapter in ADAPTERS for name in adapter.class_names)

@@ -1,0 +1,212 @@
+"""sparsify / unsparsify on real diffusers Wan classes at tiny sizes (randomly initialised, built offline)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+
+import dit_sparse
+from dit_sparse.hooks import ATTENTION_HOOK, TRANSFORMER_HOOK
+from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+from dit_sparse.video import psnr
+
+# 17 frames at 96 px: 5 latent frames of 6 x 6 tokens, 180 video tokens, 12 blocks of 16.
+CALL = dict(prompt="a red fish swims over the sea", num_frames=17, height=96, width=96, num_inference_steps=3)
+
+
+def _render(pipe, output_type="latent", **overrides):
+    kwargs = {**CALL, **overrides}
+    return pipe(**kwargs, output_type=output_type, generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_wan_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def dense_latents(pipe):
+    return _render(pipe)
+
+
+def _hooked_modules(transformer):
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
+    ]
+
+
+def test_dense_method_matches_the_unwrapped_pipeline(pipe, dense_latents):
+    dit_sparse.sparsify(pipe, "dense", block_size=16)
+    try:
+        latents = _render(pipe)
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    # 3 steps x 2 CFG calls x 2 layers, every one through the sparse path with a full mask.
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": 12}
+    torch.testing.assert_close(latents, dense_latents, atol=1e-4, rtol=1e-4)
+
+
+def test_unsparsify_is_bit_identical_to_a_pipeline_never_wrapped(pipe):
+    never_wrapped = _render(build_tiny_wan_pipeline(seed=0))
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    assert _hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+    sparse = _render(pipe)
+    dit_sparse.unsparsify(pipe)
+    assert _hooked_modules(pipe.transformer) == []
+    for module in pipe.transformer.modules():
+        assert "forward" not in module.__dict__
+    assert not torch.equal(sparse, never_wrapped)
+    assert torch.equal(_render(pipe), never_wrapped)
+
+
+def test_radial_changes_the_video_and_its_psnr_to_dense_is_reported(pipe, record_property):
+    dense = _render(pipe, output_type="np")[0]
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    try:
+        radial = _render(pipe, output_type="np")[0]
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert radial.shape == dense.shape == (17, 96, 96, 3)
+    assert 0 < stats["density"] < 1
+    assert not np.array_equal(radial, dense)
+    value = psnr(radial, dense)
+    record_property("radial_psnr_db", value)
+    print(f"radial vs dense on the tiny random Wan pipeline: PSNR {value:.2f} dB at density {stats['density']:.3f}")
+    assert np.isfinite(value) and value > 10
+
+
+def test_dense_steps_and_dense_layers_follow_cfg_calls(pipe):
+    # 4 steps with CFG: 8 transformer calls, 2 layers each. The first 2 steps (4 calls) are dense.
+    dit_sparse.sparsify(pipe, "random", density=0.25, block_size=16, dense_steps=2)
+    try:
+        _render(pipe, num_inference_steps=4)
+        mask_density = dit_sparse.patterns.random_blocks(
+            dit_sparse.VideoLayout(5, 6, 6), density=0.25, block_size=16
+        ).density
+        stats = dit_sparse.sparsity_stats(pipe, reset=True)
+        assert stats["attention_calls"] == 16
+        assert stats["density"] == pytest.approx((8 * 1.0 + 8 * mask_density) / 16)
+
+        # Called directly, without the pipeline's cache context: steps are counted from the timestep.
+        dit_sparse.sparsify(pipe, "random", density=0.25, block_size=16, dense_steps=1, dense_layers=1)
+        latents = torch.randn(1, 16, 5, 12, 12)
+        text = torch.randn(1, 8, 32)
+        for t in (900.0, 900.0, 500.0, 500.0):  # two steps of CFG pairs
+            pipe.transformer(latents, torch.tensor([t]), text, return_dict=False)
+        stats = dit_sparse.sparsity_stats(pipe)
+        # step 0: 4 dense calls; step 1: layer 0 dense, layer 1 sparse.
+        assert stats["density"] == pytest.approx((6 * 1.0 + 2 * mask_density) / 8)
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_both_wan22_transformers_are_wrapped(pipe):
+    components = dict(pipe.components)
+    components["transformer_2"] = build_tiny_wan_pipeline(seed=1).transformer
+    wan22 = WanPipeline(**components, boundary_ratio=0.5)
+    dit_sparse.sparsify(wan22, "radial", block_size=16)
+    try:
+        assert _hooked_modules(wan22.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        assert _hooked_modules(wan22.transformer_2) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        _render(wan22, num_inference_steps=4)
+        # Each of the 4 steps runs one of the two experts, twice (CFG), over 2 layers: all 16 calls intercepted.
+        assert dit_sparse.sparsity_stats(wan22)["attention_calls"] == 16
+    finally:
+        dit_sparse.unsparsify(wan22)
+    assert _hooked_modules(wan22.transformer_2) == []
+
+
+def test_sparsify_twice_replaces_the_first_setting(pipe):
+    dit_sparse.sparsify(pipe, "random", density=0.5, block_size=16)
+    dit_sparse.sparsify(pipe, "dense", block_size=16)
+    try:
+        assert _hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        _render(pipe, num_inference_steps=1)
+        assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4}
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_works_with_model_cpu_offload(dense_latents):
+    offloaded = build_tiny_wan_pipeline(seed=0)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    dit_sparse.sparsify(offloaded, "dense", block_size=16)
+    latents = _render(offloaded)
+    assert dit_sparse.sparsity_stats(offloaded)["attention_calls"] == 12
+    torch.testing.assert_close(latents, dense_latents, atol=1e-4, rtol=1e-4)
+    dit_sparse.unsparsify(offloaded)
+    assert torch.equal(_render(offloaded), dense_latents)
+
+
+def test_image_to_video_transformer_keeps_cross_attention_dense():
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, image_dim=24, added_kv_proj_dim=32,
+        qk_norm="rms_norm_across_heads", cross_attn_norm=True,
+    ).eval()
+    latents = torch.randn(1, 36, 3, 8, 8)
+    args = (latents, torch.tensor([700.0]), torch.randn(1, 512, 32))
+    kwargs = dict(encoder_hidden_states_image=torch.randn(1, 257, 24), return_dict=False)
+    with torch.no_grad():
+        reference = transformer(*args, **kwargs)[0]
+        dit_sparse.sparsify(transformer, "dense", block_size=16)
+        assert _hooked_modules(transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        torch.testing.assert_close(transformer(*args, **kwargs)[0], reference, atol=1e-5, rtol=1e-5)
+        dit_sparse.sparsify(transformer, "random", density=0.3, block_size=16)
+        assert not torch.allclose(transformer(*args, **kwargs)[0], reference, atol=1e-3)
+        dit_sparse.unsparsify(transformer)
+        assert torch.equal(transformer(*args, **kwargs)[0], reference)
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("sparse-magic", {}, "unknown method 'sparse-magic'"),
+        ("random", {"density": 1.2}, r"density must be in \(0, 1\], got 1.2"),
+        ("radial", {"dense_steps": -3}, "dense_steps must be an int >= 0, got -3"),
+    ],
+)
+def test_bad_input_raises_before_anything_changes(pipe, method, options, message):
+    dit_sparse.sparsify(pipe, "random", density=0.5, block_size=16)
+    try:
+        with pytest.raises(ValueError, match=message):
+            dit_sparse.sparsify(pipe, method, **options)
+        assert dit_sparse.sparsity_stats(pipe)["method"] == "random"  # the earlier setting is still in place
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_no_adapter_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match=r"no dit-sparse adapter for transformer class 'Linear'.*WanTransformer3DModel"):
+        dit_sparse.sparsify(torch.nn.Linear(4, 4), "radial")
+    components = {k: v for k, v in pipe.components.items() if not k.startswith("transformer")}
+    with pytest.raises(ValueError, match="no dit-sparse adapter for pipeline 'Wan"):
+
+        class _Pipe:
+            pass
+
+        bare = _Pipe()
+        bare.components = components
+        bare.__class__.__name__ = "WanLikePipeline"
+        dit_sparse.sparsify(bare, "radial")
+    with pytest.raises(TypeError, match="got str"):
+        dit_sparse.sparsify("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "radial")
+    with pytest.raises(ValueError, match="not sparsified"):
+        dit_sparse.sparsity_stats(pipe)
+
+
+def test_non_native_attention_backend_is_rejected(pipe):
+    processor = pipe.transformer.blocks[0].attn1.processor
+    processor._attention_backend = "flash"
+    try:
+        with pytest.raises(ValueError, match="attention backend 'flash'"):
+            dit_sparse.sparsify(pipe, "radial")
+    finally:
+        processor._attention_backend = None
+    assert _hooked_modules(pipe.transformer) == []

@@ -1,0 +1,253 @@
+"""The `dit-sparse` command line, run in-process on the tiny random Wan pipeline at toy sizes."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dit_sparse import cli
+from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
+from dit_sparse.video import read_video
+
+# 9 frames at 64 x 64 px: 3 latent frames of 4 x 4 tokens; 2 steps. Seconds per video on a CPU.
+SMALL = ["--frames", "9", "--height", "64", "--width", "64", "--steps", "2", "--block-size", "16", "--device", "cpu"]
+
+
+def _render(tmp_path, *extra, out="out"):
+    return cli.main(["render", *SMALL, "--output-dir", str(tmp_path / out), *extra])
+
+
+def _rows(folder):
+    with open(folder / cli.MANIFEST_NAME, encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def _files(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def render_calls(monkeypatch):
+    """Counts `render_video` calls by prompt; `fail_on` makes the render of that prompt raise."""
+    real = cli.render_video
+    calls = []
+    fail_on = set()
+
+    def counting(pipe, job):
+        calls.append(job.prompt)
+        if job.prompt in fail_on:
+            raise RuntimeError(f"render of {job.prompt!r} failed (simulated)")
+        return real(pipe, job)
+
+    monkeypatch.setattr(cli, "render_video", counting)
+    counting.calls, counting.fail_on = calls, fail_on
+    return counting
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model is loaded (input checks must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_each(tmp_path):
+    assert _render(tmp_path, "--prompt", "a red fox runs", "--prompt", "a blue boat", "--width", "96") == 0
+    out = tmp_path / "out"
+    rows = _rows(out)
+    assert [row["prompt"] for row in rows] == ["a red fox runs", "a blue boat"]
+    assert _files(out) == sorted([cli.MANIFEST_NAME, *(row["file"] for row in rows)])
+    for row in rows:
+        assert read_video(out / row["file"]).shape == (9, 64, 96, 3)
+        assert row["file"].endswith(".mp4") and row["file"].startswith(row["prompt"].replace(" ", "-"))
+        assert {k: row[k] for k in ("seed", "method", "frames", "height", "width", "steps", "guidance", "model")} == {
+            "seed": 0, "method": "radial", "frames": 9, "height": 64, "width": 96, "steps": 2, "guidance": 5.0,
+            "model": TINY_RANDOM_LABEL,
+        }  # fmt: skip
+        assert row["options"] == {
+            "dense_steps": 0, "dense_layers": 0, "backend": "auto", "block_size": 16, "decay_factor": 1.0,
+            "variant": "wan",
+        }  # fmt: skip
+        assert 0 < row["density"] <= 1 and row["seconds"] > 0
+
+
+def test_settings_that_differ_get_different_files(tmp_path):
+    assert _render(tmp_path, "--prompt", "a cat", "--seed", "1") == 0
+    assert _render(tmp_path, "--prompt", "a cat", "--seed", "1", "--option", "decay_factor=0.5") == 0
+    assert _render(tmp_path, "--prompt", "a cat", "--seed", "1", "--method", "dense") == 0
+    files = [row["file"] for row in _rows(tmp_path / "out")]
+    assert len(set(files)) == 3 and all(f.startswith("a-cat-seed1-") for f in files)
+
+
+def test_an_interrupted_batch_resumes_with_only_the_unfinished_video(tmp_path, render_calls):
+    prompts = ["--prompt", "a cat sleeps", "--prompt", "a dog runs"]
+    render_calls.fail_on.add("a dog runs")
+    with pytest.raises(RuntimeError, match="simulated"):
+        _render(tmp_path, *prompts)
+    out = tmp_path / "out"
+    (first,) = _rows(out)
+    assert first["prompt"] == "a cat sleeps"
+    assert _files(out) == sorted([cli.MANIFEST_NAME, first["file"]])  # no partial mp4, no row for the failure
+
+    render_calls.fail_on.clear()
+    render_calls.calls.clear()
+    assert _render(tmp_path, *prompts) == 0
+    assert render_calls.calls == ["a dog runs"]
+    assert [row["prompt"] for row in _rows(out)] == ["a cat sleeps", "a dog runs"]
+
+    render_calls.calls.clear()
+    assert _render(tmp_path, *prompts) == 0
+    assert render_calls.calls == []
+    assert len(_rows(out)) == 2
+
+
+def test_a_video_whose_mp4_is_gone_is_rendered_again(tmp_path, render_calls):
+    assert _render(tmp_path, "--prompt", "a cat") == 0
+    (row,) = _rows(tmp_path / "out")
+    os.remove(tmp_path / "out" / row["file"])
+    assert _render(tmp_path, "--prompt", "a cat") == 0
+    assert render_calls.calls == ["a cat", "a cat"]
+    assert (tmp_path / "out" / row["file"]).exists()
+
+
+def test_a_manifest_line_torn_by_a_crash_is_skipped_and_closed_off(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / cli.MANIFEST_NAME).write_text('{"prompt": "a cat", "seed', encoding="utf-8")
+    assert _render(tmp_path, "--prompt", "a cat") == 0
+    assert "manifest.jsonl:1: skipping" in capsys.readouterr().err
+    lines = (out / cli.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == '{"prompt": "a cat", "seed' and json.loads(lines[1])["prompt"] == "a cat"
+
+
+def test_jsonl_lines_override_the_command_line_settings(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        {"prompt": "a cat", "seed": 3, "frames": 13, "width": 96},
+        {"prompt": "a dog", "method": "random", "options": {"density": 0.5}, "steps": 1, "guidance": 1.0},
+    ]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
+    assert _render(tmp_path, "--prompts", str(prompts)) == 0
+    cat, dog = _rows(tmp_path / "out")
+    assert (cat["seed"], cat["frames"], cat["height"], cat["width"], cat["method"]) == (3, 13, 64, 96, "radial")
+    assert read_video(tmp_path / "out" / cat["file"]).shape == (13, 64, 96, 3)
+    assert (dog["method"], dog["steps"], dog["guidance"], dog["seed"]) == ("random", 1, 1.0, 0)
+    assert dog["options"] == {
+        "dense_steps": 0, "dense_layers": 0, "backend": "auto", "density": 0.5, "block_size": 16, "seed": 0,
+    }  # fmt: skip
+
+
+def test_txt_prompts_skip_blank_lines_and_comments(tmp_path, render_calls):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a list\n\na cat\n   \n# more\na dog\n", encoding="utf-8")
+    assert _render(tmp_path, "--prompts", str(prompts), "--frames", "5") == 0
+    assert render_calls.calls == ["a cat", "a dog"]
+
+
+BAD_INPUTS = [
+    (["--prompt", "x", "--method", "sparse"], ["'sparse'", "radial"]),
+    (["--prompt", "x", "--option", "windw=3"], ["windw"]),
+    (["--prompt", "x", "--option", "decay_factor=-1"], ["decay_factor", "-1"]),
+    (["--prompt", "x", "--option", "decay_factor"], ["KEY=VALUE", "decay_factor"]),
+    (["--prompt", "x", "--option", "block_size=32"], ["block_size", "twice"]),
+    (["--prompt", "x", "--dense-steps", "-1"], ["dense_steps", "-1"]),
+    (["--prompt", "x", "--backend", "cudnn"], ["backend", "cudnn"]),
+    (["--prompt", "x", "--frames", "10"], ["frames=10", "9 or 13"]),
+    (["--prompt", "x", "--frames", "0"], ["frames", "0"]),
+    (["--prompt", "x", "--height", "100"], ["height=100", "96 or 112"]),
+    (["--prompt", "x", "--width", "8"], ["width=8", "16"]),
+    (["--prompt", "x", "--steps", "0"], ["steps", "0"]),
+    (["--prompt", "x", "--seed", "-2"], ["seed", "-2"]),
+    (["--prompt", "x", "--fps", "0"], ["fps", "0"]),
+    (["--prompt", "x", "--frames", "nine"], ["--frames", "nine"]),
+    (["--prompt", "x", "--no-such-flag"], ["--no-such-flag"]),
+    ([], ["no prompt"]),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_INPUTS, ids=[" ".join(a[2:]) or "no-prompt" for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_value_and_creates_nothing(tmp_path, capsys, no_model, args, named):
+    assert _render(tmp_path, *args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dit-sparse: error:") and "\n" not in error
+    for text in named:
+        assert text in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name, content, named",
+    [
+        ("missing.txt", None, ["missing.txt"]),
+        ("empty.txt", "# only a comment\n\n", ["empty.txt", "no prompts"]),
+        ("prompts.csv", "a cat\n", ["prompts.csv", ".jsonl"]),
+        ("bad.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog",\n', ["bad.jsonl:2", "JSON"]),
+        ("noprompt.jsonl", '{"seed": 1}\n', ["noprompt.jsonl:1", '"prompt"']),
+        ("field.jsonl", '{"prompt": "a", "fps": 8}\n', ["field.jsonl:1", "fps"]),
+        ("frames.jsonl", '{"prompt": "a"}\n\n{"prompt": "b", "frames": 8}\n', ["frames.jsonl:3", "frames=8", "5 or 9"]),
+        ("option.jsonl", '{"prompt": "a", "options": {"density": 0.5}}\n', ["option.jsonl:1", "'density'", "radial"]),
+        ("latin1.txt", b"caf\xe9\n", ["latin1.txt"]),
+    ],
+)
+def test_bad_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, no_model, name, content, named):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert _render(tmp_path, "--prompts", str(path)) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error
+    for text in named:
+        assert text in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    assert _render(tmp_path, "--prompt", "a cat", "--model", str(missing)) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not any(name.endswith(".mp4") for name in os.listdir(tmp_path / "out"))
+
+
+def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, capsys, monkeypatch):
+    # 17 frames at 96 px: 5 latent frames of 6 x 6 tokens, 180 tokens in 12 blocks of 16: radial drops some.
+    for name, value in [("DEFAULT_FRAMES", 17), ("DEFAULT_HEIGHT", 96), ("DEFAULT_WIDTH", 96), ("DEFAULT_STEPS", 2)]:
+        monkeypatch.setattr(cli, name, value)
+    monkeypatch.setattr(cli, "DEMO_BLOCK_SIZE", 16)
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert TINY_RANDOM_LABEL in printed and "180 video tokens" in printed
+    lines = {line.split()[0]: line.split() for line in printed.splitlines() if line.strip()}
+    assert lines["dense"][2] == "1.000" and 0 < float(lines["radial"][2]) < 1
+    psnr_line = next(line for line in printed.splitlines() if line.startswith("PSNR radial vs dense:"))
+    assert psnr_line.count("dB") == 2
+    assert len(_rows(tmp_path / "demo")) == 2
+
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0  # resumed
+    printed = capsys.readouterr().out
+    assert "skipping 2 video(s)" in printed and "dB between the mp4s" in printed
+    assert len(_rows(tmp_path / "demo")) == 2
+
+
+def test_tiny_random_pipeline_is_deterministic_in_its_seed():
+    first, again, other = (build_tiny_wan_pipeline(seed=s).transformer.state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_load_model_none_is_the_tiny_random_pipeline():
+    assert cli.model_label(None) == TINY_RANDOM_LABEL
+    pipe = cli.load_model(None, "cpu", "float32")
+    assert type(pipe).__name__ == "WanPipeline" and pipe.transformer.dtype == torch.float32
+
+
+def test_option_values_are_parsed_as_bool_int_float_or_string():
+    values = ("true", "False", "12", "0.5", "1e-3", "wan")
+    assert [cli.parse_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
+    assert cli.parse_value("-2.5") == -2.5

@@ -1,0 +1,297 @@
+"""Kernel backends on CPU: the reference against dense SDPA, our Triton kernel under TRITON_INTERPRET=1 against the
+reference, the BlockMask -> FA4 conversion against a dense expansion, and the dispatch's fallbacks and errors."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_sparse import kernels
+from dit_sparse.blockmask import BlockMask
+from dit_sparse.kernels import fa4, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qkv(batch, seq_len, heads, head_dim, generator, dtype=torch.float32):
+    return [torch.randn(batch, seq_len, heads, head_dim, generator=generator).to(dtype) for _ in range(3)]
+
+
+def _mask(seq_len, q_block, kv_block, shape, generator, density=0.4, empty_rows=False, permute=False):
+    n_q, n_k = math.ceil(seq_len / q_block), math.ceil(seq_len / kv_block)
+    block_dense = torch.rand(*shape, n_q, n_k, generator=generator) < density
+    if empty_rows:
+        block_dense[..., 0, :] = False
+    perm = torch.randperm(seq_len, generator=generator) if permute else None
+    return BlockMask.from_block_dense(block_dense, seq_len, q_block, kv_block, permutation=perm)
+
+
+def _sdpa_with_lse(q, k, v, allowed, scale):
+    """fp64 dense attention with a bool mask (Bm, Hm, S, S): (out (B, S, H, D), lse (B, H, S)), empty rows 0/-inf."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.double()), lse
+
+
+# ---- the reference against dense attention ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, head_dim, q_block, kv_block, mask_shape, permute",
+    [
+        (1, 100, 2, 16, 16, 16, (1, 1), False),  # ragged tail
+        (2, 96, 3, 32, 32, 16, (2, 3), False),  # per-batch, per-head masks, different block sizes
+        (1, 130, 2, 8, 64, 32, (1, 2), True),  # permutation, odd head_dim
+        (2, 50, 1, 16, 16, 64, (1, 1), True),
+    ],
+)
+def test_reference_kernel_matches_dense_attention_and_its_lse(
+    batch, seq_len, heads, head_dim, q_block, kv_block, mask_shape, permute
+):
+    g = torch.Generator().manual_seed(seq_len)
+    q, k, v = _qkv(batch, seq_len, heads, head_dim, g)
+    mask = _mask(seq_len, q_block, kv_block, mask_shape, g, empty_rows=True, permute=permute)
+    out, lse = reference.block_sparse_attention(q, k, v, mask, 0.37)
+    expected_out, expected_lse = _sdpa_with_lse(q, k, v, mask.to_dense(), 0.37)
+    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), expected_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
+
+
+def test_reference_text_passes_are_chunked_and_exact(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(2, 70, 2, 16, g)
+    key_valid = torch.rand(2, 70, generator=g) < 0.7
+    expected_out, expected_lse = _sdpa_with_lse(q, k, v, key_valid[:, None, None, :], 0.25)
+    monkeypatch.setattr(reference, "_chunk_rows", lambda q, keys, budget=0: 9)  # 8 chunks, a short last one
+    out, lse = reference.dense_attention(q, k, v, key_valid, 0.25)
+    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=0)
+    # extend_attention: first keys 0..39, then keys 40..69, equals attention over all of them
+    first_out, first_lse = reference.dense_attention(q, k[:, :40], v[:, :40], key_valid[:, :40], 0.25)
+    out, lse = reference.extend_attention(first_out, first_lse, q, k[:, 40:], v[:, 40:], key_valid[:, 40:], 0.25)
+    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+
+
+# ---- our Triton kernel under the interpreter ---------------------------------------------------------------------
+
+_INTERPRET_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys, torch
+    sys.path.insert(0, {benchmarks!r})
+    from attention import ensure_importable
+    ensure_importable()
+    from dit_sparse.blockmask import BlockMask
+    from dit_sparse.kernels import reference, triton_block_sparse as tbs
+    from dit_sparse.attention import sparse_attention
+    from dit_sparse.layout import VideoLayout
+
+    def mask_of(seq_len, qb, kb, shape, g, empty, permute):
+        d = torch.rand(*shape, math.ceil(seq_len / qb), math.ceil(seq_len / kb), generator=g) < 0.4
+        if empty:
+            d[..., 0, :] = False
+        perm = torch.randperm(seq_len, generator=g) if permute else None
+        return BlockMask.from_block_dense(d, seq_len, qb, kb, permutation=perm)
+
+    def err(a, b):
+        return float((a.float() - b.float()).abs().max())
+
+    def lse_err(a, b):
+        same_inf = bool(torch.equal(torch.isinf(a), torch.isinf(b)))
+        return float((a - b).nan_to_num(0, 0, 0).abs().max()) if same_inf else float("inf")
+
+    results = []
+    cases = [
+        # batch, seq, heads, D, q_block, kv_block, mask shape, dtype, empty rows, permute, text
+        (1, 100, 2, 16, 16, 16, (1, 1), torch.float32, True, False, 0),
+        (2, 90, 2, 32, 32, 16, (2, 2), torch.float32, False, True, 12),
+        (1, 130, 2, 16, 32, 32, (1, 2), torch.float16, True, False, 20),
+        (2, 64, 1, 16, 16, 32, (1, 1), torch.float32, False, False, 0),
+        (1, 300, 1, 16, 64, 64, (1, 1), torch.float32, True, True, 7),
+    ]
+    for i, (b, s, h, d, qb, kb, shape, dtype, empty, permute, text) in enumerate(cases):
+        g = torch.Generator().manual_seed(i)
+        q, k, v = (torch.randn(b, s, h, d, generator=g).to(dtype) for _ in range(3))
+        mask = mask_of(s, qb, kb, shape, g, empty, permute)
+        out, lse = tbs.block_sparse_attention(q, k, v, mask, 0.3)
+        ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, 0.3)
+        row = dict(case=i, dtype=str(dtype), out=err(out, ref_out), lse=lse_err(lse, ref_lse))
+        if text:
+            kx, vx = (torch.randn(b, text, h, d, generator=g).to(dtype) for _ in range(2))
+            valid = torch.rand(b, text, generator=g) < 0.6
+            out, lse = tbs.block_sparse_attention(q, k, v, mask, 0.3, extra_k=kx, extra_v=vx, extra_key_valid=valid)
+            ref_out, ref_lse = reference.extend_attention(ref_out, ref_lse, q, kx, vx, valid, 0.3)
+            row.update(extra_out=err(out, ref_out), extra_lse=lse_err(lse, ref_lse))
+            # FA4's path: continue a pass given in the blocked order, inverse permutation fused
+            first_out, first_lse = reference.block_sparse_attention(q, k, v, mask, 0.3)
+            if permute:
+                first_out, first_lse = first_out[:, mask.permutation], first_lse[:, :, mask.permutation]
+            perm = mask.permutation.int() if permute else None
+            out, lse = tbs.extend_attention(first_out, first_lse, q, kx, vx, valid, 0.3, permutation=perm)
+            row.update(extend_out=err(out, ref_out), extend_lse=lse_err(lse, ref_lse))
+        results.append(row)
+
+    # text queries over all keys, split-K (3 splits) against the reference
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 600, 2, 16, generator=g) for _ in range(3))
+    valid = torch.rand(2, 600, generator=g) < 0.8
+    out, lse = tbs.dense_attention(q[:, :20], k, v, valid, 0.3, splits=3)
+    ref_out, ref_lse = reference.dense_attention(q[:, :20], k, v, valid, 0.3)
+    results.append(dict(case="dense split", out=err(out, ref_out), lse=lse_err(lse, ref_lse)))
+
+    # the public API with joint text and padding, triton against reference
+    for position in ("prefix", "suffix"):
+        layout = VideoLayout(2, 4, 12, text_len=10, text_position=position)
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, layout.seq_len, 2, 16, generator=g) for _ in range(3))
+        padding = torch.rand(2, 10, generator=g) < 0.6
+        mask = mask_of(layout.video_len, 16, 16, (1, 2), g, True, False)
+        out = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="triton")
+        ref = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="reference")
+        results.append(dict(case="api " + position, out=err(out, ref)))
+    print("RESULTS" + json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DIT_SPARSE_BACKEND": ""}
+    script = _INTERPRET_SCRIPT.format(benchmarks=str(ROOT / "benchmarks"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS"))
+    return json.loads(line[len("RESULTS"):])
+
+
+def test_triton_kernel_matches_reference_under_interpreter(interpreted_results):
+    for row in interpreted_results:
+        tolerance = 2e-3 if "float16" in row.get("dtype", "") else 1e-5
+        for key, value in row.items():
+            if key in ("case", "dtype"):
+                continue
+            assert value <= (1e-5 if key.endswith("lse") else tolerance), (row, key)
+
+
+# ---- BlockMask -> FA4 --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, seq_len, empty", [((1, 1), 1000, False), ((2, 3), 515, True), ((1, 4), 128, True)])
+def test_fa4_conversion_expands_to_the_same_blocks_and_tokens(shape, seq_len, empty):
+    g = torch.Generator().manual_seed(seq_len)
+    mask = _mask(seq_len, 128, 128, shape, g, density=0.3, empty_rows=empty)
+    tensors = fa4.to_fa4_block_sparse(mask)
+    for t in (tensors.mask_block_cnt, tensors.mask_block_idx, tensors.full_block_cnt, tensors.full_block_idx):
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    assert int(tensors.mask_block_cnt.abs().sum()) == 0  # no partial blocks: no mask_mod needed
+    assert tensors.block_size == (128, 128)
+    assert tensors.has_empty_rows == bool((mask.kv_block_counts == 0).any()) and (tensors.has_empty_rows or not empty)
+    block_dense = fa4.fa4_block_dense(tensors, mask.n_kv_blocks)
+    assert torch.equal(block_dense, mask.to_block_dense())
+    # token level: FA4 visits whole blocks and cuts keys at seq_len, which is mask.to_dense()
+    token_of = torch.arange(seq_len) // 128
+    assert torch.equal(block_dense[..., token_of, :][..., token_of], mask.to_dense())
+    assert "flash_attn" not in sys.modules
+
+
+def test_fa4_conversion_is_cached_with_the_mask():
+    mask = BlockMask.full(300, 128)
+    assert fa4.cached_fa4_block_sparse(mask) is fa4.cached_fa4_block_sparse(mask)
+    assert fa4.cached_fa4_block_sparse(BlockMask.full(300, 128)) is not fa4.cached_fa4_block_sparse(mask)
+
+
+def test_fa4_block_constraints_name_the_block_size():
+    assert fa4.block_constraints_error(BlockMask.full(512, 128), 128, (9, 0)) is None
+    assert fa4.block_constraints_error(BlockMask.full(512, 64), 64, (9, 0)) is None
+    assert "kv_block_size" in fa4.block_constraints_error(BlockMask.full(512, 128, 256), 128, (9, 0))
+    assert "q_block_size" in fa4.block_constraints_error(BlockMask.full(512, 32), 128, (9, 0))
+    assert "256" in fa4.block_constraints_error(BlockMask.full(512, 128), 128, (10, 0))
+    assert "head_dim" in fa4.block_constraints_error(BlockMask.full(512, 128), 80, (9, 0))
+    assert "capability" in fa4.block_constraints_error(BlockMask.full(512, 128), 128, (8, 0))
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_override(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_dispatch_falls_back_to_reference_without_cuda(no_override, caplog):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 64, 2, 16, g)
+    mask = _mask(64, 16, 16, (1, 1), g)
+    assert kernels.available_backends("cpu") == ["reference"]
+    kernels._log_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger="dit_sparse"):
+        out, lse = kernels.block_sparse_attention(q, k, v, mask)
+        kernels.block_sparse_attention(q, k, v, mask)
+    assert [r.getMessage() for r in caplog.records if "backend" in r.getMessage()].__len__() == 1
+    assert "reference" in caplog.records[0].getMessage()
+    expected = reference.block_sparse_attention(q, k, v, mask, 16**-0.5)
+    torch.testing.assert_close(out, expected[0])
+    assert "flash_attn" not in sys.modules
+
+
+def test_asking_for_an_unavailable_backend_names_what_is_missing(no_override, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 64, 2, 16, g)
+    mask = _mask(64, 16, 16, (1, 1), g)
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.block_sparse_attention(q, k, v, mask, backend="fa4")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kernels.block_sparse_attention(q, k, v, mask, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.block_sparse_attention(q, k, v, mask, backend="cuda")
+    monkeypatch.setenv(kernels.ENV_VAR, "fa4")
+    with pytest.raises(ValueError, match="fa4.*CUDA"):
+        kernels.block_sparse_attention(q, k, v, mask)
+    monkeypatch.setenv(kernels.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="DIT_SPARSE_BACKEND='fast'"):
+        kernels.block_sparse_attention(q, k, v, mask)
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    kernels.block_sparse_attention(q, k, v, mask)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "head_dim" in kernels.unavailable_reason("triton", "cpu", torch.float32, 80)
+    assert "dtype" in kernels.unavailable_reason("triton", "cpu", torch.float64, 64)
+    assert "flash_attn" not in sys.modules
+
+
+def test_bad_inputs_raise_before_launch_with_both_values(no_override):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 64, 2, 16, g)
+    with pytest.raises(ValueError, match="seq_len 80.*S=64"):
+        kernels.block_sparse_attention(q, k, v, BlockMask.full(80, 16))
+    with pytest.raises(ValueError, match="3 heads.*2"):
+        kernels.block_sparse_attention(q, k, v, _mask(64, 16, 16, (1, 3), g))
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.block_sparse_attention(q, k.half(), v, BlockMask.full(64, 16))
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.block_sparse_attention(q, k[:, :32], v, BlockMask.full(64, 16))
+    with pytest.raises(ValueError, match="extra_key_valid"):
+        kernels.block_sparse_attention(q, k, v, BlockMask.full(64, 16), extra_k=k[:, :5], extra_v=v[:, :5],
+                                       extra_key_valid=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_dense_attention_of_text_rows_matches_sdpa(no_override):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(2, 40, 2, 16, g)
+    key_valid = torch.rand(2, 40, generator=g) < 0.5
+    out, _ = kernels.dense_attention(q[:, :7], k, v, key_valid=key_valid)
+    expected = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q[:, :7], k, v)), attn_mask=key_valid[:, None, None, :]
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
