@@ -53,26 +53,42 @@ def _check_attention_backend(transformer: torch.nn.Module, sites) -> None:
             )
 
 
+def _config_for(transformer: torch.nn.Module, adapter, method: str | MethodConfig, options: dict) -> MethodConfig:
+    """The config `transformer` runs: a method name takes its family's defaults for the options the user left unset
+    (radial's `hunyuan` variant on HunyuanVideo); a config object is taken as given."""
+    if isinstance(method, str):
+        options = {**adapter.default_options.get(method, {}), **options}
+    config = make_config(method, **options)
+    reason = adapter.unsupported_methods.get(config.method)
+    if reason is not None:
+        raise ValueError(f"method {config.method!r} does not apply to {type(transformer).__name__}: {reason}")
+    return config
+
+
 def sparsify(pipe: Any, method: str | MethodConfig = "radial", **options) -> Any:
     """Route the self-attention of `pipe`'s transformer(s) through block-sparse attention; returns `pipe`.
 
     `pipe` is a diffusers pipeline, a transformer, or a list of transformers. `method` is a method name
     (`"dense"`, `"radial"`, `"random"`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
-    `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`. Sparsifying again replaces the earlier setting.
-    Works with `enable_model_cpu_offload()`. Every check happens before anything is changed.
+    `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`. A method name takes the model family's defaults for
+    options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config object is used as given.
+    Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
+    with `torch.compile`. Every check happens before anything is changed.
     """
-    config = make_config(method, **options)
+    make_config(method, **options)  # the user's own method and options, checked first
     transformers = _transformers_of(pipe, require_adapter=True)
     plan = []
     for transformer in transformers:
         adapter = find_adapter(transformer)
         sites = adapter.attention_sites(transformer)
         _check_attention_backend(transformer, sites)
-        plan.append((transformer, adapter))
+        plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
     unsparsify(pipe)
-    session = hooks.SparseSession(config)
-    for transformer, adapter in plan:
-        hooks.install(transformer, adapter, session)
+    sessions: dict[MethodConfig, hooks.SparseSession] = {}  # transformers with one config share steps and masks
+    for transformer, adapter, config in plan:
+        if config not in sessions:
+            sessions[config] = hooks.SparseSession(config)
+        hooks.install(transformer, adapter, sessions[config])
     return pipe
 
 
@@ -86,13 +102,20 @@ def unsparsify(pipe: Any) -> Any:
 def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     """Method, mean kept fraction (`density`, dense calls count 1.0) and number of self-attention calls so far.
 
-    Counts accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them).
+    Counts one call per self-attention module per transformer forward, over every transformer of `pipe`, and
+    accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them).
     """
+    sessions = []
     for transformer in _transformers_of(pipe, require_adapter=False):
         session = hooks.session_of(transformer)
-        if session is not None:
-            stats = session.stats()
-            if reset:
-                session.reset_stats()
-            return stats
-    raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
+        if session is not None and all(session is not seen for seen in sessions):
+            sessions.append(session)
+    if not sessions:
+        raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
+    calls = sum(session.attention_calls for session in sessions)
+    kept = sum(session.kept_fraction_sum for session in sessions)
+    stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
+    if reset:
+        for session in sessions:
+            session.reset_stats()
+    return stats

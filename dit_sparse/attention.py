@@ -30,13 +30,7 @@ def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend) -> VideoLay
     if layout is not None and layout.seq_len != seq_len:
         raise ValueError(f"layout {layout} covers {layout.seq_len} tokens, but q has S={seq_len}")
     video_len = seq_len if layout is None else layout.video_len
-    if mask.seq_len != video_len:
-        raise ValueError(f"mask was built for {mask.seq_len} video tokens, but this call has {video_len}")
-    mask_batch, mask_heads = mask.kv_block_counts.shape[:2]
-    if mask_heads not in (1, heads):
-        raise ValueError(f"mask has {mask_heads} heads; q has {heads} (a mask needs 1 or {heads})")
-    if mask_batch not in (1, batch):
-        raise ValueError(f"mask has batch {mask_batch}; q has {batch} (a mask needs 1 or {batch})")
+    mask.check_fits(batch, heads, video_len)
     if text_padding_mask is not None:
         text_len = 0 if layout is None else layout.text_len
         if text_padding_mask.dtype != torch.bool or tuple(text_padding_mask.shape) != (batch, text_len):

@@ -90,6 +90,16 @@ class BlockMask:
         pairs = (self.to_block_dense().double() * q_sizes[:, None] * k_sizes[None, :]).sum(dim=(-1, -2))
         return float(pairs.mean() / (self.seq_len**2))
 
+    def check_fits(self, batch: int, heads: int, seq_len: int) -> None:
+        """Raise ValueError unless this mask serves a call of `batch` x `heads` over `seq_len` tokens."""
+        if self.seq_len != seq_len:
+            raise ValueError(f"mask was built for seq_len {self.seq_len} video tokens, but this call has S={seq_len}")
+        mask_batch, mask_heads = self.kv_block_counts.shape[:2]
+        if mask_heads not in (1, heads):
+            raise ValueError(f"mask has {mask_heads} heads; q has {heads} (a mask needs 1 or {heads})")
+        if mask_batch not in (1, batch):
+            raise ValueError(f"mask has batch {mask_batch}; q has {batch} (a mask needs 1 or {batch})")
+
     # ---- conversions -------------------------------------------------------------------------------------------
     def to_block_dense(self) -> torch.Tensor:
         """Bool (Bm, Hm, n_q_blocks, n_kv_blocks): True where a key block is kept."""

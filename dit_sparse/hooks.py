@@ -1,14 +1,21 @@
 """The hooks `sparsify` installs: one per transformer (layout, step), one per self-attention module (interception).
 
-A transformer hook sets a context variable for the duration of its forward; an attention hook, while that context
-is set, runs its module under a `TorchFunctionMode` that routes the module's `scaled_dot_product_attention` call to
-`sparse_attention`. Outside a hooked forward every call falls through untouched, and no global state is left when
-the hooks are removed.
+A transformer hook begins each forward by deriving its plan (the video layout, whether this step and layer run
+dense, the block mask) and publishing it on the session; an attention hook, while a plan is published, runs its
+module under a `TorchFunctionMode` that routes the module's `scaled_dot_product_attention` call to
+`sparse_attention`. The joint text is whatever the call has beyond the video tokens (`text_len = S - video_len`), at
+the side the adapter names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a
+hooked forward every call falls through untouched, and no global state is left when the hooks are removed.
+
+torch.compile: the plan is built in a function dynamo skips (one graph break, before the first block); the plan
+object is reused while the layout and the dense/sparse phase stay the same, so the compiled graph's guards hold from
+step to step; under compilation the sparse call is the custom op `dit_sparse::sparse_attention`, so the graph runs
+through attention and the rest of each block fuses around it.
 """
 
 from __future__ import annotations
 
-import contextvars
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -30,16 +37,54 @@ ATTENTION_HOOK = "dit_sparse.attention"
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
+@dataclass(frozen=True, eq=False)
+class ForwardPlan:
+    """What every self-attention call of one transformer forward needs.
+
+    - `layout`: the video tokens (`text_len` 0); a call's full layout adds the tokens beyond them as text.
+    - `text_position`, `attention_mask`: the adapter's text side and mask convention.
+    - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
+    - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
+      for patterns that need q and k (built in the call).
+    """
+
+    layout: VideoLayout
+    text_position: str | None
+    attention_mask: str | None
+    sparse_from: int | None
+    backend: str
+    mask: BlockMask | None = None
+    density: float = 1.0
+
+    def is_dense(self, layer: int) -> bool:
+        return self.sparse_from is None or layer < self.sparse_from
+
+    def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
+        """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
+        video = self.layout
+        text_len = seq_len - video.video_len
+        if text_len < 0 or (text_len > 0 and self.text_position is None):
+            raise RuntimeError(
+                f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
+                f"({video.video_len} video tokens{'' if self.text_position else ' and no joint text'})"
+            )
+        if text_len == 0:
+            return video
+        return VideoLayout(video.frames, video.height, video.width, text_len, self.text_position)
+
+
 @dataclass
 class SparseSession:
-    """State shared by every hook of one `sparsify` call (both Wan 2.2 experts share one session).
+    """State shared by every hook of one `sparsify` call with one config (both Wan 2.2 experts share one session).
 
-    Holds the config, the masks (static ones built once per layout and device), the denoising step counter and
-    the density statistics.
+    Holds the config, the masks (static ones built once per layout and device) and forward plans, the denoising step
+    counter, the density statistics, and the plan of the forward now running (`active`, None outside one).
     """
 
     config: MethodConfig
     masks: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
+    active: ForwardPlan | None = None
     step: int = 0
     last_timestep: float | None = None
     attention_calls: int = 0
@@ -65,20 +110,42 @@ class SparseSession:
     def reset_steps(self) -> None:
         self.step, self.last_timestep = 0, None
 
-    def mask_for(self, layout: VideoLayout, q: torch.Tensor, k: torch.Tensor) -> tuple[BlockMask, float]:
-        """The mask of this call and its density; static masks are cached per (layout, device)."""
-        key = (layout, str(q.device))
+    def mask_for(self, layout: VideoLayout, device, q=None, k=None) -> tuple[BlockMask, float]:
+        """The mask over `layout`'s video tokens and its density; static masks are cached per (layout, device)."""
+        key = (layout, str(device))
         if is_static(self.config) and key in self.masks:
             return self.masks[key]
-        mask = build_mask(layout, self.config, q=q, k=k, device=q.device)
+        mask = build_mask(layout, self.config, q=q, k=k, device=device)
         entry = (mask, mask.density)
         if is_static(self.config):
+            _remember_mask(mask)
             self.masks[key] = entry
         return entry
 
-    def record(self, kept_fraction: float) -> None:
-        self.attention_calls += 1
-        self.kept_fraction_sum += kept_fraction
+    def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:
+        """The plan of a forward over `layout` at `step`: the same object as long as nothing in it changes."""
+        sparse_from = None if step < self.config.dense_steps else self.config.dense_layers
+        key = (layout, str(device), sparse_from, adapter.text_position, adapter.attention_mask)
+        if key not in self.plans:
+            mask, density = None, 1.0
+            if sparse_from is not None and is_static(self.config):
+                mask, density = self.mask_for(layout, device)
+            self.plans[key] = ForwardPlan(
+                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density
+            )
+        return self.plans[key]
+
+    def record(self, kept_fraction: float, calls: int = 1) -> None:
+        self.attention_calls += calls
+        self.kept_fraction_sum += kept_fraction * calls
+
+    def record_forward(self, plan: ForwardPlan, layers: list[int]) -> None:
+        """Count one forward's self-attention calls (one per hooked module); calls to dynamic masks count themselves."""
+        for layer in layers:
+            if plan.is_dense(layer):
+                self.record(1.0)
+            elif plan.mask is not None:
+                self.record(plan.density)
 
     def stats(self) -> dict:
         density = self.kept_fraction_sum / self.attention_calls if self.attention_calls else None
@@ -88,110 +155,147 @@ class SparseSession:
         self.attention_calls, self.kept_fraction_sum = 0, 0.0
 
 
-@dataclass(frozen=True)
-class _ForwardContext:
-    session: SparseSession
-    layout: VideoLayout
-    step: int
-
-
-_ACTIVE: contextvars.ContextVar[_ForwardContext | None] = contextvars.ContextVar("dit_sparse_active", default=None)
-
-
 class _NoState(BaseState):
     def reset(self, *args, **kwargs) -> None:
         pass
 
 
 class TransformerHook(ModelHook):
-    """Per transformer: derives the layout and the step of each forward and makes them visible to attention hooks."""
+    """Per transformer: derives the plan of each forward (layout, step) and publishes it to the attention hooks."""
 
     _is_stateful = True
 
-    def __init__(self, session: SparseSession, adapter: TransformerAdapter):
+    def __init__(self, session: SparseSession, adapter: TransformerAdapter, layers: list[int]):
         super().__init__()
         self.session = session
         self.adapter = adapter
+        self.layers = layers
         # diffusers' `cache_context` sets the pipeline's step index on every StateManager of a stateful hook.
         self.cache_context = StateManager(_NoState)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        layout = self.adapter.layout(module, args, kwargs)
-        context = self.cache_context._context
-        step_index = getattr(context, "step_index", None) if context is not None else None
-        step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index)
-        token = _ACTIVE.set(_ForwardContext(self.session, layout, step))
+        self._begin_forward(module, args, kwargs)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            _ACTIVE.reset(token)
+            self.session.active = None
+
+    @torch.compiler.disable
+    def _begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Layout, step, mask and statistics of this forward, on the host (compiled code skips this function)."""
+        layout = self.adapter.layout(module, args, kwargs)
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+        context = self.cache_context._context
+        step_index = getattr(context, "step_index", None) if context is not None else None
+        step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index)
+        plan = self.session.plan_for(layout, device, step, self.adapter)
+        self.session.record_forward(plan, self.layers)
+        self.session.active = plan
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.session.reset_steps()
         return module
 
 
+def _sdpa_arguments(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> tuple:
+    """`scaled_dot_product_attention`'s arguments by name, however the caller passed them."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
 
-    def __init__(self, context: _ForwardContext, site_name: str, layer: int):
+    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int):
         super().__init__()
-        self.context, self.site_name, self.layer = context, site_name, layer
+        self.session, self.plan, self.site_name, self.layer = session, plan, site_name, layer
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _SDPA_FUNCTIONS:
+            name = getattr(func, "__name__", None)
+            if name is not None and args and isinstance(args[0], torch.Tensor) and getattr(torch.Tensor, name, None) is func:
+                # A Tensor method called as a method: dynamo traces it as one, where it cannot inline the Python
+                # bodies of some (`Tensor.unflatten` calls `super()`). The same call in eager mode.
+                return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
-        return self._attend(func, *args, **kwargs)
+        return self._attend(func, args, kwargs)
 
-    def _attend(
-        self, sdpa, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-    ):
-        # query, key, value: (B, H, S, D), as diffusers' native backend passes them to SDPA.
-        session, layout, step = self.context.session, self.context.layout, self.context.step
-        config = session.config
-        if attn_mask is not None or is_causal or dropout_p or enable_gqa or key.shape[1] != query.shape[1]:
+    def _attend(self, sdpa, args: tuple, kwargs: dict) -> torch.Tensor:
+        # query, key, value: (B, H, S, D), as diffusers' native backend and direct callers pass them to SDPA.
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
+        if is_causal or dropout_p or enable_gqa or not (query.shape[:3] == key.shape[:3] == value.shape[:3]):
             raise NotImplementedError(
-                f"{self.site_name}: sparse attention supports plain self-attention only, got attn_mask="
-                f"{None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}, "
+                f"{self.site_name}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), got "
+                f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}, is_causal={is_causal}, "
                 f"dropout_p={dropout_p}, enable_gqa={enable_gqa}"
             )
-        if query.shape[2] != layout.seq_len or key.shape[2] != layout.seq_len:
-            raise RuntimeError(
-                f"{self.site_name}: attention over {query.shape[2]} queries and {key.shape[2]} keys, but the "
-                f"transformer's input gives {layout} ({layout.seq_len} tokens)"
+        plan = self.plan
+        layout = plan.call_layout(query.shape[2], self.site_name)
+        text_padding_mask = self._text_padding_mask(attn_mask, layout, query.shape[0])
+        if plan.is_dense(self.layer):
+            return sdpa(*args, **kwargs)  # the original call, mask and all
+        mask = plan.mask
+        if mask is None:  # a pattern that reads q and k: built here, counted here
+            mask, density = self.session.mask_for(layout, query.device, q=query, k=key)
+            self.session.record(density)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+        if torch.compiler.is_compiling():
+            out = torch.ops.dit_sparse.sparse_attention(
+                q, k, v, mask.kv_block_indices, mask.kv_block_counts, mask.permutation, text_padding_mask,
+                mask.seq_len, mask.q_block_size, mask.kv_block_size, layout.frames, layout.height, layout.width,
+                layout.text_len, layout.text_position, scale, plan.backend,
             )
-        if step < config.dense_steps or self.layer < config.dense_layers:
-            session.record(1.0)
-            return sdpa(query, key, value, scale=scale)
-        mask, density = session.mask_for(layout, query, key)
-        session.record(density)
-        out = sparse_attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            mask,
-            layout,
-            scale=scale,
-            backend=config.backend,
-        )
+        else:
+            out = sparse_attention(
+                q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=plan.backend
+            )
         return out.transpose(1, 2)
+
+    def _text_padding_mask(self, attn_mask, layout: VideoLayout, batch: int) -> torch.Tensor | None:
+        """(B, text_len) bool, True for real text tokens, from the call's key-padding mask; None without one."""
+        if attn_mask is None:
+            return None
+        if self.plan.attention_mask != "key_padding":
+            raise NotImplementedError(
+                f"{self.site_name}: got an attention mask {tuple(attn_mask.shape)}, but this transformer's adapter "
+                "expects none (sparse attention supports plain self-attention here)"
+            )
+        seq_len = layout.seq_len
+        if (
+            attn_mask.dtype != torch.bool
+            or attn_mask.dim() != 4
+            or attn_mask.shape[0] not in (1, batch)
+            or attn_mask.shape[1] != 1
+            or attn_mask.shape[2] not in (1, seq_len)
+            or attn_mask.shape[3] != seq_len
+        ):
+            raise ValueError(
+                f"{self.site_name}: a key-padding attention mask must be bool (B or 1, 1, 1 or S, S) with B={batch}, "
+                f"S={seq_len}; got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+            )
+        if layout.text_len == 0:
+            return None
+        row = layout.video_slice.start if attn_mask.shape[2] == seq_len else 0  # a video query sees every valid key
+        return attn_mask[:, 0, row, layout.text_slice].expand(batch, -1).contiguous()  # (B, text_len)
 
 
 class AttentionHook(ModelHook):
     """Per self-attention module: intercepts its attention call while a hooked transformer forward runs."""
 
-    def __init__(self, site: AttentionSite):
+    def __init__(self, site: AttentionSite, session: SparseSession):
         super().__init__()
-        self.site_name, self.layer = site.name, site.layer
+        self.site_name, self.layer, self.session = site.name, site.layer, session
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        context = _ACTIVE.get()
-        if context is None:
+        plan = self.session.active
+        if plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        interceptor = _AttentionInterceptor(context, self.site_name, self.layer)
+        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer)
         with interceptor:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
@@ -202,12 +306,68 @@ class AttentionHook(ModelHook):
         return output
 
 
+# ---- torch.compile: the sparse call as one opaque op ------------------------------------------------------------
+def _remember_mask(mask: BlockMask) -> None:
+    """Let the custom op find `mask` (and the per-mask caches the kernels keep on it) from its index tensor."""
+    mask.kv_block_indices._dit_sparse_block_mask = weakref.ref(mask)
+
+
+def _block_mask_of(kv_block_indices, kv_block_counts, permutation, seq_len, q_block_size, kv_block_size) -> BlockMask:
+    ref = getattr(kv_block_indices, "_dit_sparse_block_mask", None)
+    mask = ref() if ref is not None else None
+    if (
+        mask is not None
+        and mask.kv_block_counts is kv_block_counts
+        and mask.permutation is permutation
+        and (mask.seq_len, mask.q_block_size, mask.kv_block_size) == (seq_len, q_block_size, kv_block_size)
+    ):
+        return mask
+    return BlockMask(kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation)
+
+
+@torch.library.custom_op("dit_sparse::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    permutation: torch.Tensor | None,
+    text_padding_mask: torch.Tensor | None,
+    seq_len: int,
+    q_block_size: int,
+    kv_block_size: int,
+    frames: int,
+    height: int,
+    width: int,
+    text_len: int,
+    text_position: str | None,
+    scale: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """`sparse_attention` with the BlockMask and VideoLayout spelled out as tensors and ints; (B, S, H, D) out,
+    contiguous. What compiled graphs call in place of the interceptor's eager `sparse_attention`."""
+    mask = _block_mask_of(kv_block_indices, kv_block_counts, permutation, seq_len, q_block_size, kv_block_size)
+    layout = VideoLayout(frames, height, width, text_len, text_position)
+    out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=backend)
+    return out.contiguous()
+
+
+@_sparse_attention_op.register_fake
+def _sparse_attention_fake(q, k, v, *args) -> torch.Tensor:
+    return q.new_empty(q.shape)  # (B, S, H, D), contiguous like the real output
+
+
+# ---- install / remove -------------------------------------------------------------------------------------------
 def install(transformer: torch.nn.Module, adapter: TransformerAdapter, session: SparseSession) -> None:
+    sites = adapter.attention_sites(transformer)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
-        TransformerHook(session, adapter), TRANSFORMER_HOOK
+        TransformerHook(session, adapter, [site.layer for site in sites]), TRANSFORMER_HOOK
     )
-    for site in adapter.attention_sites(transformer):
-        HookRegistry.check_if_exists_or_initialize(site.module).register_hook(AttentionHook(site), ATTENTION_HOOK)
+    for site in sites:
+        HookRegistry.check_if_exists_or_initialize(site.module).register_hook(
+            AttentionHook(site, session), ATTENTION_HOOK
+        )
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 

@@ -163,13 +163,7 @@ def _check_call(q, k, v, mask, extra_k, extra_v, extra_key_valid) -> None:
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask must be a dit_sparse.BlockMask, got {type(mask).__name__}")
     batch, seq_len, heads, _ = q.shape
-    if mask.seq_len != seq_len:
-        raise ValueError(f"mask was built for seq_len {mask.seq_len}, but q has S={seq_len}")
-    mask_batch, mask_heads = mask.kv_block_counts.shape[:2]
-    if mask_heads not in (1, heads):
-        raise ValueError(f"mask has {mask_heads} heads; q has {heads} (a mask needs 1 or {heads})")
-    if mask_batch not in (1, batch):
-        raise ValueError(f"mask has batch {mask_batch}; q has {batch} (a mask needs 1 or {batch})")
+    mask.check_fits(batch, heads, seq_len)
     if (extra_k is None) != (extra_v is None) or (extra_key_valid is not None and extra_k is None):
         raise ValueError("extra_k and extra_v go together, and extra_key_valid needs them")
     if extra_k is not None:

@@ -115,7 +115,7 @@ def test_bad_inputs_raise_with_the_values():
         sparse_attention(q, torch.randn(1, 60, 2, 16), q, mask)
     with pytest.raises(ValueError, match="dtype"):
         sparse_attention(q, q.double(), q, mask)
-    with pytest.raises(ValueError, match="built for 32 video tokens"):
+    with pytest.raises(ValueError, match="seq_len 32 video tokens, but this call has S=64"):
         sparse_attention(q, q, q, BlockMask.full(32, 16))
     with pytest.raises(ValueError, match="3 heads"):
         sparse_attention(q, q, q, BlockMask.from_block_dense(torch.ones(3, 4, 4, dtype=torch.bool), 64, 16))
