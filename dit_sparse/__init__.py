@@ -18,6 +18,7 @@ from dit_sparse.config import (
     make_config,
 )
 from dit_sparse.layout import VideoLayout
+from dit_sparse.plot import plot_mask
 
 __version__ = "0.1.0"
 

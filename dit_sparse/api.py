@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks
 from dit_sparse.config import MethodConfig, make_config
@@ -15,10 +16,12 @@ _NATIVE_BACKENDS = (None, "native", "_native_cudnn", "_native_efficient", "_nati
 
 
 def _transformers_of(obj: Any, *, require_adapter: bool) -> list[torch.nn.Module]:
-    """The transformer(s) of a pipeline, a transformer, or a list of them (Wan 2.2's two experts)."""
+    """The transformer(s) of a pipeline, a transformer, or a list of them (Wan 2.2's two experts); a transformer
+    wrapped by `torch.compile` stands for the module it wraps (the hooks go there, and dynamo's guards see them)."""
     if isinstance(obj, (list, tuple)):
         return [t for item in obj for t in _transformers_of(item, require_adapter=require_adapter)]
     if isinstance(obj, torch.nn.Module):
+        obj = unwrap_module(obj)
         if require_adapter and find_adapter(obj) is None:
             raise ValueError(
                 f"no dit-sparse adapter for transformer class {type(obj).__name__!r}; supported: {supported_classes()}"
@@ -26,7 +29,7 @@ def _transformers_of(obj: Any, *, require_adapter: bool) -> list[torch.nn.Module
         return [obj]
     components = getattr(obj, "components", None)
     if isinstance(components, dict):
-        modules = [m for m in components.values() if isinstance(m, torch.nn.Module)]
+        modules = [unwrap_module(m) for m in components.values() if isinstance(m, torch.nn.Module)]
         found = [m for m in modules if find_adapter(m) is not None]
         if not found and require_adapter:
             classes = sorted({type(m).__name__ for m in modules})
@@ -69,7 +72,7 @@ def sparsify(pipe: Any, method: str | MethodConfig = "radial", **options) -> Any
     """Route the self-attention of `pipe`'s transformer(s) through block-sparse attention; returns `pipe`.
 
     `pipe` is a diffusers pipeline, a transformer, or a list of transformers. `method` is a method name
-    (`"dense"`, `"radial"`, `"random"`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
+    (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
     `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`. A method name takes the model family's defaults for
     options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config object is used as given.
     Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
@@ -84,11 +87,13 @@ def sparsify(pipe: Any, method: str | MethodConfig = "radial", **options) -> Any
         _check_attention_backend(transformer, sites)
         plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
     unsparsify(pipe)
-    sessions: dict[MethodConfig, hooks.SparseSession] = {}  # transformers with one config share steps and masks
+    sessions: list[hooks.SparseSession] = []  # transformers with one config share steps, masks and statistics
     for transformer, adapter, config in plan:
-        if config not in sessions:
-            sessions[config] = hooks.SparseSession(config)
-        hooks.install(transformer, adapter, sessions[config])
+        session = next((s for s in sessions if s.config == config), None)
+        if session is None:
+            session = hooks.SparseSession(config)
+            sessions.append(session)
+        hooks.install(transformer, adapter, session)
     return pipe
 
 
@@ -102,7 +107,7 @@ def unsparsify(pipe: Any) -> Any:
 def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     """Method, mean kept fraction (`density`, dense calls count 1.0) and number of self-attention calls so far.
 
-    Counts one call per self-attention module per transformer forward, over every transformer of `pipe`, and
+    Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
     accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them).
     """
     sessions = []

@@ -13,6 +13,70 @@ def _is_power_of_two(n: int) -> bool:
 
 
 @dataclass(frozen=True, eq=False)
+class TokenBoxes:
+    """Token-level masking inside kept blocks: each query's allowed keys form a box on a lattice.
+
+    Query row r may attend to key j when, on every axis a,
+    `query_lo[r, a] <= key_coords[j, a] < query_hi[r, a]` and `(key_coords[j, a] - query_lo[r, a]) % step[a] == 0`.
+    This is exactly a (dilated, strided, border-clamped) neighborhood window of NATTEN, in any number of axes.
+
+    - `query_lo`, `query_hi` (seq_len, A) int32: each query token's box, `query_hi` exclusive.
+    - `key_coords` (seq_len, A) int32: each key token's coordinates (e.g. frame, row, column).
+    - `step`: A ints >= 1, the lattice step per axis (NATTEN's dilation); 1 means every coordinate in the box.
+
+    Rows of all three tensors are in the mask's blocked order (row r is token `permutation[r]`, or r without a
+    permutation), which is the order kernels read them in. Shared by every batch entry and head. 1 <= A <= 3.
+    """
+
+    query_lo: torch.Tensor
+    query_hi: torch.Tensor
+    key_coords: torch.Tensor
+    step: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "step", tuple(self.step))
+        lo, hi, coords = self.query_lo, self.query_hi, self.key_coords
+        for name, x in (("query_lo", lo), ("query_hi", hi), ("key_coords", coords)):
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or x.dim() != 2:
+                raise ValueError(f"TokenBoxes.{name} must be an int32 (seq_len, axes) tensor, got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if not (lo.shape == hi.shape == coords.shape):
+            raise ValueError(f"TokenBoxes tensors must share one shape, got {tuple(lo.shape)}, {tuple(hi.shape)}, "
+                             f"{tuple(coords.shape)}")
+        if not 1 <= lo.shape[1] <= 3:
+            raise ValueError(f"TokenBoxes supports 1 to 3 axes, got {lo.shape[1]}")
+        if len(self.step) != lo.shape[1] or any(not isinstance(s, int) or isinstance(s, bool) or s < 1
+                                                for s in self.step):
+            raise ValueError(f"TokenBoxes.step must be {lo.shape[1]} ints >= 1, got {self.step!r}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.query_lo.shape[0]
+
+    @property
+    def axes(self) -> int:
+        return self.query_lo.shape[1]
+
+    def allows(self, rows: torch.Tensor | slice = slice(None), cols: torch.Tensor | slice = slice(None)):
+        """Bool (len(rows), len(cols)) (or broadcast over leading dims of `cols`): the box rule for those query rows
+        and key columns, both in the blocked order."""
+        lo, hi = self.query_lo[rows], self.query_hi[rows]  # (r, A)
+        coords = self.key_coords[cols]  # (..., c, A)
+        allowed = None
+        for axis, step in enumerate(self.step):
+            c = coords[..., None, :, axis]  # (..., 1, c)
+            low = lo[:, axis, None]  # (r, 1)
+            ok = (c >= low) & (c < hi[:, axis, None])
+            if step > 1:
+                ok &= (c - low) % step == 0
+            allowed = ok if allowed is None else allowed & ok
+        return allowed
+
+    def to(self, device) -> "TokenBoxes":
+        return TokenBoxes(self.query_lo.to(device), self.query_hi.to(device), self.key_coords.to(device), self.step)
+
+
+@dataclass(frozen=True, eq=False)
 class BlockMask:
     """Kept key blocks per (batch or 1, head or 1, query block) over the video tokens of one attention call.
 
@@ -24,9 +88,12 @@ class BlockMask:
       multiple (the ragged tail).
     - `permutation` (seq_len,) int64 or None: the token order the blocks are cut in (`x_blocked = x[:, perm]`),
       e.g. `VideoLayout.tile_permutation`; None means the natural order.
+    - `kv_block_partial` (Bm, Hm, n_q_blocks, max_kept) bool or None, with `token_boxes` (`TokenBoxes`): optional
+      masking inside blocks. A kept block flagged partial keeps only the token pairs `token_boxes` allows; one not
+      flagged keeps every pair (kernels skip the masking there). None (the default): every kept block is whole.
 
     Bm and Hm are 1 when the mask is shared over the batch or the heads. A query block with no kept key block gets a
-    zero output.
+    zero output, and so does a query row that no kept key allows.
     """
 
     kv_block_indices: torch.Tensor
@@ -35,6 +102,8 @@ class BlockMask:
     q_block_size: int = 128
     kv_block_size: int = 128
     permutation: torch.Tensor | None = None
+    kv_block_partial: torch.Tensor | None = None
+    token_boxes: TokenBoxes | None = None
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -61,6 +130,15 @@ class BlockMask:
             raise ValueError(
                 f"BlockMask.permutation must have shape ({self.seq_len},), got {tuple(self.permutation.shape)}"
             )
+        partial, boxes = self.kv_block_partial, self.token_boxes
+        if (partial is None) != (boxes is None):
+            raise ValueError("BlockMask.kv_block_partial and BlockMask.token_boxes go together (both or neither)")
+        if partial is not None:
+            if partial.dtype != torch.bool or partial.shape != idx.shape:
+                raise ValueError(f"BlockMask.kv_block_partial must be bool {tuple(idx.shape)} like kv_block_indices, "
+                                 f"got {partial.dtype} {tuple(partial.shape)}")
+            if not isinstance(boxes, TokenBoxes) or boxes.seq_len != self.seq_len:
+                raise ValueError(f"BlockMask.token_boxes must be TokenBoxes over {self.seq_len} tokens, got {boxes!r}")
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -83,8 +161,16 @@ class BlockMask:
         return self.kv_block_indices.device
 
     @property
+    def has_token_boxes(self) -> bool:
+        """Whether some kept blocks are masked inside (`kv_block_partial`, `token_boxes`)."""
+        return self.token_boxes is not None
+
+    @property
     def density(self) -> float:
-        """Fraction of (query, key) token pairs kept, counting the short tail blocks at their true size."""
+        """Fraction of (query, key) token pairs kept, counting the short tail blocks at their true size.
+
+        With in-block masking, partial blocks count whole: this is the fraction of pairs the kernel visits (its work);
+        the allowed fraction, `to_dense().double().mean()`, is smaller."""
         q_sizes = _block_sizes(self.seq_len, self.q_block_size, self.device)
         k_sizes = _block_sizes(self.seq_len, self.kv_block_size, self.device)
         pairs = (self.to_block_dense().double() * q_sizes[:, None] * k_sizes[None, :]).sum(dim=(-1, -2))
@@ -110,12 +196,26 @@ class BlockMask:
         dense.scatter_(-1, torch.where(valid, idx, self.n_kv_blocks), True)
         return dense[..., : self.n_kv_blocks]
 
+    def to_block_partial(self) -> torch.Tensor:
+        """Bool (Bm, Hm, n_q_blocks, n_kv_blocks): True where a kept block is masked inside (all False without
+        in-block masking)."""
+        if self.kv_block_partial is None:
+            return torch.zeros(*self.kv_block_counts.shape, self.n_kv_blocks, dtype=torch.bool, device=self.device)
+        idx, cnt = self.kv_block_indices.long(), self.kv_block_counts
+        flagged = (torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None]) & self.kv_block_partial
+        dense = torch.zeros(*idx.shape[:3], self.n_kv_blocks + 1, dtype=torch.bool, device=idx.device)
+        dense.scatter_(-1, torch.where(flagged, idx, self.n_kv_blocks), True)
+        return dense[..., : self.n_kv_blocks]
+
     def to_dense(self) -> torch.Tensor:
         """Bool (Bm, Hm, seq_len, seq_len) in the natural token order: True where query i may attend to key j."""
         block = self.to_block_dense()
         q_of = torch.arange(self.seq_len, device=self.device) // self.q_block_size
         k_of = torch.arange(self.seq_len, device=self.device) // self.kv_block_size
         dense = block[..., q_of, :][..., k_of]
+        if self.token_boxes is not None:
+            partial = self.to_block_partial()[..., q_of, :][..., k_of]
+            dense = dense & (~partial | self.token_boxes.to(self.device).allows())
         if self.permutation is not None:
             inverse = torch.argsort(self.permutation.to(self.device))
             dense = dense[..., inverse, :][..., inverse]
@@ -129,8 +229,11 @@ class BlockMask:
         q_block_size: int = 128,
         kv_block_size: int | None = None,
         permutation: torch.Tensor | None = None,
+        block_partial: torch.Tensor | None = None,
+        token_boxes: TokenBoxes | None = None,
     ) -> "BlockMask":
-        """Build from a bool (n_q, n_k), (H, n_q, n_k) or (B, H, n_q, n_k) block map."""
+        """Build from a bool (n_q, n_k), (H, n_q, n_k) or (B, H, n_q, n_k) block map; `block_partial`, a bool map of
+        the same shape, flags the kept blocks `token_boxes` masks inside."""
         kv_block_size = q_block_size if kv_block_size is None else kv_block_size
         if block_dense.dtype != torch.bool:
             raise ValueError(f"block_dense must be a bool tensor, got {block_dense.dtype}")
@@ -150,7 +253,17 @@ class BlockMask:
         order = torch.sort(block_dense.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :max_kept]
         kept = torch.arange(max_kept, device=block_dense.device) < counts[..., None]
         indices = torch.where(kept, order, 0).to(torch.int32)
-        return cls(indices.contiguous(), counts.contiguous(), seq_len, q_block_size, kv_block_size, permutation)
+        partial = None
+        if block_partial is not None:
+            if block_partial.dtype != torch.bool or block_partial.shape[-2:] != block_dense.shape[-2:]:
+                raise ValueError(f"block_partial must be a bool map like block_dense {tuple(block_dense.shape)}, "
+                                 f"got {block_partial.dtype} {tuple(block_partial.shape)}")
+            while block_partial.dim() < 4:
+                block_partial = block_partial.unsqueeze(0)
+            block_partial = block_partial.expand_as(block_dense)
+            partial = (block_partial.gather(-1, order) & kept).contiguous()
+        return cls(indices.contiguous(), counts.contiguous(), seq_len, q_block_size, kv_block_size, permutation,
+                   partial, token_boxes)
 
     @classmethod
     def full(
@@ -168,6 +281,8 @@ class BlockMask:
         if self.device == device:
             return self
         perm = None if self.permutation is None else self.permutation.to(device)
+        partial = None if self.kv_block_partial is None else self.kv_block_partial.to(device)
+        boxes = None if self.token_boxes is None else self.token_boxes.to(device)
         return BlockMask(
             self.kv_block_indices.to(device),
             self.kv_block_counts.to(device),
@@ -175,13 +290,17 @@ class BlockMask:
             self.q_block_size,
             self.kv_block_size,
             perm,
+            partial,
+            boxes,
         )
 
     def __repr__(self) -> str:
         bm, hm, n_q, max_kept = self.kv_block_indices.shape
         return (
             f"BlockMask(seq_len={self.seq_len}, block_size={self.block_size}, batch={bm}, heads={hm}, "
-            f"n_q_blocks={n_q}, max_kept={max_kept}, permuted={self.permutation is not None})"
+            f"n_q_blocks={n_q}, max_kept={max_kept}, permuted={self.permutation is not None}"
+            + (f", token_boxes={self.token_boxes.axes} axes" if self.token_boxes is not None else "")
+            + ")"
         )
 
 

@@ -105,7 +105,57 @@ class RandomBlocksConfig(MethodConfig):
         _check_int(owner, "seed", self.seed, 0)
 
 
-CONFIGS: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (DenseConfig, RadialConfig, RandomBlocksConfig)}
+def _check_triple(owner: str, name: str, value) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value)
+    ):
+        raise ValueError(f"{owner}.{name} must be three positive ints (frames, rows, columns), got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class NeighborhoodConfig(MethodConfig):
+    """Neighborhood attention (NATTEN / GNA, Hassani et al., 2025) and Sliding Tile Attention (STA, Zhang et al.,
+    2025): each token attends to a 3D window of tokens around it (`dit_sparse.patterns.neighborhood`).
+
+    - `window`, `stride`, `dilation`: (frames, rows, columns) in tokens, as NATTEN defines them (window clamped at
+      the borders so every query sees a full window; stride <= window).
+    - `tile`: the 3D tile one kernel block holds, prod(tile) a power of two >= 16 ((1, 8, 16) = 128).
+    - `exact`: False (default): STA, whole tiles (window rounded up to whole tiles), every backend, fastest; stride and
+      dilation must be 1. True: the exact token-level window, partial blocks masked inside (Triton, reference).
+    """
+
+    method: ClassVar[str] = "neighborhood"
+    window: tuple[int, int, int] = (7, 24, 48)
+    stride: tuple[int, int, int] = (1, 1, 1)
+    dilation: tuple[int, int, int] = (1, 1, 1)
+    tile: tuple[int, int, int] = (1, 8, 16)
+    exact: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        for name in ("window", "stride", "dilation", "tile"):
+            object.__setattr__(self, name, _check_triple(owner, name, getattr(self, name)))
+        tokens = self.tile[0] * self.tile[1] * self.tile[2]
+        if tokens < 16 or tokens & (tokens - 1):
+            raise ValueError(f"{owner}.tile {self.tile} holds {tokens} tokens; it must hold a power of two >= 16")
+        if any(s > k for s, k in zip(self.stride, self.window)):
+            raise ValueError(f"{owner}.stride {self.stride} must not exceed window {self.window} on any axis")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"{owner}.exact must be a bool, got {self.exact!r}")
+        if not self.exact and (self.stride != (1, 1, 1) or self.dilation != (1, 1, 1)):
+            raise ValueError(
+                f"{owner}: stride {self.stride} and dilation {self.dilation} need exact=True; the tile-aligned "
+                "variant (exact=False) shares one window per tile and takes stride and dilation (1, 1, 1)"
+            )
+
+
+CONFIGS: dict[str, type[MethodConfig]] = {
+    cls.method: cls for cls in (DenseConfig, RadialConfig, RandomBlocksConfig, NeighborhoodConfig)
+}
 
 
 def make_config(method_or_config: str | MethodConfig, **overrides) -> MethodConfig:

@@ -62,7 +62,7 @@ class ForwardPlan:
     def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
         """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
         video = self.layout
-        text_len = seq_len - video.video_len
+        text_len = int(seq_len) - video.video_len  # int(): a compiled graph specializes on it, as the mask does
         if text_len < 0 or (text_len > 0 and self.text_position is None):
             raise RuntimeError(
                 f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
@@ -217,7 +217,8 @@ class _AttentionInterceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in _SDPA_FUNCTIONS:
             name = getattr(func, "__name__", None)
-            if name is not None and args and isinstance(args[0], torch.Tensor) and getattr(torch.Tensor, name, None) is func:
+            is_method = name is not None and getattr(torch.Tensor, name, None) is func
+            if is_method and args and isinstance(args[0], torch.Tensor):
                 # A Tensor method called as a method: dynamo traces it as one, where it cannot inline the Python
                 # bodies of some (`Tensor.unflatten` calls `super()`). The same call in eager mode.
                 return getattr(args[0], name)(*args[1:], **kwargs)
@@ -325,7 +326,13 @@ def _block_mask_of(kv_block_indices, kv_block_counts, permutation, seq_len, q_bl
     return BlockMask(kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation)
 
 
-@torch.library.custom_op("dit_sparse::sparse_attention", mutates_args=())
+@torch.library.custom_op(
+    "dit_sparse::sparse_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, Tensor? permutation, "
+    "Tensor? text_padding_mask, int seq_len, int q_block_size, int kv_block_size, int frames, int height, int width, "
+    "int text_len, str? text_position, float? scale, str backend) -> Tensor",
+)
 def _sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -3,9 +3,10 @@
 Backends, fastest first (what `backend="auto"` tries):
 
 - `"fa4"`: FlashAttention-4 block-sparse (`flash-attn-4`, the `dit-sparse[fa4]` extra), CUDA capability 9.x/10.x,
-  fp16/bf16, head_dim 64/96/128, block sizes FA4's tiles accept (`fa4.block_constraints_error`).
+  fp16/bf16, head_dim 64/96/128, block sizes FA4's tiles accept (`fa4.block_constraints_error`), whole blocks only
+  (no `token_boxes` in-block masking).
 - `"triton"`: our Triton kernel (`triton_block_sparse.py`): any CUDA GPU Triton runs on, fp16/bf16/fp32, head_dim
-  16/32/64/128; on CPU only under `TRITON_INTERPRET=1` (tests).
+  16/32/64/128, in-block masking included; on CPU only under `TRITON_INTERPRET=1` (tests).
 - `"reference"`: plain PyTorch, any device, any head_dim: the oracle.
 
 `auto` takes the first backend that can run the call (device, dtype, head_dim, block sizes); the environment variable
@@ -79,6 +80,9 @@ def unavailable_reason(
             return f"the triton backend needs block sizes >= 16, got {mask.block_size}"
         return None
     if backend == "fa4":
+        if mask is not None and mask.token_boxes is not None:
+            return ("the fa4 backend runs whole blocks only, and this mask masks tokens inside blocks (token_boxes, "
+                    "e.g. an exact neighborhood window): use triton or reference")
         if device.type != "cuda" or not torch.cuda.is_available():
             return f"the fa4 backend needs a CUDA GPU of capability 9.x or 10.x, got device {device}"
         capability = torch.cuda.get_device_capability(device)

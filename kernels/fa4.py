@@ -39,6 +39,8 @@ class FA4BlockSparse(NamedTuple):
 
 def to_fa4_block_sparse(mask: BlockMask) -> FA4BlockSparse:
     """Convert `mask` to FA4's block lists: every kept block as a full block (no mask_mod), pure torch."""
+    if mask.token_boxes is not None:
+        raise ValueError("FA4 takes whole blocks only; this mask masks tokens inside blocks (token_boxes)")
     counts = mask.kv_block_counts.contiguous()
     zeros = torch.zeros_like(counts)
     return FA4BlockSparse(

@@ -18,7 +18,7 @@ def block_sparse_attention(
 
     q, k, v: (B, S, H, D), S == mask.seq_len, already checked by the caller. Returns the output (B, S, H, D) in q's
     dtype and the log-sum-exp of the scaled scores (B, H, S) in fp32, -inf for rows with no kept key (their output
-    is zero).
+    is zero). Kept blocks flagged in `mask.kv_block_partial` keep only the pairs `mask.token_boxes` allows.
     """
     batch, seq_len, heads, _ = q.shape
     if mask.permutation is not None:
@@ -30,6 +30,9 @@ def block_sparse_attention(
     qbs, kbs = mask.q_block_size, mask.kv_block_size
     max_kept = indices.shape[-1]
     slot_offsets = torch.arange(kbs, device=q.device)
+    boxes = mask.token_boxes.to(q.device) if mask.token_boxes is not None else None
+    if boxes is not None:
+        partial = mask.kv_block_partial.to(q.device).expand(batch, heads, -1, -1)  # (B, H, n_q, max_kept)
 
     out = torch.empty(batch, heads, seq_len, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
@@ -42,7 +45,13 @@ def block_sparse_attention(
         k_kept = kh.gather(2, tokens[..., None].expand(-1, -1, -1, kh.shape[-1])).float()
         v_kept = vh.gather(2, tokens[..., None].expand(-1, -1, -1, vh.shape[-1])).float()
         scores = torch.matmul(qh[:, :, rows].float(), k_kept.transpose(-1, -2)) * scale  # (B, H, rows, keys)
-        scores = scores.masked_fill(~key_valid[:, :, None, :], float("-inf"))
+        allowed = key_valid[:, :, None, :]  # (B, H, 1 or rows, keys)
+        if boxes is not None:
+            # Partial blocks keep only the pairs the boxes allow; whole blocks keep every pair.
+            slot_partial = partial[:, :, block].repeat_interleave(kbs, dim=-1)  # (B, H, keys)
+            in_box = boxes.allows(torch.arange(rows.start, rows.stop, device=q.device), tokens)  # (B, H, rows, keys)
+            allowed = allowed & (~slot_partial[:, :, None, :] | in_box)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (B, H, rows)
         weights = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
         out[:, :, rows] = torch.matmul(weights, v_kept).to(q.dtype)

@@ -6,7 +6,10 @@ online softmax (exp2, scale folded in, fp32 accumulation) over, in order:
 1. an optional starting state `(O0, LSE0)`: the output and log-sum-exp of an earlier pass over other keys (FA4's
    block-sparse output), so that a second pass continues it exactly instead of being merged afterwards;
 2. the kept key blocks of a `BlockMask` (`HAS_SPARSE`): only the blocks in `kv_block_indices[.., :count]`, the short
-   tail block (S not a multiple of the block) masked by position, everything else unmasked;
+   tail block (S not a multiple of the block) masked by position, everything else unmasked. With in-block masking
+   (`HAS_BOXES`: the mask's `kv_block_partial` and `token_boxes`) each row's kept blocks come in two runs, prepared
+   once per mask on the host: the whole blocks first, unmasked exactly as above, then the partial ones (and the tail
+   block), masked per (query, key) pair by the query's box and the key's coordinates;
 3. an optional dense run of extra keys `KX, VX` (`HAS_EXTRA`) with an optional per-batch validity mask: the joint text
    keys with their padding, or, with no sparse part, every key of the sequence (text queries). The extra keys can be
    split over a third grid axis (split-K) when there are few query rows, merged afterwards by log-sum-exp.
@@ -36,11 +39,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: m, l and acc updated in the log2 domain."""
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pair_ok, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: m, l and acc updated in the log2 domain. `pair_ok` (1 or BLOCK_M, BLOCK_N)
+    bool: the pairs kept when MASKED."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     if MASKED:
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        qk = tl.where(pair_ok, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:
         # A row that has seen only masked keys keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
@@ -53,6 +57,27 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _axis_ok(lo, hi, coord, step, HAS_STEP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): key coordinate in each query's [lo, hi) on the step lattice from lo, on one axis."""
+    ok = (coord[None, :] >= lo[:, None]) & (coord[None, :] < hi[:, None])
+    if HAS_STEP:
+        ok = ok & ((coord[None, :] - lo[:, None]) % step == 0)
+    return ok
+
+
+@triton.jit
+def _in_boxes(K_COORD, cols, col_ok, lo_0, hi_0, lo_1, hi_1, lo_2, hi_2, step_0, step_1, step_2,
+              AXES: tl.constexpr, HAS_STEP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): the pairs the query boxes allow; `cols` are key positions in the blocked order."""
+    ok = _axis_ok(lo_0, hi_0, tl.load(K_COORD + cols * AXES, mask=col_ok, other=0), step_0, HAS_STEP)
+    if AXES > 1:
+        ok = ok & _axis_ok(lo_1, hi_1, tl.load(K_COORD + cols * AXES + 1, mask=col_ok, other=0), step_1, HAS_STEP)
+    if AXES > 2:
+        ok = ok & _axis_ok(lo_2, hi_2, tl.load(K_COORD + cols * AXES + 2, mask=col_ok, other=0), step_2, HAS_STEP)
+    return ok
 
 
 @triton.jit
@@ -74,6 +99,9 @@ def _block_sparse_fwd(
     KV_IDX, KV_CNT,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
+    FULL_CNT, PARTIAL, Q_LO, Q_HI, K_COORD,
+    stride_pb, stride_ph, stride_pq, stride_pk,
+    step_0, step_1, step_2,
     PERM,
     O0, LSE0,
     stride_0b, stride_0s, stride_0h, stride_0d,
@@ -90,6 +118,9 @@ def _block_sparse_fwd(
     BLOCK_N: tl.constexpr,
     HAS_SPARSE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HAS_BOXES: tl.constexpr,
+    AXES: tl.constexpr,
+    HAS_STEP: tl.constexpr,
     PERMUTED: tl.constexpr,
     HAS_INIT: tl.constexpr,
     HAS_EXTRA: tl.constexpr,
@@ -131,7 +162,10 @@ def _block_sparse_fwd(
         count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + q_block * stride_cq)
         idx_base = KV_IDX + b * stride_ib + h * stride_ih + q_block * stride_iq
         n_unmasked = count
-        if not EVEN_K:
+        if HAS_BOXES:
+            # Whole blocks first, then the masked run (partial blocks and the tail block); see `_box_lists`.
+            n_unmasked = tl.load(FULL_CNT + b * stride_cb + h * stride_ch + q_block * stride_cq)
+        elif not EVEN_K:
             # Indices ascend, so the short tail block, when kept, is the last one.
             last = tl.load(idx_base + tl.maximum(count - 1, 0) * stride_ik)
             tail_kept = (count > 0) & (last == (seq_q - 1) // KV_BLOCK)
@@ -145,7 +179,34 @@ def _block_sparse_fwd(
                 k = _load_rows(k_base, cols, cols, stride_ks, stride_kd, offs_d, False)
                 v = _load_rows(v_base, cols, cols, stride_vs, stride_vd, offs_d, False)
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, cols, False, DOT_PRECISION)
-        if not EVEN_K:
+        if HAS_BOXES:
+            # Each query's box, loaded once: (BLOCK_M,) per axis, unused axes repeat axis 0.
+            lo_0 = tl.load(Q_LO + offs_m * AXES, mask=row_ok, other=0)
+            hi_0 = tl.load(Q_HI + offs_m * AXES, mask=row_ok, other=0)
+            lo_1, hi_1, lo_2, hi_2 = lo_0, hi_0, lo_0, hi_0
+            if AXES > 1:
+                lo_1 = tl.load(Q_LO + offs_m * AXES + 1, mask=row_ok, other=0)
+                hi_1 = tl.load(Q_HI + offs_m * AXES + 1, mask=row_ok, other=0)
+            if AXES > 2:
+                lo_2 = tl.load(Q_LO + offs_m * AXES + 2, mask=row_ok, other=0)
+                hi_2 = tl.load(Q_HI + offs_m * AXES + 2, mask=row_ok, other=0)
+            part_base = PARTIAL + b * stride_pb + h * stride_ph + q_block * stride_pq
+            for i in range(n_unmasked, count):
+                kv_start = tl.load(idx_base + i * stride_ik) * KV_BLOCK
+                whole = tl.load(part_base + i * stride_pk) == 0  # the tail block, kept whole
+                for sub in tl.static_range(KV_BLOCK // BLOCK_N):
+                    blocked = kv_start + sub * BLOCK_N + offs_n
+                    col_ok = blocked < seq_q
+                    cols = blocked
+                    if PERMUTED:
+                        cols = tl.load(PERM + blocked, mask=col_ok, other=0)
+                    k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
+                    v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
+                    in_box = _in_boxes(K_COORD, blocked, col_ok, lo_0, hi_0, lo_1, hi_1, lo_2, hi_2,
+                                       step_0, step_1, step_2, AXES, HAS_STEP)
+                    pair_ok = col_ok[None, :] & (in_box | whole)
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pair_ok, True, DOT_PRECISION)
+        elif not EVEN_K:
             if n_unmasked < count:
                 kv_start = tl.load(idx_base + n_unmasked * stride_ik) * KV_BLOCK
                 for sub in tl.static_range(KV_BLOCK // BLOCK_N):
@@ -155,7 +216,8 @@ def _block_sparse_fwd(
                         cols = tl.load(PERM + cols, mask=col_ok, other=0)
                     k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
                     v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, DOT_PRECISION)
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True,
+                                                  DOT_PRECISION)
 
     if HAS_EXTRA:
         kx_base = KX + b * stride_kxb + h * stride_kxh
@@ -170,7 +232,7 @@ def _block_sparse_fwd(
             if HAS_X_VALID:
                 valid = tl.load(X_VALID + b * stride_mb + cols * stride_ms, mask=col_ok, other=0)
                 col_ok = col_ok & (valid != 0)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, DOT_PRECISION)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True, DOT_PRECISION)
 
     # Epilogue: rows that saw no key keep l = 0 (or l = 1 with m = -inf after a start state): zeros, lse = -inf.
     empty = l_i == 0.0
@@ -384,22 +446,63 @@ def _output_args(out, lse, split_dims: bool) -> dict:
     )
 
 
+def _no_box_args(q) -> dict:
+    return dict(FULL_CNT=q, PARTIAL=q, Q_LO=q, Q_HI=q, K_COORD=q, stride_pb=0, stride_ph=0, stride_pq=0, stride_pk=0,
+                step_0=1, step_1=1, step_2=1, HAS_BOXES=False, AXES=1, HAS_STEP=False)
+
+
 def _no_sparse_args(q) -> dict:
     return dict(
         KV_IDX=q, KV_CNT=q,
         stride_ib=0, stride_ih=0, stride_iq=0, stride_ik=0, stride_cb=0, stride_ch=0, stride_cq=0,
-        Q_BLOCK=128, KV_BLOCK=128, HAS_SPARSE=False, EVEN_K=True,
+        Q_BLOCK=128, KV_BLOCK=128, HAS_SPARSE=False, EVEN_K=True, **_no_box_args(q),
     )
+
+
+def _box_lists(mask: BlockMask) -> tuple:
+    """For a mask with in-block masking: each row's kept blocks reordered into whole blocks then masked ones (partial
+    blocks and the short tail block), the count of whole ones, the partial flags in the new order (int8), and the
+    boxes as contiguous int32. Computed once per mask and kept with it."""
+    cached = mask.__dict__.get("_dit_sparse_box_lists")
+    if cached is None:
+        idx, cnt = mask.kv_block_indices, mask.kv_block_counts
+        slots = torch.arange(idx.shape[-1], device=idx.device)
+        valid = slots < cnt[..., None]
+        masked = mask.kv_block_partial.clone()
+        if mask.seq_len % mask.kv_block_size:
+            masked |= idx == mask.n_kv_blocks - 1
+        # A stable sort on (invalid, masked) keeps each run ascending.
+        order = torch.sort((~valid).to(torch.int8) * 2 + masked.to(torch.int8), dim=-1, stable=True).indices
+        boxes = mask.token_boxes
+        cached = (
+            idx.gather(-1, order).contiguous(),
+            (valid & ~masked).sum(-1, dtype=torch.int32).contiguous(),
+            mask.kv_block_partial.gather(-1, order).to(torch.int8).contiguous(),
+            boxes.query_lo.contiguous(), boxes.query_hi.contiguous(), boxes.key_coords.contiguous(),
+        )
+        object.__setattr__(mask, "_dit_sparse_box_lists", cached)
+    return cached
 
 
 def _sparse_args(mask: BlockMask, seq_len: int) -> dict:
     idx, cnt = mask.kv_block_indices, mask.kv_block_counts
+    boxes = dict(**_no_box_args(idx))
+    if mask.token_boxes is not None:
+        idx, full_cnt, partial, lo, hi, coords = _box_lists(mask)
+        cnt = cnt.contiguous()  # FULL_CNT is read with the counts' strides
+        steps = tuple(mask.token_boxes.step) + (1,) * (3 - mask.token_boxes.axes)
+        boxes = dict(
+            FULL_CNT=full_cnt, PARTIAL=partial, Q_LO=lo, Q_HI=hi, K_COORD=coords,
+            **dict(zip(("stride_pb", "stride_ph", "stride_pq", "stride_pk"), _broadcast_strides(partial))),
+            step_0=steps[0], step_1=steps[1], step_2=steps[2],
+            HAS_BOXES=True, AXES=mask.token_boxes.axes, HAS_STEP=any(step > 1 for step in steps),
+        )
     return dict(
         KV_IDX=idx, KV_CNT=cnt,
         **dict(zip(("stride_ib", "stride_ih", "stride_iq", "stride_ik"), _broadcast_strides(idx))),
         **dict(zip(("stride_cb", "stride_ch", "stride_cq"), _broadcast_strides(cnt))),
         Q_BLOCK=mask.q_block_size, KV_BLOCK=mask.kv_block_size, HAS_SPARSE=True,
-        EVEN_K=seq_len % mask.kv_block_size == 0,
+        EVEN_K=seq_len % mask.kv_block_size == 0, **boxes,
     )
 
 
@@ -470,6 +573,8 @@ def block_sparse_attention(
     )
     key = ("sparse", head_dim, q.dtype, mask.q_block_size, mask.kv_block_size, args["EVEN_K"], perm is not None,
            extra_k is not None, extra_key_valid is not None)
+    if args["HAS_BOXES"]:
+        key += ("boxes", args["AXES"], args["HAS_STEP"])
     configs = _candidate_configs(mask.q_block_size, mask.kv_block_size, head_dim, q.device)
     _run(key, configs, args, seq_len, batch * heads, 1, tune=True)
     return out, lse

@@ -16,14 +16,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from dit_sparse.layout import VideoLayout
+from dit_sparse.layout import TEXT_POSITIONS, VideoLayout
 
 #: How a family passes the joint text's padding to its attention call.
 #: - None: no mask at all (a mask seen in an attention call is an error).
 #: - "key_padding": a bool mask (B or 1, 1, 1 or S, S), True where a key may be attended; every video key is True,
 #:   so the mask is the text's key padding. A (B, 1, S, S) mask is an outer product of one validity vector (its
-#:   video rows are that vector); its padded text rows are all False, where SDPA gives zeros and dit-sparse the
-#:   attention over the valid keys (rows no valid token ever reads).
+#:   video rows are that vector); its padded text rows are all False, where SDPA gives zeros (or, on some backends,
+#:   NaN) and dit-sparse the attention over the valid keys: rows no valid token ever reads.
 ATTENTION_MASKS = (None, "key_padding")
 
 
@@ -64,8 +64,8 @@ class TransformerAdapter:
     unsupported_methods: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.text_position not in (None, "prefix", "suffix"):
-            raise ValueError(f"text_position must be None, 'prefix' or 'suffix', got {self.text_position!r}")
+        if self.text_position not in TEXT_POSITIONS:
+            raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
         if self.attention_mask not in ATTENTION_MASKS:
             raise ValueError(f"attention_mask must be one of {ATTENTION_MASKS}, got {self.attention_mask!r}")
         object.__setattr__(self, "default_options", MappingProxyType(dict(self.default_options)))
@@ -88,7 +88,8 @@ def _sites(*block_lists: tuple[str, str]) -> Callable[[torch.nn.Module], list[At
         sites: list[AttentionSite] = []
         for blocks_name, attention_name in block_lists:
             for i, block in enumerate(getattr(transformer, blocks_name)):
-                sites.append(AttentionSite(f"{blocks_name}.{i}.{attention_name}", getattr(block, attention_name), len(sites)))
+                name = f"{blocks_name}.{i}.{attention_name}"
+                sites.append(AttentionSite(name, getattr(block, attention_name), len(sites)))
         return sites
 
     return attention_sites

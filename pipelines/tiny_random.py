@@ -8,6 +8,8 @@ and time the machinery, never to judge quality. A trained tiny model will replac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -33,9 +35,16 @@ VOCABULARY = tuple(
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over `VOCABULARY` that appends `</s>` like T5's."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + VOCABULARY)}
+def build_tiny_tokenizer(vocabulary: Sequence[str] = VOCABULARY) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over `vocabulary` that appends `</s>` like T5's.
+
+    Ids: `SPECIAL_TOKENS` first (0, 1, 2), then the words in order, so a vocabulary that extends `VOCABULARY` at
+    its end keeps every id of this one (the trained tiny model's tokenizer does, see `shapes_dataset.VOCABULARY`).
+    """
+    words = tuple(vocabulary)
+    if len(set(words)) != len(words) or set(words) & set(SPECIAL_TOKENS):
+        raise ValueError(f"vocabulary must be distinct words without {SPECIAL_TOKENS}, got {len(words)} entries")
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])

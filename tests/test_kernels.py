@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse import kernels
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, TokenBoxes
 from dit_sparse.kernels import fa4, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,35 @@ def test_reference_kernel_matches_dense_attention_and_its_lse(
     torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
     torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), expected_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len, q_block, kv_block, axes, mask_shape, permute",
+                         [(100, 16, 16, 3, (1, 1), False), (90, 32, 16, 2, (2, 2), True), (130, 16, 32, 1, (1, 2), True)])
+def test_reference_honours_token_boxes_inside_partial_blocks(seq_len, q_block, kv_block, axes, mask_shape, permute):
+    g = torch.Generator().manual_seed(seq_len)
+    lo = torch.randint(-1, 4, (seq_len, axes), generator=g).int()
+    boxes = TokenBoxes(lo, lo + torch.randint(0, 5, (seq_len, axes), generator=g).int(),
+                       torch.randint(0, 6, (seq_len, axes), generator=g).int(), (2,) + (1,) * (axes - 1))
+    block_dense = torch.rand(*mask_shape, math.ceil(seq_len / q_block), math.ceil(seq_len / kv_block),
+                             generator=g) < 0.6
+    partial = torch.rand(block_dense.shape, generator=g) < 0.5
+    perm = torch.randperm(seq_len, generator=g) if permute else None
+    mask = BlockMask.from_block_dense(block_dense, seq_len, q_block, kv_block, permutation=perm,
+                                      block_partial=partial, token_boxes=boxes)
+    # to_dense: a whole kept block keeps every pair, a partial one the pairs its boxes allow (blocked order)
+    blocked = mask.to_dense()
+    if permute:
+        blocked = blocked[..., perm, :][..., perm]
+    rows, cols = torch.arange(seq_len) // q_block, torch.arange(seq_len) // kv_block
+    expected = block_dense[..., rows, :][..., cols] & (~partial[..., rows, :][..., cols] | boxes.allows())
+    assert torch.equal(blocked, expected)
+    q, k, v = _qkv(mask_shape[0], seq_len, 2, 16, g)
+    out, lse = reference.block_sparse_attention(q, k, v, mask, 0.37)
+    expected_out, expected_lse = _sdpa_with_lse(q, k, v, mask.to_dense(), 0.37)
+    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    # the work (density) counts partial blocks whole; the allowed pairs are fewer
+    assert float(mask.to_dense().double().mean()) < mask.density
 
 
 def test_reference_text_passes_are_chunked_and_exact(monkeypatch):
@@ -159,6 +188,42 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         out = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="triton")
         ref = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="reference")
         results.append(dict(case="api " + position, out=err(out, ref)))
+
+    # in-block masking: random token boxes (lattice steps, a permutation, the ragged tail) against the reference
+    from dit_sparse.blockmask import TokenBoxes
+    for i, (s, qb, kb, axes, permute) in enumerate([(100, 16, 16, 3, False), (90, 32, 16, 2, True)]):
+        g = torch.Generator().manual_seed(20 + i)
+        lo = torch.randint(-1, 4, (s, axes), generator=g).int()
+        boxes = TokenBoxes(lo, lo + torch.randint(0, 5, (s, axes), generator=g).int(),
+                           torch.randint(0, 6, (s, axes), generator=g).int(), (2,) + (1,) * (axes - 1))
+        d = torch.rand(1, 2, math.ceil(s / qb), math.ceil(s / kb), generator=g) < 0.6
+        partial = torch.rand(d.shape, generator=g) < 0.5
+        perm = torch.randperm(s, generator=g) if permute else None
+        mask = BlockMask.from_block_dense(d, s, qb, kb, permutation=perm, block_partial=partial, token_boxes=boxes)
+        q, k, v = (torch.randn(1, s, 2, 16, generator=g) for _ in range(3))
+        out, lse = tbs.block_sparse_attention(q, k, v, mask, 0.3)
+        ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, 0.3)
+        results.append(dict(case="boxes " + str(i), dtype="torch.float32", out=err(out, ref_out), lse=lse_err(lse, ref_lse)))
+
+    # neighborhood windows through the public API against dense SDPA with their token mask
+    from dit_sparse.patterns.neighborhood import neighborhood
+    windows = [
+        (VideoLayout(3, 7, 10), dict(window=(3, 5, 3), stride=(1, 2, 1), dilation=(1, 1, 2), exact=True), "float32"),
+        (VideoLayout(1, 12, 11, 6, "prefix"), dict(window=(1, 5, 7), dilation=(1, 2, 1), exact=True), "float16"),
+        (VideoLayout(3, 7, 10, 5, "suffix"), dict(window=(3, 5, 9), exact=False), "float32"),
+    ]
+    for i, (layout, options, dtype) in enumerate(windows):
+        mask = neighborhood(layout, tile=(1, 4, 4), **options)
+        g = torch.Generator().manual_seed(30 + i)
+        q, k, v = (torch.randn(1, layout.seq_len, 1, 16, generator=g).to(getattr(torch, dtype)) for _ in range(3))
+        allowed = torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool)
+        allowed[layout.video_slice, layout.video_slice] = mask.to_dense()[0, 0]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.25
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        expected = torch.einsum("bhqk,bkhd->bqhd", weights, v.double())
+        out = sparse_attention(q, k, v, mask, layout, backend="triton")
+        results.append(dict(case="neighborhood " + str(i), dtype="torch." + dtype, boxes=mask.has_token_boxes,
+                            sdpa_out=err(out, expected)))
     print("RESULTS" + json.dumps(results))
     """
 )
@@ -179,9 +244,20 @@ def test_triton_kernel_matches_reference_under_interpreter(interpreted_results):
     for row in interpreted_results:
         tolerance = 2e-3 if "float16" in row.get("dtype", "") else 1e-5
         for key, value in row.items():
-            if key in ("case", "dtype"):
+            if key in ("case", "dtype", "boxes"):
                 continue
             assert value <= (1e-5 if key.endswith("lse") else tolerance), (row, key)
+
+
+def test_triton_masks_inside_blocks_under_interpreter(interpreted_results):
+    # Token boxes against the reference, and exact neighborhood windows (NATTEN, with stride, dilation, the ragged
+    # tail, joint text) plus a tile-aligned one against dense SDPA with their token masks.
+    cases = {str(row["case"]): row for row in interpreted_results}
+    assert {"boxes 0", "boxes 1"} <= set(cases)
+    assert [cases[f"neighborhood {i}"]["boxes"] for i in range(3)] == [True, True, False]
+    for name, row in cases.items():
+        if name.startswith("neighborhood"):
+            assert row["sdpa_out"] <= (2e-3 if "float16" in row["dtype"] else 1e-5), row
 
 
 # ---- BlockMask -> FA4 --------------------------------------------------------------------------------------------

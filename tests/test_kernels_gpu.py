@@ -134,3 +134,35 @@ def test_environment_override_reaches_the_kernel(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.resolve_backend("auto", q, BlockMask.full(256, 128, device="cuda")) == "reference"
     assert os.environ[kernels.ENV_VAR] == "reference"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(window=(3, 9, 9), stride=(1, 2, 2), dilation=(1, 1, 2), exact=True),  # partial blocks, lattice steps
+        dict(window=(5, 16, 24), exact=True),
+        dict(window=(5, 16, 24), exact=False),  # STA: whole tiles
+    ],
+)
+def test_neighborhood_windows_on_gpu_backends_match_the_reference(options, monkeypatch):
+    # Wan-like frames (30 x 52 tokens: border tiles on both axes), joint text suffix with padding, bf16.
+    _skip_unless_available("triton")
+    monkeypatch.setenv("DIT_SPARSE_TRITON_AUTOTUNE", "0")
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    from dit_sparse.patterns.neighborhood import neighborhood
+
+    layout = VideoLayout(5, 30, 52, text_len=40, text_position="suffix")
+    mask = neighborhood(layout, tile=(1, 8, 16), **options).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    padding = torch.ones(1, 40, dtype=torch.bool, device="cuda")
+    padding[:, 30:] = False
+    expected = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="reference")
+    backends = ["triton"] + ([] if mask.has_token_boxes or kernels.unavailable_reason("fa4", "cuda") else ["fa4"])
+    for backend in backends + ["auto"]:
+        out = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend=backend)
+        error = float((out.float() - expected.float()).abs().max() / expected.float().abs().max())
+        assert error <= TOLERANCE[torch.bfloat16], (backend, error)
+    if mask.has_token_boxes:
+        assert kernels.resolve_backend("auto", q, mask) == "triton"  # FA4 takes whole blocks only

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Callable
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import DenseConfig, MethodConfig, RadialConfig, RandomBlocksConfig
+from dit_sparse.config import DenseConfig, MethodConfig, NeighborhoodConfig, RadialConfig, RandomBlocksConfig
 from dit_sparse.layout import VideoLayout
 
+from .neighborhood import neighborhood
 from .radial import radial
 from .random_blocks import random_blocks
 
@@ -33,11 +34,21 @@ def _build_random(
     return random_blocks(layout, density=config.density, block_size=config.block_size, seed=config.seed).to(device)
 
 
+def _build_neighborhood(
+    layout: VideoLayout, config: NeighborhoodConfig, q=None, k=None, state=None, device="cpu"
+) -> BlockMask:
+    return neighborhood(
+        layout, window=config.window, stride=config.stride, dilation=config.dilation, tile=config.tile,
+        exact=config.exact,
+    ).to(device)
+
+
 #: method name -> (builder, whether the mask depends only on the layout and config)
 PATTERNS: dict[str, tuple[PatternBuilder, bool]] = {
     "dense": (_build_dense, True),
     "radial": (_build_radial, True),
     "random": (_build_random, True),
+    "neighborhood": (_build_neighborhood, True),
 }
 
 
@@ -51,4 +62,4 @@ def is_static(config: MethodConfig) -> bool:
     return PATTERNS[config.method][1]
 
 
-__all__ = ["radial", "random_blocks", "build_mask", "is_static", "PATTERNS"]
+__all__ = ["neighborhood", "radial", "random_blocks", "build_mask", "is_static", "PATTERNS"]

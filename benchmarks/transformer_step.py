@@ -1,0 +1,471 @@
+"""Transformer-step benchmark of issue 9: one denoising step (the transformer calls of one step, CFG as each pipeline
+makes them) at the real configs with random weights, bf16, eager and torch.compile'd.
+
+    python benchmarks/transformer_step.py                                   # every model (GPU; long)
+    python benchmarks/transformer_step.py --models wan13 --modes eager      # one model, one mode (fits 10 minutes)
+    python benchmarks/transformer_step.py --smoke                           # CPU run of this script's logic
+
+Each model and mode can run as its own command (rows merge into the day's file): a compiled row compiles the whole
+transformer once per method (minutes at these sizes), so on machines with a per-command time limit split compiled
+runs by `--methods` too, e.g. `--models wan13 --modes compiled --methods radial`.
+
+Models: Wan2.1-1.3B 480p 81f (2 calls per step: cond, uncond), Wan2.1-14B 720p 81f (2 calls), HunyuanVideo 720p
+129f (1 call: guidance-distilled; 256 text tokens, 120 real), CogVideoX1.5-5B 1360x768 81f (1 call, CFG batched:
+batch 2), CogVideoX-5B 720x480 49f (`cogvideox5b`, the same), FLUX.1-dev 2048x2048 (1 call: guidance-distilled).
+Per model and mode (eager, compiled = `torch.compile(transformer)` after `sparsify`):
+- `diffusers`: the unwrapped transformer, diffusers' default attention (torch SDPA): the baseline, `ms_dense`;
+- `skip-attention`: the same forward with the self-attention calls returning v (through our hooks; cross-attention
+  kept): `attention_share = 1 - ms_skip / ms_dense`;
+- `dense`: our dense path (a full block mask through `sparse_attention`: text, padding and kernel ours);
+- every sparse method of the project that applies to the family (`--methods`; family defaults, e.g. radial's
+  `hunyuan` variant), with `density` its mean kept fraction, `speedup = ms_dense / ms_sparse`, the Amdahl ceiling
+  `1 / ((1 - share) + share * density / 0.9)` and the fraction of it reached; `attention_ms` (the step minus the
+  skip-attention step) against the dense attention time says whether attention or the rest holds a row back.
+Writes benchmarks/results/transformer_step-<gpu>-<date>.json (rows with model, method, density, ms_dense,
+ms_sparse, speedup, attention_share, ...; merged with the same day's file, so models can run in separate commands)
+and a markdown table beside it. Random weights: the outputs are meaningless, the timings are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_EFFICIENCY = 0.9  # the Amdahl ceiling's allowance: a sparse kernel at 90% of proportional speed
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model at one size: its diffusers class and config, and the transformer calls of one denoising step."""
+
+    label: str
+    class_name: str
+    config: dict
+    calls: Callable[[torch.device, torch.dtype], list[dict]]  # keyword arguments of each call of one step
+
+
+def _randn(*shape, device, dtype):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def _wan_calls(frames, height, width, text_dim=4096, channels=16):
+    def calls(device, dtype):
+        # WanPipeline: the conditional and the unconditional branch are two calls of batch 1.
+        return [
+            dict(hidden_states=_randn(1, channels, frames, height, width, device=device, dtype=dtype),
+                 timestep=torch.tensor([999.0], device=device),
+                 encoder_hidden_states=_randn(1, 512, text_dim, device=device, dtype=dtype))
+            for _ in range(2)
+        ]
+
+    return calls
+
+
+def _hunyuan_calls(frames, height, width, text_len=256, valid_text=120, text_dim=4096, pooled=768, channels=16):
+    def calls(device, dtype):
+        # HunyuanVideoPipeline: guidance-distilled, one call of batch 1 (true CFG is off by default).
+        mask = torch.arange(text_len, device=device)[None] < valid_text  # (1, text_len) bool: the prompt's tokens
+        return [dict(hidden_states=_randn(1, channels, frames, height, width, device=device, dtype=dtype),
+                     timestep=torch.tensor([999], device=device),
+                     encoder_hidden_states=_randn(1, text_len, text_dim, device=device, dtype=dtype),
+                     encoder_attention_mask=mask,
+                     pooled_projections=_randn(1, pooled, device=device, dtype=dtype),
+                     guidance=torch.tensor([6000.0], device=device, dtype=dtype))]
+
+    return calls
+
+
+def _cogvideox_calls(frames, height, width, text_len, head_dim, patch_size_t=None, text_dim=4096, channels=16):
+    def calls(device, dtype):
+        # CogVideoXPipeline: CFG batches the two branches into one call of batch 2; RoPE over the video tokens.
+        video_len = (frames // (patch_size_t or 1)) * (height // 2) * (width // 2)
+        rope = tuple(torch.randn(video_len, head_dim, device=device) for _ in range(2))  # (cos, sin)
+        return [dict(hidden_states=_randn(2, frames, channels, height, width, device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(2, text_len, text_dim, device=device, dtype=dtype),
+                     timestep=torch.tensor([999, 999], device=device), image_rotary_emb=rope)]
+
+    return calls
+
+
+def _flux_calls(height, width, text_len=512, text_dim=4096, pooled=768, channels=64):
+    def calls(device, dtype):
+        # FluxPipeline (dev): guidance-distilled, one call of batch 1; latents packed 2x2 into (B, h*w, 64).
+        ids = torch.zeros(height, width, 3, device=device)
+        ids[..., 1], ids[..., 2] = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)
+        return [dict(hidden_states=_randn(1, height * width, channels, device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(1, text_len, text_dim, device=device, dtype=dtype),
+                     pooled_projections=_randn(1, pooled, device=device, dtype=dtype),
+                     timestep=torch.tensor([1.0], device=device, dtype=dtype),
+                     guidance=torch.tensor([3.5], device=device, dtype=dtype),
+                     img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_len, 3, device=device))]
+
+    return calls
+
+
+_WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+            qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024)
+_COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                     time_embed_dim=512, text_embed_dim=4096, num_layers=42, patch_size=2,
+                     use_rotary_positional_embeddings=True)
+
+MODELS = {
+    # latents: Wan/HunyuanVideo/CogVideoX VAEs compress 4x in time (+1), 8x in space; FLUX 8x, then packs 2x2.
+    "wan13": ModelSpec("Wan2.1-1.3B 480p 81f", "WanTransformer3DModel",
+                       dict(_WAN, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+                       _wan_calls(21, 60, 104)),
+    "wan14": ModelSpec("Wan2.1-14B 720p 81f", "WanTransformer3DModel",
+                       dict(_WAN, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+                       _wan_calls(21, 90, 160)),
+    "hunyuan": ModelSpec("HunyuanVideo 720p 129f", "HunyuanVideoTransformer3DModel", {},  # diffusers' defaults
+                         _hunyuan_calls(33, 90, 160)),
+    # CogVideoX 1.5 pairs latent frames (patch_size_t 2); its pipeline pads 21 latent frames to 22.
+    "cogvideox15": ModelSpec("CogVideoX1.5-5B 1360x768 81f", "CogVideoXTransformer3DModel",
+                             dict(_COGVIDEOX_5B, patch_size_t=2, max_text_seq_length=224, patch_bias=False,
+                                  sample_width=170, sample_height=96, sample_frames=81),
+                             _cogvideox_calls(22, 96, 170, text_len=224, head_dim=64, patch_size_t=2)),
+    "cogvideox5b": ModelSpec("CogVideoX-5B 720x480 49f", "CogVideoXTransformer3DModel",
+                             dict(_COGVIDEOX_5B, max_text_seq_length=226),
+                             _cogvideox_calls(13, 60, 90, text_len=226, head_dim=64)),
+    "flux": ModelSpec("FLUX.1-dev 2048x2048", "FluxTransformer2DModel", dict(guidance_embeds=True),
+                      _flux_calls(128, 128)),
+}
+DEFAULT_MODELS = ("wan13", "wan14", "hunyuan", "cogvideox15", "flux")
+
+#: tiny configs of the same classes for a CPU run of the script's logic (`--smoke`)
+SMOKE_MODELS = {
+    "smoke-wan": ModelSpec("smoke Wan", "WanTransformer3DModel",
+                           dict(_WAN, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2,
+                                text_dim=32, freq_dim=32, rope_max_seq_len=32),
+                           _wan_calls(3, 8, 8, text_dim=32)),
+    "smoke-hunyuan": ModelSpec("smoke HunyuanVideo", "HunyuanVideoTransformer3DModel",
+                               dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                    num_layers=1, num_single_layers=1, num_refiner_layers=1, text_embed_dim=16,
+                                    pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)),
+                               _hunyuan_calls(3, 16, 16, text_len=8, valid_text=5, text_dim=16, pooled=8, channels=4)),
+    "smoke-flux": ModelSpec("smoke FLUX", "FluxTransformer2DModel",
+                            dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                 axes_dims_rope=(4, 6, 6), guidance_embeds=True),
+                            _flux_calls(12, 10, text_len=6, text_dim=16, pooled=8, channels=8)),
+}
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+
+
+def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights at `spec`'s config, in `dtype` where `from_pretrained(torch_dtype=dtype)` would put them
+    (the class's `_keep_in_fp32_modules` stay fp32), built on `device`."""
+    import diffusers
+
+    cls = getattr(diffusers, spec.class_name)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**spec.config)
+    finally:
+        torch.set_default_dtype(previous)
+    keep = getattr(cls, "_keep_in_fp32_modules", None) or []
+    for name, parameter in model.named_parameters():  # built in `dtype` already; buffers stay as built
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(torch.float32 if any(p in name.split(".") for p in keep) else dtype)
+    return model.eval().requires_grad_(False)
+
+
+def step(model, calls: list[dict]) -> None:
+    for kwargs in calls:
+        model(**kwargs, return_dict=False)
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+
+def time_steps(fn, repeats: int) -> float:
+    """Median ms of `repeats` calls of `fn` (already warmed up)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+@contextlib.contextmanager
+def attention_skipped():
+    """Every sparse_attention call of the hooks returns a copy of v: the forward without self-attention's cost (a
+    copy, not v itself: a custom op's output may not alias its input)."""
+    import dit_sparse.hooks
+
+    original = dit_sparse.hooks.sparse_attention
+    dit_sparse.hooks.sparse_attention = lambda q, k, v, *args, **kwargs: v.clone()
+    try:
+        yield
+    finally:
+        dit_sparse.hooks.sparse_attention = original
+
+
+class _BackendLog(logging.Handler):
+    """Collects the kernel dispatch's "backend chosen" lines (logged once per backend, device and reason)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes: list) -> None:
+    import dit_sparse
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    print(f"== {spec.label}", flush=True)
+    started = time.time()
+    model = build(spec, device, dtype)
+    calls = spec.calls(device, dtype)
+    adapter = find_adapter(model)
+    print(f"   built in {time.time() - started:.1f} s", flush=True)
+    methods = [("diffusers", None, {}), ("skip-attention", "dense", {}), ("dense", "dense", {})]
+    for method in args.methods:
+        if method in adapter.unsupported_methods:
+            notes.append(f"{spec.label}: {method} skipped ({adapter.unsupported_methods[method]})")
+            continue
+        methods.append((method, method, args.method_options.get(method, {})))
+
+    baseline: dict[str, float] = {}  # mode -> ms of the diffusers step
+    skipped: dict[str, float] = {}  # mode -> ms of the skip-attention step
+    for mode in args.modes:
+        for label, method, options in methods:
+            row = dict(model=spec.label, model_key=name, mode=mode, method=label, options=options)
+            try:
+                torch._dynamo.reset()
+                if method is None:
+                    dit_sparse.unsparsify(model)
+                else:
+                    dit_sparse.sparsify(model, method, **options)
+                runner = torch.compile(model) if mode == "compiled" else model
+                context = attention_skipped() if label == "skip-attention" else contextlib.nullcontext()
+                with torch.no_grad(), context:
+                    warm = time.time()
+                    for _ in range(args.warmup):
+                        step(runner, calls)
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    row["warmup_s"] = round(time.time() - warm, 1)
+                    if method is not None:
+                        dit_sparse.sparsity_stats(model, reset=True)
+                    ms = time_steps(lambda: step(runner, calls), args.repeats)
+                    stats = dit_sparse.sparsity_stats(model) if method is not None else None
+            except Exception as error:  # a row that cannot run here is reported, not fatal
+                traceback.print_exc(limit=4)
+                notes.append(f"{spec.label} {mode} {label}: {type(error).__name__}: {str(error)[:300]}")
+                continue
+            finally:
+                dit_sparse.unsparsify(model)
+            row["ms_sparse"] = ms
+            if label == "diffusers":
+                baseline[mode] = ms
+            if label == "skip-attention":
+                skipped[mode] = ms
+            _complete(row, baseline, skipped, stats, label)
+            rows.append(row)
+            print(f"   {mode:8s} {label:15s} {ms:10.1f} ms  density {_fmt(row.get('density'), 3)}  speedup "
+                  f"{_fmt(row.get('speedup'))}  of ceiling {_fmt(row.get('of_ceiling'))}", flush=True)
+    del model, calls
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _complete(row: dict, baseline: dict, skipped: dict, stats: dict | None, label: str) -> None:
+    """Fill in density, speedups, the attention share and the Amdahl ceiling from the same mode's baselines."""
+    mode, ms = row["mode"], row["ms_sparse"]
+    row["density"] = 1.0 if stats is None or label == "skip-attention" else stats["density"]
+    row["ms_dense"] = baseline.get(mode)
+    if row["ms_dense"]:
+        row["speedup"] = row["ms_dense"] / ms
+    if baseline.get("eager"):
+        row["speedup_vs_eager_diffusers"] = baseline["eager"] / ms
+    if row["ms_dense"] and mode in skipped:
+        share = max(0.0, 1.0 - skipped[mode] / row["ms_dense"])
+        row["attention_share"] = share
+        row["attention_ms_dense"] = row["ms_dense"] - skipped[mode]
+        if label not in ("diffusers", "skip-attention"):
+            row["attention_ms"] = ms - skipped[mode]
+            row["amdahl_ceiling"] = 1.0 / ((1.0 - share) + share * row["density"] / KERNEL_EFFICIENCY)
+            row["of_ceiling"] = row["speedup"] / row["amdahl_ceiling"]
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+TARGETS = (
+    # (model key, mode, speedup wanted against the eager diffusers step, what the issue asks)
+    ("hunyuan", None, 3.0, "HunyuanVideo 720p >= 3x per step against diffusers' default"),
+    ("wan14", None, 2.0, "Wan2.1-14B 720p >= 2x"),
+    ("wan13", "compiled", 2.0, "with torch.compile, Wan2.1-1.3B 480p >= 2x"),
+)
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Targets met or missed, and for every sparse row under 90% of its ceiling what holds it back."""
+    lines = []
+    sparse = [r for r in rows if r["method"] not in ("diffusers", "skip-attention", "dense")]
+    for key, mode, wanted, text in TARGETS:
+        candidates = [r for r in sparse if r["model_key"] == key and (mode is None or r["mode"] == mode)]
+        best = max(candidates, key=lambda r: r.get("speedup_vs_eager_diffusers") or 0, default=None)
+        if best is None:
+            lines.append(f"{text}: not measured in this file")
+            continue
+        got = best.get("speedup_vs_eager_diffusers") or 0
+        verdict = "met" if got >= wanted else "MISSED"
+        lines.append(f"{text}: {verdict}, best {got:.2f}x ({best['method']}, {best['mode']}, density "
+                     f"{best['density']:.3f})")
+    for r in sparse:
+        if r.get("of_ceiling") is None or r["of_ceiling"] >= 0.9:
+            continue
+        ideal_attention = r["attention_ms_dense"] * r["density"] / KERNEL_EFFICIENCY
+        lines.append(
+            f"{r['model']} {r['mode']} {r['method']}: {r['of_ceiling']:.0%} of its Amdahl ceiling "
+            f"({r['speedup']:.2f}x of {r['amdahl_ceiling']:.2f}x); attention took {r['attention_ms']:.0f} ms where "
+            f"{ideal_attention:.0f} ms would reach the ceiling (dense attention {r['attention_ms_dense']:.0f} ms), "
+            f"the rest of the step {r['ms_sparse'] - r['attention_ms']:.0f} ms"
+        )
+    return lines
+
+
+def _fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Transformer step benchmark, {result['gpu']}, {result['date']}",
+        "",
+        f"`{result['command']}`; torch {result['torch']}, diffusers {result['diffusers']}, {result['dtype']}, random "
+        f"weights at the real configs. One denoising step = the transformer calls of one step as the pipeline makes "
+        f"them (Wan: cond + uncond, 2 calls; CogVideoX: one call of batch 2; HunyuanVideo, FLUX: one call). "
+        f"`ms dense` = diffusers' default in the same mode; `share` = self-attention's share of that step (the "
+        f"step with it skipped); ceiling = 1 / ((1 - share) + share x density / {KERNEL_EFFICIENCY}).",
+        "",
+        "| model | mode | method | density | ms dense | ms | speedup | vs eager diffusers | attention share "
+        "| attention ms | Amdahl ceiling | of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['method']} | {_fmt(r.get('density'), 3)} "
+            f"| {_fmt(r.get('ms_dense'), 0)} | {_fmt(r['ms_sparse'], 0)} | {_fmt(r.get('speedup'))} "
+            f"| {_fmt(r.get('speedup_vs_eager_diffusers'))} | {_fmt(r.get('attention_share'))} "
+            f"| {_fmt(r.get('attention_ms'), 0)} | {_fmt(r.get('amdahl_ceiling'))} | {_fmt(r.get('of_ceiling'))} |"
+        )
+    for title, key in (("Findings", "findings"), ("Notes and errors", "notes")):
+        if result.get(key):
+            lines += ["", f"{title}:", ""] + [f"- {line}" for line in result[key]]
+    return "\n".join(lines) + "\n"
+
+
+def _merge(path: Path, result: dict) -> dict:
+    """The same day's earlier file with this run's rows replacing those of the models it ran."""
+    if not path.exists():
+        return result
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return result
+    models = {r["model_key"] for r in result["rows"]}
+    rows = [r for r in earlier.get("rows", []) if r.get("model_key") not in models] + result["rows"]
+    notes = [n for n in earlier.get("notes", []) if not any(n.startswith(MODELS_ALL[m].label) for m in models)]
+    commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c]
+    commands += [result["command"]] if result["command"] not in commands else []
+    merged = dict(result, rows=rows, notes=notes + result["notes"], commands=commands)
+    merged["findings"] = findings(rows)
+    return merged
+
+
+MODELS_ALL = {**MODELS, **SMOKE_MODELS}
+
+
+def main(argv=None) -> int:
+    import diffusers
+
+    from dit_sparse.config import CONFIGS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS_ALL))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--methods", nargs="+", default=[m for m in CONFIGS if m != "dense"],
+                        help="sparse methods after diffusers, skip-attention and dense (default: all of the project)")
+    parser.add_argument("--method-options", type=json.loads, default={},
+                        help='JSON per method, e.g. \'{"random": {"density": 0.25}}\'')
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps; the median is kept")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp one)")
+    parser.add_argument("--smoke", action="store_true", help="CPU run of the script's logic on tiny models")
+    parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later models are skipped")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models = [m for m in args.models if m in SMOKE_MODELS] or list(SMOKE_MODELS)
+        device, dtype = torch.device("cpu"), torch.float32
+        args.method_options = {"random": {"block_size": 16}, "radial": {"block_size": 16}, **args.method_options}
+    elif not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark (--smoke runs the script's logic on CPU)")
+        return 1
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    backend_log = _BackendLog()
+    logging.getLogger("dit_sparse").addHandler(backend_log)
+    logging.getLogger("dit_sparse").setLevel(logging.INFO)
+
+    rows, notes = [], []
+    start = time.time()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    default_out = Path(tempfile.gettempdir()) / "dit-sparse-smoke" if args.smoke else ROOT / "benchmarks" / "results"
+    out = Path(args.out) if args.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"transformer_step-{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}-{date}"
+    result = dict(
+        command="python benchmarks/transformer_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        gpu=gpu, date=date, torch=torch.__version__, diffusers=diffusers.__version__, dtype=str(dtype),
+        python=platform.python_version(), warmup=args.warmup, repeats=args.repeats, rows=rows, notes=notes,
+    )
+    merged = result
+    for name in args.models:
+        if time.time() - start > args.time_budget:
+            notes.append(f"{MODELS_ALL[name].label}: skipped, the run passed its time budget of {args.time_budget} s")
+            continue
+        run_model(name, MODELS_ALL[name], args, device, dtype, rows, notes)
+        # Written after every model, so a run cut short still leaves its rows.
+        result.update(seconds=round(time.time() - start, 1), findings=findings(rows),
+                      kernel_backends=sorted(set(backend_log.lines)))
+        merged = _merge(out / f"{stem}.json", result)
+        (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
+        (out / f"{stem}.md").write_text(markdown(merged))
+    print(markdown(merged))
+    print(f"written: {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

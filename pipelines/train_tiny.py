@@ -1,0 +1,746 @@
+"""Train the tiny reference Wan model on the shapes dataset; resumable in time-boxed chunks; export a diffusers folder.
+
+    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny/checkpoint.pt --minutes 9 --device cuda
+    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny/checkpoint.pt --minutes 0 --export pipelines/tiny_model
+
+The model is Wan 2.1's architecture at toy sizes, in the real diffusers/transformers classes, trained from scratch
+the way Wan is trained, in two phases:
+
+1. `AutoencoderKLWan`: reconstruction (L1) + a small KL, on short clips cut from the dataset's videos. Then the
+   latents' per-channel mean and std are measured and written into the VAE's config (`latents_mean`,
+   `latents_std`), which is how `WanPipeline` un-normalises latents before decoding.
+2. `WanTransformer3DModel` with a tiny `UMT5EncoderModel` (word-level tokenizer), jointly, by rectified flow on the
+   normalised latents: x_t = (1 - s) x_0 + s n, target n - x_0 (the "flow_prediction" that `WanPipeline`'s
+   `UniPCMultistepScheduler(use_flow_sigmas=True)` integrates), timestep 1000 s, with s = shift u / (1 + (shift - 1) u),
+   u ~ U(0, 1) and the scheduler's own shift. Captions are dropped to "" 10% of the time (the pipeline's negative
+   prompt) so classifier-free guidance works. Text embeddings are zero-padded to 512 tokens as the pipeline does.
+   An EMA of the transformer and text encoder is kept and is what gets exported.
+
+Every run continues the checkpoint given (model, EMA, optimisers, step, RNG states, the data stream's position,
+loss history, training seconds) and stops after `--minutes` (or `--chunk-steps`), saving it atomically. Runs are
+reproducible: the data is a pure function of (data seed, sample index) and every random draw comes from a
+checkpointed generator. `--export DIR` writes the `save_pretrained` folder (safetensors) with a model card README
+(data, config, training time, loss curve, caption-following score).
+
+Presets: "default" (the shipped model: 81 frames of 160 x 160 px = 21 x 10 x 10 = 2,100 video tokens) and "smoke"
+(toy sizes for the CPU test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .shapes_dataset import (
+    BACKGROUND_COLOURS,
+    DIRECTIONS,
+    SHAPE_COLOURS,
+    SHAPES,
+    build_tokenizer,
+    render_videos,
+    video_params,
+)
+
+TEXT_LEN = 512  # WanPipeline's default max_sequence_length: text embeddings are zero-padded to it
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a checkpoint is a checkpoint of: the video geometry, the architecture and the data seed (fixed per run)."""
+
+    frames: int = 81
+    height: int = 160
+    width: int = 160
+    latent_channels: int = 16
+    vae_base_dim: int = 16
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2, 2)
+    vae_res_blocks: int = 1
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ff_dim: int = 128
+    heads: int = 3
+    head_dim: int = 64
+    layers: int = 8
+    ffn_dim: int = 768
+    freq_dim: int = 64
+    flow_shift: float = 3.0
+    data_seed: int = 0
+
+    def __post_init__(self):
+        if (self.frames - 1) % 4 or self.height % 16 or self.width % 16:
+            raise ValueError(
+                f"frames must be 4k + 1 and height, width multiples of 16, got {self.frames}, {self.height}, {self.width}"
+            )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (self.latent_channels, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+    @property
+    def video_tokens(self) -> int:
+        _, frames, height, width = self.latent_shape
+        return frames * (height // 2) * (width // 2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: may be changed between chunks with flags (the change is recorded in the history)."""
+
+    vae_steps: int = 4000
+    dit_steps: int = 40000
+    vae_batch_size: int = 8
+    vae_clip_frames: int = 17  # VAE training clips, cut from the full videos (same speeds per frame)
+    vae_lr: float = 5e-4
+    kl_weight: float = 1e-4  # on the mean KL per latent element, against the mean L1 per pixel value
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    pool_size: int = 2048  # encoded videos the transformer samples from; 0: encode each batch afresh
+    pool_refresh: int = 8  # new videos encoded into the pool per step (the oldest are replaced)
+    stats_videos: int = 256  # videos encoded to measure the latents' mean and std
+    log_every: int = 50
+
+
+PRESETS = {
+    "default": (ModelConfig(), TrainConfig()),
+    "smoke": (
+        ModelConfig(
+            frames=9, height=32, width=32, latent_channels=4, vae_base_dim=4, vae_dim_mult=(1, 1, 1, 1),
+            text_dim=16, text_layers=1, text_heads=2, text_ff_dim=32, heads=2, head_dim=12, layers=1, ffn_dim=32,
+            freq_dim=16,
+        ),
+        TrainConfig(
+            vae_steps=2, dit_steps=3, vae_batch_size=2, vae_clip_frames=5, batch_size=2, warmup_steps=2, pool_size=4,
+            pool_refresh=1, stats_videos=4, log_every=1,
+        ),
+    ),  # fmt: skip
+}
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+def build_components(config: ModelConfig, seed: int = 0) -> dict:
+    """Freshly initialised pipeline components (weights from `seed`; the global RNG is left as it was)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=config.text_dim,
+                d_kv=config.text_dim // config.text_heads,
+                d_ff=config.text_ff_dim,
+                num_layers=config.text_layers,
+                num_heads=config.text_heads,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                dropout_rate=0.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=config.heads,
+            attention_head_dim=config.head_dim,
+            in_channels=config.latent_channels,
+            out_channels=config.latent_channels,
+            text_dim=config.text_dim,
+            freq_dim=config.freq_dim,
+            ffn_dim=config.ffn_dim,
+            num_layers=config.layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+        torch.nn.init.zeros_(transformer.proj_out.weight)  # start as the zero velocity: a calm first step
+        torch.nn.init.zeros_(transformer.proj_out.bias)
+        vae = AutoencoderKLWan(
+            base_dim=config.vae_base_dim,
+            z_dim=config.latent_channels,
+            dim_mult=list(config.vae_dim_mult),
+            num_res_blocks=config.vae_res_blocks,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * config.latent_channels,  # measured after the VAE phase
+            latents_std=[1.0] * config.latent_channels,
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=config.flow_shift
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+    }
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    """Caption embeddings as `WanPipeline` makes them: `(B, TEXT_LEN, text_dim)`, zero past each caption's tokens."""
+    tokens = tokenizer(captions, padding="longest", return_tensors="pt")
+    mask = tokens.attention_mask.to(device)  # (B, L)
+    hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state * mask[..., None]  # (B, L, D)
+    return F.pad(hidden, (0, 0, 0, TEXT_LEN - hidden.shape[1]))
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The scheduler's time shift applied to u in [0, 1]: more of the training where sampling spends its steps."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------------------
+class Trainer:
+    """The training state (models, EMA, optimisers, generator, data position, history) and the two phases' steps."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, device: torch.device, seed: int):
+        self.model_config, self.train_config, self.device, self.seed = model_config, train_config, device, seed
+        components = build_components(model_config, seed)
+        self.tokenizer, self.scheduler = components["tokenizer"], components["scheduler"]
+        self.vae = components["vae"].to(device)
+        self.transformer = components["transformer"].to(device)
+        self.text_encoder = components["text_encoder"].to(device)
+        self.ema = [p.detach().clone() for p in self._dit_parameters()]
+        self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, betas=(0.9, 0.99))
+        self.dit_optimizer = torch.optim.AdamW(
+            self._dit_parameters(), lr=train_config.lr, betas=(0.9, 0.99), weight_decay=train_config.weight_decay
+        )
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.vae_step = self.dit_step = 0
+        self.next_index = 0  # the next dataset index to draw: the data stream's position
+        self.latent_stats_done = False
+        self.history: list[dict] = []  # {"phase", "step", "loss", ...} per log interval; config changes too
+        self.seconds = {"vae": 0.0, "dit": 0.0}
+        self.pool = None  # the transformer phase's encoded videos, rebuilt from `next_index` on resume
+        self.pool_drawn = False  # whether the pool's first P videos were drawn (a resume then re-encodes, not draws)
+
+    # ---- bookkeeping
+    def _dit_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+
+    @property
+    def phase(self) -> str:
+        if self.vae_step < self.train_config.vae_steps:
+            return "vae"
+        return "dit" if self.dit_step < self.train_config.dit_steps else "done"
+
+    def autocast(self):
+        enabled = self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": dataclasses.asdict(self.model_config),
+            "train_config": dataclasses.asdict(self.train_config),
+            "seed": self.seed,
+            "vae": self.vae.state_dict(),
+            "vae_config": dict(self.vae.config),
+            "transformer": self.transformer.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema": [p.cpu() for p in self.ema],
+            "vae_optimizer": self.vae_optimizer.state_dict() if self.phase == "vae" else None,
+            "dit_optimizer": self.dit_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "vae_step": self.vae_step,
+            "dit_step": self.dit_step,
+            "next_index": self.next_index,
+            "latent_stats_done": self.latent_stats_done,
+            "pool_drawn": self.pool_drawn,
+            "history": self.history,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.vae.register_to_config(
+            latents_mean=state["vae_config"]["latents_mean"], latents_std=state["vae_config"]["latents_std"]
+        )
+        self.transformer.load_state_dict(state["transformer"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        for ema, saved in zip(self.ema, state["ema"]):
+            ema.copy_(saved)
+        if state["vae_optimizer"] is not None:
+            self.vae_optimizer.load_state_dict(state["vae_optimizer"])
+        self.dit_optimizer.load_state_dict(state["dit_optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.vae_step, self.dit_step = state["vae_step"], state["dit_step"]
+        self.next_index, self.latent_stats_done = state["next_index"], state["latent_stats_done"]
+        self.pool_drawn = state["pool_drawn"]
+        self.history, self.seconds = state["history"], state["seconds"]
+
+    def set_train_config(self, train_config: TrainConfig) -> None:
+        """Adopt changed flags between chunks; the change is recorded in the history."""
+        changed = {
+            k: v for k, v in dataclasses.asdict(train_config).items() if getattr(self.train_config, k) != v
+        }
+        if not changed:
+            return
+        self.history.append({"phase": self.phase, "step": self._step(), "changed": changed})
+        self.train_config = train_config
+        for group in self.vae_optimizer.param_groups:
+            group["lr"] = train_config.vae_lr
+        for group in self.dit_optimizer.param_groups:
+            group["weight_decay"] = train_config.weight_decay
+        if {"pool_size"} & changed.keys():
+            self.pool = None
+
+    def _step(self) -> int:
+        return self.vae_step if self.phase == "vae" else self.dit_step
+
+    # ---- data
+    def _take_indices(self, count: int) -> list[int]:
+        indices = list(range(self.next_index, self.next_index + count))
+        self.next_index += count
+        return indices
+
+    def render(self, indices: list[int], frames: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Videos `(B, 3, T, H, W)` in [-1, 1] on the device, and their captions."""
+        config = self.model_config
+        params = [video_params(config.data_seed, index) for index in indices]
+        videos = render_videos(params, frames or config.frames, config.height, config.width, self.device)
+        return videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0, [p.caption for p in params]
+
+    @torch.no_grad()
+    def encode(self, videos: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Normalised latents `(B, C, F, h, w)` float32: the posterior mean, standardised by the VAE config's stats."""
+        latents = []
+        for start in range(0, videos.shape[0], chunk):
+            with self.autocast():
+                latents.append(self.vae.encode(videos[start : start + chunk]).latent_dist.mode().float())
+        mean, std = (
+            torch.tensor(self.vae.config[name], device=self.device).view(1, -1, 1, 1, 1)
+            for name in ("latents_mean", "latents_std")
+        )
+        return (torch.cat(latents) - mean) / std
+
+    # ---- phase 1: the VAE
+    def vae_train_step(self) -> float:
+        config = self.train_config
+        self.vae.train()
+        videos, _ = self.render(self._take_indices(config.vae_batch_size))  # (B, 3, T, H, W)
+        clip = min(config.vae_clip_frames, videos.shape[2])
+        start = int(torch.randint(videos.shape[2] - clip + 1, (1,), generator=self.generator, device=self.device))
+        videos = videos[:, :, start : start + clip]
+        with self.autocast():
+            posterior = self.vae.encode(videos).latent_dist
+            reconstruction = self.vae.decode(posterior.sample(generator=self.generator)).sample
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+        loss = (reconstruction.float() - videos).abs().mean() + config.kl_weight * kl
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), config.grad_clip)
+        self.vae_optimizer.step()
+        self.vae_step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def measure_latent_stats(self) -> None:
+        """Per-channel mean and std of the trained VAE's latents over fresh videos, into the VAE's config."""
+        self.vae.eval()
+        self.vae.register_to_config(
+            latents_mean=[0.0] * self.model_config.latent_channels,
+            latents_std=[1.0] * self.model_config.latent_channels,
+        )
+        latents = []
+        for start in range(0, self.train_config.stats_videos, 16):
+            count = min(16, self.train_config.stats_videos - start)
+            latents.append(self.encode(self.render(self._take_indices(count))[0]))
+        latents = torch.cat(latents).transpose(0, 1).flatten(1)  # (C, N)
+        mean, std = latents.mean(dim=1), latents.std(dim=1).clamp_min(1e-3)
+        self.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        self.latent_stats_done = True
+        self.history.append({"phase": "stats", "step": 0, "latents_mean": mean.tolist(), "latents_std": std.tolist()})
+
+    # ---- phase 2: the transformer and text encoder
+    def _fill_pool(self) -> None:
+        """Build the pool: slot i % P holds dataset video i. The first time, P new videos are drawn; on a resume the
+        last P drawn are re-encoded, which is the pool as it was (it is always the last P drawn)."""
+        size = self.train_config.pool_size
+        if not self.pool_drawn or self.next_index < size:
+            self._take_indices(size)
+            self.pool_drawn = True
+        indices = list(range(self.next_index - size, self.next_index))
+        latents = torch.empty((size, *self.model_config.latent_shape), device=self.device)
+        captions = [""] * size
+        for start in range(0, size, 16):
+            chunk = indices[start : start + 16]
+            videos, chunk_captions = self.render(chunk)
+            for index, latent, caption in zip(chunk, self.encode(videos), chunk_captions):
+                latents[index % size], captions[index % size] = latent, caption
+        self.pool = (latents, captions)
+
+    def batch(self) -> tuple[torch.Tensor, list[str]]:
+        """A training batch of normalised latents and captions: from the pool (refreshed first), or fresh."""
+        config = self.train_config
+        if config.pool_size == 0:
+            videos, captions = self.render(self._take_indices(config.batch_size))
+            return self.encode(videos), captions
+        if self.pool is None:
+            self._fill_pool()
+        latents, captions = self.pool
+        if config.pool_refresh:
+            indices = self._take_indices(config.pool_refresh)
+            videos, new_captions = self.render(indices)
+            for index, latent, caption in zip(indices, self.encode(videos), new_captions):
+                latents[index % config.pool_size], captions[index % config.pool_size] = latent, caption
+        slots = torch.randint(config.pool_size, (config.batch_size,), generator=self.generator, device=self.device)
+        return latents[slots], [captions[i] for i in slots.tolist()]
+
+    def dit_train_step(self) -> float:
+        config = self.train_config
+        self.transformer.train()
+        self.text_encoder.train()
+        self.vae.eval()
+        x0, captions = self.batch()  # (B, C, F, h, w)
+        drop = torch.rand(len(captions), generator=self.generator, device=self.device) < config.caption_dropout
+        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+        u = torch.rand(x0.shape[0], generator=self.generator, device=self.device)
+        sigma = flow_sigmas(u, self.model_config.flow_shift)[:, None, None, None, None]
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        noisy = (1.0 - sigma) * x0 + sigma * noise
+        lr = config.lr * min(1.0, (self.dit_step + 1) / max(config.warmup_steps, 1))
+        for group in self.dit_optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            text = encode_text(self.tokenizer, self.text_encoder, captions, self.device)
+            velocity = self.transformer(
+                hidden_states=noisy, timestep=sigma.flatten() * 1000.0, encoder_hidden_states=text, return_dict=False
+            )[0]
+        loss = F.mse_loss(velocity.float(), noise - x0)
+        self.dit_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self._dit_parameters(), config.grad_clip)
+        self.dit_optimizer.step()
+        self.dit_step += 1
+        decay = min(config.ema_decay, (1.0 + self.dit_step) / (10.0 + self.dit_step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self._dit_parameters()], 1.0 - decay)
+        return loss.item()
+
+    # ---- export
+    def pipeline(self, use_ema: bool = True):
+        """A `WanPipeline` of CPU copies of the current models (the EMA weights for the transformer and text encoder)."""
+        from diffusers import WanPipeline
+
+        transformer, text_encoder = copy.deepcopy(self.transformer).cpu(), copy.deepcopy(self.text_encoder).cpu()
+        if use_ema:
+            with torch.no_grad():
+                for param, ema in zip(list(transformer.parameters()) + list(text_encoder.parameters()), self.ema):
+                    param.copy_(ema)
+        modules = (copy.deepcopy(self.vae).cpu(), transformer, text_encoder)
+        for module in modules:
+            module.eval()
+        return WanPipeline(
+            tokenizer=self.tokenizer, text_encoder=text_encoder, vae=modules[0], scheduler=self.scheduler,
+            transformer=transformer,
+        )  # fmt: skip
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+def save_checkpoint(trainer: Trainer, path: str) -> None:
+    """Write the checkpoint atomically (a temporary file renamed over `path`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(trainer.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
+    """The trainer of `args.checkpoint` (resumed) or a fresh one of `args.preset`, with the flags' overrides."""
+    state = None
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {args.checkpoint!r} has format {state.get('format')}, not {CHECKPOINT_FORMAT}")
+        model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+        if args.preset is not None and dataclasses.asdict(PRESETS[args.preset][0]) != dataclasses.asdict(model_config):
+            raise ValueError(f"checkpoint {args.checkpoint!r} is not of preset {args.preset!r}; drop --preset to resume")
+        train_config = TrainConfig(**state["train_config"])
+        seed = state["seed"]
+    else:
+        model_config, train_config = PRESETS[args.preset or "default"]
+        seed = args.seed
+    overrides = {
+        name: getattr(args, name)
+        for name in ("vae_steps", "dit_steps", "batch_size", "vae_batch_size", "lr", "pool_size", "pool_refresh", "log_every")
+        if getattr(args, name) is not None
+    }
+    trainer = Trainer(model_config, train_config, device, seed)
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"resumed {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step}")
+    trainer.set_train_config(dataclasses.replace(trainer.train_config, **overrides))
+    return trainer
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+def train(trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint: str | None, save_every: float) -> None:
+    """Train until the schedule is done, the deadline (time.monotonic()) passes, or `chunk_steps` steps ran."""
+    config, device = trainer.train_config, trainer.device
+    steps = 0
+    window: list[float] = []
+    window_start = last_save = time.monotonic()
+    while trainer.phase != "done" and time.monotonic() < deadline and (chunk_steps is None or steps < chunk_steps):
+        phase = trainer.phase
+        if phase == "dit" and not trainer.latent_stats_done:
+            started = time.monotonic()
+            trainer.measure_latent_stats()
+            trainer.seconds["vae"] += time.monotonic() - started
+            print(f"latents: mean {[round(v, 3) for v in trainer.vae.config.latents_mean]}")
+            print(f"latents: std  {[round(v, 3) for v in trainer.vae.config.latents_std]}")
+            continue
+        started = time.monotonic()
+        loss = trainer.vae_train_step() if phase == "vae" else trainer.dit_train_step()
+        trainer.seconds[phase] += time.monotonic() - started
+        window.append(loss)
+        steps += 1
+        step, total = (trainer.vae_step, config.vae_steps) if phase == "vae" else (trainer.dit_step, config.dit_steps)
+        if step % config.log_every == 0 or step == total or trainer.phase != phase:
+            elapsed = time.monotonic() - window_start
+            mean = sum(window) / len(window)
+            trainer.history.append({"phase": phase, "step": step, "loss": mean, "seconds": trainer.seconds[phase]})
+            memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            print(
+                f"[{phase}] step {step}/{total} loss {mean:.4f} ({len(window) / elapsed:.2f} steps/s{memory}; "
+                f"{trainer.seconds[phase] / 60:.1f} min in this phase)",
+                flush=True,
+            )
+            window, window_start = [], time.monotonic()
+        if checkpoint and time.monotonic() - last_save > save_every:
+            save_checkpoint(trainer, checkpoint)
+            last_save = time.monotonic()
+
+
+# ---- the exported folder -----------------------------------------------------------------------------------------
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
+def export(trainer: Trainer, folder: str, score_prompts: int, steps: int, guidance: float, device: torch.device) -> dict:
+    """Write the `save_pretrained` folder, load it back with `WanPipeline.from_pretrained`, score caption following
+    on it, and write the model card (README.md), the loss curve (loss.png, with matplotlib) and samples.png."""
+    from diffusers import WanPipeline
+
+    from .caption_score import caption_following
+
+    os.makedirs(folder, exist_ok=True)
+    trainer.pipeline().save_pretrained(folder, safe_serialization=True)
+    pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    config = trainer.model_config
+    result = None
+    if score_prompts:
+        result = caption_following(
+            pipe, n=score_prompts, frames=config.frames, height=config.height, width=config.width, steps=steps,
+            guidance=guidance,
+        )  # fmt: skip
+        _write_samples(result, os.path.join(folder, "samples.png"))
+        print(f"caption following: {result['n_ok']}/{score_prompts}")
+    figure = _write_loss_curve(trainer.history, os.path.join(folder, "loss.png"))
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
+        file.write(model_card(trainer, result, figure, steps, guidance))
+    size = folder_bytes(folder)
+    print(f"exported {folder}: {size / 2**20:.1f} MiB")
+    return {"bytes": size, "score": result}
+
+
+def _write_loss_curve(history: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for axis, phase, title in ((axes[0], "vae", "VAE: L1 + KL"), (axes[1], "dit", "transformer: flow matching MSE")):
+        points = [(e["step"], e["loss"]) for e in history if e.get("phase") == phase and "loss" in e]
+        if points:
+            axis.plot(*zip(*points))
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _write_samples(result: dict, path: str) -> None:
+    """A strip per scored video: its first, middle and last frame (PNG, via OpenCV)."""
+    import cv2
+    import numpy as np
+
+    rows = [np.concatenate([video[0], video[len(video) // 2], video[-1]], axis=1) for video in result["videos"]]
+    cv2.imwrite(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+
+
+def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, guidance: float) -> str:
+    config, train_config = trainer.model_config, trainer.train_config
+    sizes = {
+        "transformer": parameter_count(trainer.transformer),
+        "vae": parameter_count(trainer.vae),
+        "text_encoder": parameter_count(trainer.text_encoder),
+    }
+    last = {phase: next((e for e in reversed(trainer.history) if e.get("phase") == phase and "loss" in e), None)
+            for phase in ("vae", "dit")}  # fmt: skip
+    device = str(trainer.device)
+    if trainer.device.type == "cuda":
+        device = f"{device} ({torch.cuda.get_device_name(trainer.device)})"
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-video",
+        "tags: [wan, tiny, synthetic-data, dit-sparse]",
+        "---",
+        "",
+        "# tiny-shapes-wan",
+        "",
+        "A tiny Wan 2.1 text-to-video model (`WanPipeline`: `WanTransformer3DModel`, `AutoencoderKLWan`, a tiny "
+        "`UMT5EncoderModel` with a word-level tokenizer, `UniPCMultistepScheduler`) trained from scratch on "
+        "procedural videos of one coloured shape moving in a straight line. It is dit-sparse's reference model: small "
+        "enough to ship and to render on a laptop CPU, trained, so its attention has real structure to sparsify.",
+        "",
+        "```python",
+        "from dit_sparse.pipelines import tiny",
+        "pipe = tiny.load()  # WanPipeline.from_pretrained on this folder",
+        f'video = pipe("a red circle moves right on a blue background", num_frames={config.frames}, '
+        f"height={config.height}, width={config.width}, num_inference_steps={steps}, guidance_scale={guidance}).frames[0]",
+        "```",
+        "",
+        "## Data",
+        "",
+        f"`dit_sparse.pipelines.shapes_dataset` (seed {config.data_seed}; {trainer.next_index:,} videos drawn): "
+        f"{len(SHAPES)} shapes ({', '.join(SHAPES)}) in {len(SHAPE_COLOURS)} colours ({', '.join(SHAPE_COLOURS)}), "
+        f"moving {len(DIRECTIONS)} ways ({', '.join(DIRECTIONS)}) at a constant speed over a plain background or a "
+        f"vertical or horizontal gradient ({len(BACKGROUND_COLOURS)} colours, never the shape's). Captions: "
+        '"a red circle moves right on a blue background", "a green triangle moves up and left on a white to gray '
+        'vertical gradient".',
+        "",
+        "## Config",
+        "",
+        f"- Video: {config.frames} frames of {config.width} x {config.height} px -> latents "
+        f"{config.latent_shape} -> {config.video_tokens:,} video tokens per transformer call.",
+        f"- Parameters: transformer {sizes['transformer']:,}, VAE {sizes['vae']:,}, text encoder {sizes['text_encoder']:,}.",
+        "",
+        "```json",
+        json.dumps({"model": dataclasses.asdict(config), "training": dataclasses.asdict(train_config)}, indent=1),
+        "```",
+        "",
+        "## Training",
+        "",
+        f"`python -m dit_sparse.pipelines.train_tiny` (seed {trainer.seed}), on {device}, torch {torch.__version__}, "
+        f"{platform.python_version()}: VAE {trainer.vae_step:,} steps in {trainer.seconds['vae'] / 60:.1f} min, then "
+        f"transformer + text encoder {trainer.dit_step:,} steps in {trainer.seconds['dit'] / 60:.1f} min "
+        f"(batch {train_config.batch_size}). Rectified flow (target noise - x0), Wan's time shift "
+        f"{config.flow_shift}, caption dropout {train_config.caption_dropout}, EMA {train_config.ema_decay} (exported).",
+        "",
+    ]
+    for phase, name in (("vae", "VAE"), ("dit", "transformer")):
+        if last[phase]:
+            lines.append(f"- Final {name} loss (mean of the last log interval): {last[phase]['loss']:.4f}")
+    if figure:
+        lines += ["", "![loss curves](loss.png)"]
+    lines += ["", "## Caption following", ""]
+    if result is None:
+        lines.append("Not scored.")
+    else:
+        lines += [
+            f"**{result['n_ok']} / {len(result['prompts'])}** prompts followed: rendered at {config.frames} frames, "
+            f"{config.width} x {config.height} px, {steps} steps, guidance {guidance}, seeds 0..{len(result['prompts']) - 1}, "
+            "checked with OpenCV (`dit_sparse.pipelines.caption_score`: the main blob's colour is the caption's, its "
+            "centroid moves within 45 degrees of the captioned direction by at least 10% of the frame).",
+            "",
+            "| prompt | ok | colour found | displacement (px) | angle error | note |",
+            "|---|---|---|---|---|---|",
+        ]
+        for prompt, d in zip(result["prompts"], result["details"]):
+            lines.append(
+                f"| {prompt} | {'yes' if d['ok'] else 'no'} | {d['colour']} | {d['displacement']} | "
+                f"{d['angle_error']} | {d['reason']} |"
+            )
+        lines += ["", "First, middle and last frames: ![samples](samples.png)"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dit_sparse.pipelines.train_tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file: resumed if it exists, written at the end")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model/data preset for a new run (default)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and noise seed for a new run (default 0)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="stop this chunk after this many minutes (default 10)")
+    parser.add_argument("--chunk-steps", type=int, default=None, help="stop this chunk after this many steps")
+    parser.add_argument("--save-every", type=float, default=4.0, help="minutes between checkpoints (default 4)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=None, help="transformer batch size")
+    parser.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch size")
+    parser.add_argument("--lr", type=float, default=None, help="transformer + text encoder learning rate")
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps in all")
+    parser.add_argument("--dit-steps", type=int, default=None, help="transformer steps in all")
+    parser.add_argument("--pool-size", type=int, default=None, help="encoded videos to sample batches from (0: none)")
+    parser.add_argument("--pool-refresh", type=int, default=None, help="new videos encoded into the pool each step")
+    parser.add_argument("--log-every", type=int, default=None, help="steps per log line / loss-history point")
+    parser.add_argument("--export", default=None, metavar="DIR", help="write the save_pretrained folder here at the end")
+    parser.add_argument("--score-prompts", type=int, default=10, help="caption prompts to score for the card (0: none)")
+    parser.add_argument("--score-steps", type=int, default=8, help="denoising steps of the scored renders (default 8)")
+    parser.add_argument("--score-guidance", type=float, default=5.0, help="CFG scale of the scored renders (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    trainer = open_trainer(args, device)
+    config = trainer.model_config
+    print(
+        f"model: {config.video_tokens} video tokens per sample; transformer {parameter_count(trainer.transformer):,}, "
+        f"VAE {parameter_count(trainer.vae):,}, text encoder {parameter_count(trainer.text_encoder):,} parameters; "
+        f"device {device}; phase {trainer.phase}"
+    )
+    reserve = 90.0 if args.export else 20.0  # seconds kept for saving (and exporting) inside --minutes
+    deadline = started + max(args.minutes * 60.0 - reserve, 0.0)
+    train(trainer, deadline, args.chunk_steps, args.checkpoint, args.save_every * 60.0)
+    save_checkpoint(trainer, args.checkpoint)
+    print(f"saved {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step} ({trainer.phase})")
+    if args.export:
+        export(trainer, args.export, args.score_prompts, args.score_steps, args.score_guidance, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video and Mochi adapters, on tiny random configs of the
+real diffusers transformer classes (built in code, called directly as their pipelines call them, CFG batch of 2)."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    MochiTransformer3DModel,
+)
+
+import dit_sparse
+import dit_sparse.hooks
+from dit_sparse.hooks import ATTENTION_HOOK, TRANSFORMER_HOOK
+from dit_sparse.layout import VideoLayout
+
+SPARSE = dict(density=0.3, block_size=16)  # "random" keeps ~30% of the 16-token key blocks, the diagonal always
+
+
+def _left_aligned_mask(lengths: list[int], total: int) -> torch.Tensor:
+    return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]  # (B, total) bool
+
+
+def _hunyuan_video():
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 3, 16, 16), timestep=torch.tensor([700, 700]),
+        encoder_hidden_states=torch.randn(2, 7, 16), encoder_attention_mask=_left_aligned_mask([5, 3], 7),
+        pooled_projections=torch.randn(2, 8), guidance=torch.tensor([6000.0, 6000.0]),
+    )
+    return transformer, inputs
+
+
+def _hunyuan_video_15():
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_refiner_layers=1,
+        patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+        rope_axes_dim=(4, 6, 6),
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 3, 16, 16), timestep=torch.tensor([700.0, 700.0]),
+        encoder_hidden_states=torch.randn(2, 7, 16), encoder_attention_mask=_left_aligned_mask([5, 7], 7),
+        encoder_hidden_states_2=torch.randn(2, 3, 8), encoder_attention_mask_2=_left_aligned_mask([3, 2], 3),
+        image_embeds=torch.zeros(2, 5, 12),  # text-to-video: the 5 image tokens are padding
+    )
+    return transformer, inputs
+
+
+def _cogvideox(patch_size_t=None):
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        patch_size_t=patch_size_t, max_text_seq_length=8, use_rotary_positional_embeddings=patch_size_t is not None,
+    )
+    frames = 3 if patch_size_t is None else 4  # latent frames; 1.5 pairs them (patch_size_t 2)
+    inputs = dict(
+        hidden_states=torch.randn(2, frames, 4, 16, 16), encoder_hidden_states=torch.randn(2, 8, 16),
+        timestep=torch.tensor([700, 700]),
+    )
+    return transformer, inputs
+
+
+def _flux_ids(frames: int, height: int, width: int) -> torch.Tensor:
+    grid = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack(grid, dim=-1).reshape(-1, 3).float()  # (N, 3) = (frame, row, column), as FluxPipeline's ids
+
+
+def _flux():
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 12 * 10, 8), encoder_hidden_states=torch.randn(2, 6, 16),
+        pooled_projections=torch.randn(2, 8), timestep=torch.tensor([0.7, 0.7]), img_ids=_flux_ids(1, 12, 10),
+        txt_ids=torch.zeros(6, 3),
+    )
+    return transformer, inputs
+
+
+def _ltx_video():
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+        cross_attention_dim=24, num_layers=2, caption_channels=16,
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 3 * 8 * 8, 8), encoder_hidden_states=torch.randn(2, 6, 16),
+        timestep=torch.tensor([700, 700]), encoder_attention_mask=torch.ones(2, 6), num_frames=3, height=8, width=8,
+    )
+    return transformer, inputs
+
+
+def _mochi():
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu", max_sequence_length=8,
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 3, 16, 16), encoder_hidden_states=torch.randn(2, 8, 16),
+        timestep=torch.tensor([700, 700]), encoder_attention_mask=_left_aligned_mask([5, 8], 8),
+    )
+    return transformer, inputs
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable
+    sites: tuple[str, ...]
+    video: VideoLayout  # the video tokens of the inputs
+    text_position: str | None
+    text_lens: tuple[int, ...]  # per attention call of one module (Mochi attends one batch element at a time)
+    padded_text: bool = False  # the inputs' text has padding the model must not attend to
+
+
+FAMILIES = {
+    "hunyuan_video": Family(
+        _hunyuan_video, ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"), VideoLayout(3, 8, 8),
+        "suffix", (7,), padded_text=True,
+    ),
+    "hunyuan_video_15": Family(
+        _hunyuan_video_15, ("transformer_blocks.0.attn", "transformer_blocks.1.attn"), VideoLayout(3, 8, 8),
+        "suffix", (5 + 3 + 7,), padded_text=True,
+    ),
+    "cogvideox": Family(
+        _cogvideox, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), "prefix", (8,)
+    ),
+    "cogvideox_15": Family(
+        lambda: _cogvideox(patch_size_t=2), ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"),
+        VideoLayout(2, 8, 8), "prefix", (8,),
+    ),
+    "flux": Family(
+        _flux, ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"), VideoLayout(1, 12, 10), "prefix", (6,)
+    ),
+    "ltx_video": Family(
+        _ltx_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
+    ),
+    "mochi": Family(
+        _mochi, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), "suffix", (5, 8),
+        padded_text=True,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Each family's transformer (weights from seed 0), its inputs and its unwrapped output; built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                transformer, inputs = FAMILIES[name].build()
+            transformer.eval()
+            cache[name] = (transformer, inputs, _forward(transformer, inputs))
+        return cache[name]
+
+    return get
+
+
+def _forward(transformer, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(**inputs, return_dict=False)[0]
+
+
+def _hooked_modules(transformer):
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
+    ]
+
+
+@pytest.fixture
+def attention_probe(monkeypatch):
+    """Records every `sparse_attention` call the hooks make: (q, k, v, mask, layout, text_padding_mask, out)."""
+    calls = []
+    original = dit_sparse.hooks.sparse_attention
+
+    def probe(q, k, v, mask, layout=None, *, text_padding_mask=None, **kwargs):
+        out = original(q, k, v, mask, layout, text_padding_mask=text_padding_mask, **kwargs)
+        calls.append((q, k, v, mask, layout, text_padding_mask, out))
+        return out
+
+    monkeypatch.setattr(dit_sparse.hooks, "sparse_attention", probe)
+    return calls
+
+
+def _attention_with_explicit_mask(q, k, v, mask, layout, text_padding_mask) -> torch.Tensor:
+    """Dense SDPA with the token-level mask the rules give: video rows keep `mask`'s blocks, every row sees every
+    valid text key, text rows see every valid key. q, k, v (B, S, H, D)."""
+    batch, seq_len = q.shape[:2]
+    video, text = layout.video_slice, layout.text_slice
+    allowed = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    allowed[:, video, video] = mask.to_dense()[:, 0]  # shared over heads
+    allowed[:, :, text] = True
+    allowed[:, text, :] = True
+    key_valid = torch.ones(batch, seq_len, dtype=torch.bool)
+    if text_padding_mask is not None:
+        key_valid[:, text] = text_padding_mask
+    allowed &= key_valid[:, None, :]
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=allowed[:, None])
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dense_method_matches_the_unwrapped_transformer(built, name):
+    transformer, inputs, reference = built(name)
+    dit_sparse.sparsify(transformer, "dense", block_size=16)
+    try:
+        assert _hooked_modules(transformer) == ["", *FAMILIES[name].sites]
+        output = _forward(transformer, inputs)
+        stats = dit_sparse.sparsity_stats(transformer)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": len(FAMILIES[name].sites)}
+    torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sparse_method_changes_the_output_and_unsparsify_restores_it_bit_identically(built, name):
+    transformer, inputs, reference = built(name)
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    sparse = _forward(transformer, inputs)
+    assert 0 < dit_sparse.sparsity_stats(transformer)["density"] < 1
+    dit_sparse.unsparsify(transformer)
+    assert _hooked_modules(transformer) == []
+    assert all("forward" not in module.__dict__ for module in transformer.modules())
+    assert not torch.allclose(sparse, reference, atol=1e-3)
+    assert torch.equal(_forward(transformer, inputs), reference)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_text_tokens_see_and_are_seen_by_every_token(built, name, attention_probe):
+    family = FAMILIES[name]
+    transformer, inputs, _ = built(name)
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        _forward(transformer, inputs)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert len(attention_probe) == len(family.sites) * len(family.text_lens)
+    for i, (q, k, v, mask, layout, text_padding_mask, out) in enumerate(attention_probe):
+        text_len = family.text_lens[i % len(family.text_lens)]
+        video = family.video
+        text_position = family.text_position if text_len else None
+        assert layout == VideoLayout(video.frames, video.height, video.width, text_len, text_position)
+        assert mask.density < 1
+        expected = _attention_with_explicit_mask(q, k, v, mask, layout, text_padding_mask)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [name for name, family in FAMILIES.items() if family.padded_text])
+def test_padded_text_tokens_get_no_attention(built, name, attention_probe):
+    transformer, inputs, _ = built(name)
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        sparse = _forward(transformer, inputs)
+        # In the model: new embeddings at the prompts' padded positions change no output.
+        changed = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+        padded = ~inputs["encoder_attention_mask"]
+        changed["encoder_hidden_states"][padded] = 5 * torch.randn(int(padded.sum()), 16)
+        torch.testing.assert_close(_forward(transformer, changed), sparse, atol=1e-6, rtol=0)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    # In each attention call: other keys and values at the padded text positions change no output row.
+    for q, k, v, mask, layout, text_padding_mask, out in attention_probe:
+        if text_padding_mask is None:  # Mochi drops its padding before the call
+            continue
+        assert not text_padding_mask.all()
+        padded = torch.zeros(q.shape[:2], dtype=torch.bool)
+        padded[:, layout.text_slice] = ~text_padding_mask
+        k2, v2 = k.clone(), v.clone()
+        k2[padded], v2[padded] = torch.randn_like(k2[padded]), torch.randn_like(v2[padded])
+        again = dit_sparse.sparse_attention(q, k2, v2, mask, layout, text_padding_mask=text_padding_mask)
+        torch.testing.assert_close(again, out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cfg_batch_of_two_matches_two_single_calls(built, name):
+    transformer, inputs, _ = built(name)
+    halves = [
+        {key: value[i : i + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (2,) else value
+         for key, value in inputs.items()}
+        for i in range(2)
+    ]
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        batched = _forward(transformer, inputs)
+        singles = torch.cat([_forward(transformer, half) for half in halves])
+    finally:
+        dit_sparse.unsparsify(transformer)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_radial_uses_the_family_default_variant_unless_set_explicitly(built):
+    transformer, inputs, reference = built("hunyuan_video")
+    session = dit_sparse.hooks.session_of
+    try:
+        dit_sparse.sparsify(transformer, "radial", block_size=16)
+        assert session(transformer).config == dit_sparse.RadialConfig(block_size=16, variant="hunyuan")
+        radial = _forward(transformer, inputs)
+        hunyuan_mask = dit_sparse.patterns.radial(FAMILIES["hunyuan_video"].video, block_size=16, variant="hunyuan")
+        assert dit_sparse.sparsity_stats(transformer)["density"] == pytest.approx(hunyuan_mask.density)
+        assert hunyuan_mask.density < 1 and not torch.allclose(radial, reference, atol=1e-3)
+
+        dit_sparse.sparsify(transformer, "radial", block_size=16, variant="wan")
+        assert session(transformer).config.variant == "wan"
+        dit_sparse.sparsify(transformer, dit_sparse.RadialConfig(block_size=16))  # a config object is taken as given
+        assert session(transformer).config.variant == "wan"
+    finally:
+        dit_sparse.unsparsify(transformer)
+    cogvideox, _, _ = built("cogvideox")
+    try:
+        dit_sparse.sparsify(cogvideox, "radial", block_size=16)
+        assert session(cogvideox).config.variant == "wan"  # the paper's default elsewhere
+    finally:
+        dit_sparse.unsparsify(cogvideox)
+
+
+def test_transformers_of_two_families_get_their_own_config_and_shared_statistics(built):
+    hunyuan, hunyuan_inputs, _ = built("hunyuan_video")
+    cogvideox, cogvideox_inputs, _ = built("cogvideox")
+    dit_sparse.sparsify([hunyuan, cogvideox], "radial", block_size=16)
+    try:
+        assert dit_sparse.hooks.session_of(hunyuan).config.variant == "hunyuan"
+        assert dit_sparse.hooks.session_of(cogvideox).config.variant == "wan"
+        _forward(hunyuan, hunyuan_inputs)
+        _forward(cogvideox, cogvideox_inputs)
+        assert dit_sparse.sparsity_stats([hunyuan, cogvideox])["attention_calls"] == 2 + 2
+    finally:
+        dit_sparse.unsparsify([hunyuan, cogvideox])
+
+
+def test_radial_on_flux_is_refused_before_anything_changes(built):
+    transformer, _, _ = built("flux")
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        with pytest.raises(ValueError, match="'radial' does not apply to FluxTransformer2DModel: .* one frame"):
+            dit_sparse.sparsify(transformer, "radial")
+        assert dit_sparse.sparsity_stats(transformer)["method"] == "random"
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_flux_kontext_reference_image_of_the_output_size_is_a_second_frame(built, attention_probe):
+    transformer, inputs, _ = built("flux")
+    kontext = dict(inputs, hidden_states=torch.randn(2, 2 * 12 * 10, 8), img_ids=_flux_ids(2, 12, 10))
+    other_size = dict(
+        inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8),
+        img_ids=torch.cat([_flux_ids(1, 12, 10), _flux_ids(2, 6, 5)[6 * 5 :]]),
+    )
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        _forward(transformer, kontext)
+        assert attention_probe[0][4] == VideoLayout(2, 12, 10, 6, "prefix")
+        with pytest.raises(ValueError, match="img_ids .* do not form a frames x height x width grid"):
+            _forward(transformer, other_size)
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_ltx_video_conditioning_by_video_coords_is_a_clear_error(built):
+    transformer, inputs, _ = built("ltx_video")
+    coords = {key: value for key, value in inputs.items() if key not in ("num_frames", "height", "width")}
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        with pytest.raises(ValueError, match="without int num_frames, height and width .*LTXConditionPipeline"):
+            _forward(transformer, dict(coords, video_coords=torch.zeros(2, 3, 192)))
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_patterns_that_read_q_and_k_build_their_mask_in_each_call(built, monkeypatch):
+    transformer, inputs, _ = built("hunyuan_video")
+    built_for = []
+    build_mask = dit_sparse.hooks.build_mask
+
+    def recording_build_mask(layout, config, q=None, k=None, **kwargs):
+        built_for.append((layout, q is not None and k is not None))
+        return build_mask(layout, config, q=q, k=k, **kwargs)
+
+    monkeypatch.setattr(dit_sparse.hooks, "is_static", lambda config: False)
+    monkeypatch.setattr(dit_sparse.hooks, "build_mask", recording_build_mask)
+    dit_sparse.sparsify(transformer, "random", dense_layers=1, **SPARSE)
+    try:
+        _forward(transformer, inputs)
+        stats = dit_sparse.sparsity_stats(transformer)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert built_for == [(VideoLayout(3, 8, 8, 7, "suffix"), True)]  # layer 1 only: layer 0 is dense
+    assert stats["attention_calls"] == 2 and 0.5 < stats["density"] < 1
+
+
+def test_no_adapter_error_lists_every_supported_class():
+    with pytest.raises(ValueError, match="no dit-sparse adapter for transformer class 'Linear'") as error:
+        dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")
+    for name in (
+        "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
+        "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "MochiTransformer3DModel",
+        "WanTransformer3DModel",
+    ):
+        assert name in str(error.value)
