@@ -362,7 +362,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Transformer step benchmark, {result['gpu']}, {result['date']}",
         "",
-        f"`{result['command']}`; torch {result['torch']}, diffusers {result['diffusers']}, {result['dtype']}, random "
+        "; ".join(f"`{c}`" for c in result.get("commands", [result["command"]])) + f"; torch {result['torch']}, diffusers {result['diffusers']}, {result['dtype']}, random "
         f"weights at the real configs. One denoising step = the transformer calls of one step as the pipeline makes "
         f"them (Wan: cond + uncond, 2 calls; CogVideoX: one call of batch 2; HunyuanVideo, FLUX: one call). "
         f"`ms dense` = diffusers' default in the same mode; `share` = self-attention's share of that step (the "
@@ -385,16 +385,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_key(row: dict) -> tuple:
+    return row.get("model_key"), row.get("mode"), row.get("method")
+
+
+def relate_to_eager_diffusers(rows: list[dict]) -> None:
+    """Set every row's `speedup_vs_eager_diffusers` from the eager diffusers row of its model, wherever it was run."""
+    eager = {r["model_key"]: r["ms_sparse"] for r in rows if r.get("mode") == "eager" and r["method"] == "diffusers"}
+    for r in rows:
+        if r.get("model_key") in eager:
+            r["speedup_vs_eager_diffusers"] = eager[r["model_key"]] / r["ms_sparse"]
+
+
 def _merge(path: Path, result: dict) -> dict:
-    """The same day's earlier file with this run's rows replacing those of the models it ran."""
+    """The same day's earlier file with this run's rows replacing those it ran again (same model, mode and method)."""
     if not path.exists():
         return result
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return result
+    ran = {_row_key(r) for r in result["rows"]}
+    rows = [r for r in earlier.get("rows", []) if _row_key(r) not in ran] + result["rows"]
+    relate_to_eager_diffusers(rows)
     models = {r["model_key"] for r in result["rows"]}
-    rows = [r for r in earlier.get("rows", []) if r.get("model_key") not in models] + result["rows"]
     notes = [n for n in earlier.get("notes", []) if not any(n.startswith(MODELS_ALL[m].label) for m in models)]
     commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c]
     commands += [result["command"]] if result["command"] not in commands else []

@@ -223,9 +223,6 @@ def run_shape(name: str, args, rows: list, notes: list) -> None:
                       f"{common['partial_fraction']:.2f}) {backend:9s}({resolved}) {ms:9.3f} ms "
                       f"x{row['speedup_vs_cudnn'] or 0:.2f} vs cuDNN, Flex {ms_flex}", flush=True)
     notes.extend(errors)
-    del q, k, v
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _allowed_pairs(mask, layout, window, stride, dilation, variant) -> int:
@@ -328,6 +325,8 @@ def main(argv=None) -> int:
             notes.append(f"{name}: skipped, the run passed its time budget of {args.time_budget} s")
             continue
         run_shape(name, args, rows, notes)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the shape's q, k, v and masks are gone with run_shape's frame
         result.update(seconds=round(time.time() - start, 1), triton_configs=triton_block_sparse.chosen_configs())
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         (out / f"{stem}.md").write_text(markdown(result))

@@ -25,7 +25,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from dit_sparse.attention import sparse_attention
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, TokenBoxes
 from dit_sparse.config import MethodConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns import build_mask, is_static
@@ -246,10 +246,13 @@ class _AttentionInterceptor(TorchFunctionMode):
             self.session.record(density)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
         if torch.compiler.is_compiling():
+            boxes = mask.token_boxes
             out = torch.ops.dit_sparse.sparse_attention(
-                q, k, v, mask.kv_block_indices, mask.kv_block_counts, mask.permutation, text_padding_mask,
-                mask.seq_len, mask.q_block_size, mask.kv_block_size, layout.frames, layout.height, layout.width,
-                layout.text_len, layout.text_position, scale, plan.backend,
+                q, k, v, mask.kv_block_indices, mask.kv_block_counts, mask.permutation, mask.kv_block_partial,
+                None if boxes is None else boxes.query_lo, None if boxes is None else boxes.query_hi,
+                None if boxes is None else boxes.key_coords, None if boxes is None else list(boxes.step),
+                text_padding_mask, mask.seq_len, mask.q_block_size, mask.kv_block_size, layout.frames,
+                layout.height, layout.width, layout.text_len, layout.text_position, scale, plan.backend,
             )
         else:
             out = sparse_attention(
@@ -313,23 +316,34 @@ def _remember_mask(mask: BlockMask) -> None:
     mask.kv_block_indices._dit_sparse_block_mask = weakref.ref(mask)
 
 
-def _block_mask_of(kv_block_indices, kv_block_counts, permutation, seq_len, q_block_size, kv_block_size) -> BlockMask:
+def _block_mask_of(
+    kv_block_indices, kv_block_counts, permutation, kv_block_partial, boxes, seq_len, q_block_size, kv_block_size
+) -> BlockMask:
+    """The session's own BlockMask behind these tensors (its kernel caches live on it), else one rebuilt from them,
+    in-block masking included. `boxes`: (query_lo, query_hi, key_coords, step), all None without in-block masking."""
     ref = getattr(kv_block_indices, "_dit_sparse_block_mask", None)
     mask = ref() if ref is not None else None
     if (
         mask is not None
         and mask.kv_block_counts is kv_block_counts
         and mask.permutation is permutation
+        and mask.kv_block_partial is kv_block_partial
         and (mask.seq_len, mask.q_block_size, mask.kv_block_size) == (seq_len, q_block_size, kv_block_size)
     ):
         return mask
-    return BlockMask(kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation)
+    query_lo, query_hi, key_coords, step = boxes
+    token_boxes = None if kv_block_partial is None else TokenBoxes(query_lo, query_hi, key_coords, tuple(step))
+    return BlockMask(
+        kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation, kv_block_partial,
+        token_boxes,
+    )
 
 
 @torch.library.custom_op(
     "dit_sparse::sparse_attention",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, Tensor? permutation, "
+    "Tensor? kv_block_partial, Tensor? query_lo, Tensor? query_hi, Tensor? key_coords, int[]? box_step, "
     "Tensor? text_padding_mask, int seq_len, int q_block_size, int kv_block_size, int frames, int height, int width, "
     "int text_len, str? text_position, float? scale, str backend) -> Tensor",
 )
@@ -340,6 +354,11 @@ def _sparse_attention_op(
     kv_block_indices: torch.Tensor,
     kv_block_counts: torch.Tensor,
     permutation: torch.Tensor | None,
+    kv_block_partial: torch.Tensor | None,
+    query_lo: torch.Tensor | None,
+    query_hi: torch.Tensor | None,
+    key_coords: torch.Tensor | None,
+    box_step: list[int] | None,
     text_padding_mask: torch.Tensor | None,
     seq_len: int,
     q_block_size: int,
@@ -354,7 +373,10 @@ def _sparse_attention_op(
 ) -> torch.Tensor:
     """`sparse_attention` with the BlockMask and VideoLayout spelled out as tensors and ints; (B, S, H, D) out,
     contiguous. What compiled graphs call in place of the interceptor's eager `sparse_attention`."""
-    mask = _block_mask_of(kv_block_indices, kv_block_counts, permutation, seq_len, q_block_size, kv_block_size)
+    mask = _block_mask_of(
+        kv_block_indices, kv_block_counts, permutation, kv_block_partial, (query_lo, query_hi, key_coords, box_step),
+        seq_len, q_block_size, kv_block_size,
+    )
     layout = VideoLayout(frames, height, width, text_len, text_position)
     out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=backend)
     return out.contiguous()

@@ -111,9 +111,31 @@ def test_the_custom_op_passes_torch_library_checks():
     q, k, v = (torch.randn(2, layout.seq_len, 2, 16) for _ in range(3))
     text_padding_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     args = (
-        q, k, v, mask.kv_block_indices, mask.kv_block_counts, None, text_padding_mask, mask.seq_len,
-        mask.q_block_size, mask.kv_block_size, 2, 4, 4, 5, "prefix", None, "reference",
+        q, k, v, mask.kv_block_indices, mask.kv_block_counts, None, None, None, None, None, None, text_padding_mask,
+        mask.seq_len, mask.q_block_size, mask.kv_block_size, 2, 4, 4, 5, "prefix", None, "reference",
     )
     torch.library.opcheck(torch.ops.dit_sparse.sparse_attention.default, args)
     expected = dit_sparse.sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask)
     torch.testing.assert_close(torch.ops.dit_sparse.sparse_attention(*args), expected)
+
+
+def test_the_custom_op_keeps_in_block_masking_when_it_rebuilds_the_mask():
+    # Copies of the index tensors carry no link to the session's BlockMask, so the op rebuilds it from its tensors:
+    # the token-level window (partial blocks) must survive that, not widen to whole blocks.
+    layout = dit_sparse.VideoLayout(3, 8, 8)
+    mask = dit_sparse.patterns.neighborhood(layout, window=(3, 3, 5), tile=(1, 4, 4), exact=True)
+    assert mask.has_token_boxes
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16) for _ in range(3))
+    boxes = mask.token_boxes
+    out = torch.ops.dit_sparse.sparse_attention(
+        q, k, v, mask.kv_block_indices.clone(), mask.kv_block_counts.clone(), mask.permutation,
+        mask.kv_block_partial, boxes.query_lo, boxes.query_hi, boxes.key_coords, list(boxes.step), None,
+        mask.seq_len, mask.q_block_size, mask.kv_block_size, 3, 8, 8, 0, None, None, "reference",
+    )
+    expected = dit_sparse.sparse_attention(q, k, v, mask, layout, backend="reference")
+    torch.testing.assert_close(out, expected)
+    whole_blocks = dit_sparse.BlockMask(
+        mask.kv_block_indices, mask.kv_block_counts, mask.seq_len, mask.q_block_size, mask.kv_block_size,
+        mask.permutation,
+    )
+    assert not torch.allclose(out, dit_sparse.sparse_attention(q, k, v, whole_blocks, layout, backend="reference"))

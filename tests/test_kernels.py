@@ -68,8 +68,10 @@ def test_reference_kernel_matches_dense_attention_and_its_lse(
     torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), expected_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("seq_len, q_block, kv_block, axes, mask_shape, permute",
-                         [(100, 16, 16, 3, (1, 1), False), (90, 32, 16, 2, (2, 2), True), (130, 16, 32, 1, (1, 2), True)])
+@pytest.mark.parametrize(
+    "seq_len, q_block, kv_block, axes, mask_shape, permute",
+    [(100, 16, 16, 3, (1, 1), False), (90, 32, 16, 2, (2, 2), True), (130, 16, 32, 1, (1, 2), True)],
+)
 def test_reference_honours_token_boxes_inside_partial_blocks(seq_len, q_block, kv_block, axes, mask_shape, permute):
     g = torch.Generator().manual_seed(seq_len)
     lo = torch.randint(-1, 4, (seq_len, axes), generator=g).int()
@@ -203,7 +205,8 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         q, k, v = (torch.randn(1, s, 2, 16, generator=g) for _ in range(3))
         out, lse = tbs.block_sparse_attention(q, k, v, mask, 0.3)
         ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, 0.3)
-        results.append(dict(case="boxes " + str(i), dtype="torch.float32", out=err(out, ref_out), lse=lse_err(lse, ref_lse)))
+        results.append(dict(case="boxes " + str(i), dtype="torch.float32", out=err(out, ref_out),
+                            lse=lse_err(lse, ref_lse)))
 
     # neighborhood windows through the public API against dense SDPA with their token mask
     from dit_sparse.patterns.neighborhood import neighborhood

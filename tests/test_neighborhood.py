@@ -114,7 +114,7 @@ def _block_any_all(blocked: torch.Tensor, block: int):
     return (tiles.nan_to_num(0) > 0).any(-1), ((tiles == 1) | ~real).all(-1)
 
 
-# ---- the exact variant ------------------------------------------------------------------------------------------------
+# ---- the exact variant -----------------------------------------------------------------------------------------------
 
 
 def test_natten_flex_rule_matches_the_brute_force_definition():
@@ -149,6 +149,15 @@ def test_exact_neighborhood_token_mask_matches_natten_brute_force():
     assert partial_somewhere
 
 
+def test_images_get_a_2d_window():
+    # FLUX-like: one frame; the time window is clamped to 1, the spatial window is NATTEN's 2D one.
+    layout = VideoLayout(1, 9, 13)
+    mask = neighborhood(layout, window=(3, 5, 5), stride=(1, 2, 1), dilation=(1, 1, 2), tile=(1, 4, 4), exact=True)
+    assert effective_window(layout, (3, 5, 5))[0] == (1, 5, 5)
+    assert torch.equal(mask.to_dense()[0, 0], _natten_brute_force(layout, (1, 5, 5), (1, 2, 1), (1, 1, 2)))
+    assert bool((mask.to_dense()[0, 0].sum(1) == 25).all())
+
+
 def test_tiled_order_puts_whole_tiles_first_one_block_each():
     layout, tile = VideoLayout(5, 10, 19), (2, 4, 4)
     perm, coords = tiled_order(layout, tile)
@@ -163,7 +172,7 @@ def test_tiled_order_puts_whole_tiles_first_one_block_each():
     assert perm is not None and tiled_order(VideoLayout(2, 8, 16), (1, 8, 16))[0] is None  # natural order already
 
 
-# ---- the tile-aligned variant (STA) -----------------------------------------------------------------------------------
+# ---- the tile-aligned variant (STA) ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -223,7 +232,7 @@ def test_tile_aligned_border_blocks_keep_every_block_their_tiles_keep():
         assert not mask.has_token_boxes
 
 
-# ---- attention through the mask ---------------------------------------------------------------------------------------
+# ---- attention through the mask --------------------------------------------------------------------------------------
 
 
 def _dense_reference(q, k, v, video_allowed, layout, scale):
@@ -261,7 +270,7 @@ def test_fa4_refuses_exact_masks_by_name_and_auto_falls_back(monkeypatch):
     assert kernels.resolve_backend("auto", q, exact) == "reference"  # CPU here; on a GPU, triton
 
 
-# ---- config, registry, pipeline ---------------------------------------------------------------------------------------
+# ---- config, registry, pipeline --------------------------------------------------------------------------------------
 
 
 def test_config_normalises_and_builds_through_the_registry():

@@ -56,6 +56,8 @@ def neighborhood(
       window, and flagged partial unless all are; partial blocks are masked inside by each query's box (`TokenBoxes`:
       lattice step = dilation), so the attention is exactly NATTEN's. When no block is partial (e.g. windows of an
       odd number of tiles with stride = tile, where NA is STA) the mask has no boxes and FA4 can run it.
+      `mask.density` is the kernel's work (partial blocks count whole); the window itself allows
+      video_len x prod(`effective_window(...)[0]`) pairs.
     - `exact=False` (STA): the same rule on the grid of tiles, with the window rounded up to whole tiles
       (ceil(window / tile) tiles per axis): a query tile keeps the key tiles of its tile window; stride and dilation
       must be 1 (every query of a tile already shares its window: STA is NA with stride = tile, as GNA notes). On
@@ -76,7 +78,7 @@ def neighborhood(
 
     permutation, coords = tiled_order(layout, tile)  # coords (S, 3) of the blocked order
     pieces = _pieces(layout, tile, coords)
-    allowed_pairs = _block_pair_counts(pieces, relations, math.ceil(layout.video_len / block_size))
+    allowed_pairs = _block_pair_counts(pieces, relations, math.ceil(layout.video_len / block_size))  # (n, n) int64
     block_tokens = torch.bincount(torch.arange(layout.video_len) // block_size).long()  # (n_blocks,)
     kept = allowed_pairs > 0
     partial = kept & (allowed_pairs < block_tokens[:, None] * block_tokens[None, :])
