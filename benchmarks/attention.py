@@ -359,12 +359,18 @@ def markdown(result: dict) -> str:
             f"{_fmt(r.get('ms_cudnn'))} | {_fmt(r.get('ms_fa4_dense'))} | {_fmt(r.get('ms_fa4_direct'))} | "
             f"{_fmt(r.get('vs_fa4_direct'), 3)} | {_fmt(r.get('ms_flex'))} | {_fmt(r.get('vs_flex'))} |"
         )
+    return "\n".join(lines + report_tail(result)) + "\n"
+
+
+def report_tail(result: dict) -> list[str]:
+    """The markdown lines every attention report ends with: the autotuner's choices, then notes and errors."""
+    lines = []
     if result.get("triton_configs"):
         lines += ["", "Triton configs kept by the autotuner (BLOCK_M, BLOCK_N, warps, stages):", ""]
         lines += [f"- `{key}`: {value}" for key, value in result["triton_configs"].items()]
     if result.get("notes"):
         lines += ["", "Notes and errors:", ""] + [f"- {note}" for note in result["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:

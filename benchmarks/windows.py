@@ -264,12 +264,7 @@ def markdown(result: dict) -> str:
     diffs = [r["max_abs_diff_vs_flex"] for r in result["rows"] if "max_abs_diff_vs_flex" in r]
     if diffs:
         lines += ["", f"Outputs against FlexAttention's (shapes without text): max abs difference {max(diffs):.2e}."]
-    if result.get("triton_configs"):
-        lines += ["", "Triton configs kept by the autotuner (BLOCK_M, BLOCK_N, warps, stages):", ""]
-        lines += [f"- `{key}`: {value}" for key, value in result["triton_configs"].items()]
-    if result.get("notes"):
-        lines += ["", "Notes and errors:", ""] + [f"- {note}" for note in result["notes"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + bench.report_tail(result)) + "\n"
 
 
 def main(argv=None) -> int:
