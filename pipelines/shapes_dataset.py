@@ -10,7 +10,7 @@ any sample can be regenerated out of order (a resumed training run continues the
   ("vertical") or left to right ("horizontal"), never using the shape's colour.
 
 Its caption follows one template, e.g. "a red circle moves right on a blue background" or
-"a green triangle moves up and left on a white to gray vertical gradient"; every word is in `VOCABULARY`.
+"an orange triangle moves up and left on a white to gray vertical gradient"; every word is in `VOCABULARY`.
 
 Sizes and positions are fractions of the frame, so the same parameters render at any size and frame count
 (`render_videos`, batched and on any torch device; `render_video`, one uint8 video).
@@ -60,15 +60,24 @@ DIRECTIONS = {
 BACKGROUNDS = ("plain", "vertical", "horizontal")
 
 #: Ranges the parameters are drawn from (fractions of the shorter frame side; positions of the frame's width/height).
-SIZE_RANGE = (0.08, 0.14)  # the circle's radius; the square and triangle have the same area
-TRAVEL_RANGE = (0.25, 0.6)  # the centre's displacement over the whole clip
-EDGE_MARGIN = 0.02  # between the shape and the frame's edge, at every frame
+SIZE_RANGE = (0.07, 0.12)  # the circle's radius; the square and triangle have the same area
+TRAVEL_RANGE = (0.25, 0.55)  # the centre's displacement over the whole clip
+EDGE_MARGIN = 0.02  # between the shape's circumcircle and the frame's edge, at every frame
+
+#: Per shape, for a circle of radius 1: the half side (square, triangle), so that all have the circle's area, and
+#: the circumradius about the centroid (what must stay inside the frame).
+HALF_SIDE = {"circle": 1.0, "square": math.sqrt(math.pi) / 2, "triangle": math.sqrt(math.pi / math.sqrt(3.0))}
+CIRCUMRADIUS = {
+    "circle": 1.0,
+    "square": HALF_SIDE["square"] * math.sqrt(2.0),
+    "triangle": HALF_SIDE["triangle"] * 2 / math.sqrt(3.0),
+}
 
 #: Every word a caption can use (the template's and the names'), and the tokenizer's vocabulary: tiny_random's
 #: words first (their ids unchanged), then the ones captions add.
 CAPTION_WORDS = tuple(
     dict.fromkeys(
-        "a moves on background to gradient".split()
+        "a an moves on background to gradient".split()
         + list(SHAPES)
         + list(BACKGROUND_COLOURS)
         + [word for name in DIRECTIONS for word in name.split()]
@@ -100,10 +109,10 @@ class ShapeVideo:
     def caption(self) -> str:
         first, second = self.background_colours
         if self.background == "plain":
-            where = f"a {first} background"
+            where = f"{_article(first)} {first} background"
         else:
-            where = f"a {first} to {second} {self.background} gradient"
-        return f"a {self.colour} {self.shape} moves {self.direction} on {where}"
+            where = f"{_article(first)} {first} to {second} {self.background} gradient"
+        return f"{_article(self.colour)} {self.colour} {self.shape} moves {self.direction} on {where}"
 
     def centres(self, frames: int, height: int, width: int) -> np.ndarray:
         """The shape's centre in pixels at each frame, `(frames, 2)` as (x, y), y down."""
@@ -112,6 +121,10 @@ class ShapeVideo:
     def speed(self, frames: int, height: int, width: int) -> float:
         """Pixels per frame (0 for a single frame)."""
         return self.travel * min(height, width) / max(frames - 1, 1)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def video_params(seed: int, index: int) -> ShapeVideo:
@@ -131,7 +144,7 @@ def video_params(seed: int, index: int) -> ShapeVideo:
         second = first
     size = float(rng.uniform(*SIZE_RANGE))
     travel = float(rng.uniform(*TRAVEL_RANGE))
-    margin = size + EDGE_MARGIN  # >= the shape's extent as a fraction of either side (the shorter side's is largest)
+    margin = CIRCUMRADIUS[shape] * size + EDGE_MARGIN  # as a fraction of either side (the shorter side's is largest)
     start = []
     for unit in DIRECTIONS[direction]:
         shift = travel * unit
@@ -176,8 +189,8 @@ def render_videos(
     dy = ys[None, None, :, None] - centres[:, :, 1, None, None]  # (B, T, H, 1)
     r = radius[:, None, None, None]
     circle = torch.sqrt(dx**2 + dy**2) - r  # (B, T, H, W)
-    square = torch.maximum(dx.abs(), dy.abs()) - r * math.sqrt(math.pi) / 2
-    triangle = _triangle_distance(dx, -dy, r * math.sqrt(math.pi / math.sqrt(3.0)))
+    square = torch.maximum(dx.abs(), dy.abs()) - r * HALF_SIDE["square"]
+    triangle = _triangle_distance(dx, -dy, r * HALF_SIDE["triangle"])
     kind = torch.tensor([SHAPES.index(p.shape) for p in params], device=device)[:, None, None, None]
     distance = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
     alpha = (0.5 - distance).clamp(0.0, 1.0)[..., None]  # (B, T, H, W, 1)
@@ -215,7 +228,7 @@ def render_video(params: ShapeVideo, frames: int, height: int, width: int) -> np
 
 
 _CAPTION = re.compile(
-    r"^a (?P<colour>{c}) (?P<shape>{s}) moves (?P<direction>{d}) on ".format(
+    r"^an? (?P<colour>{c}) (?P<shape>{s}) moves (?P<direction>{d}) on ".format(
         c="|".join(SHAPE_COLOURS), s="|".join(SHAPES), d="|".join(sorted(DIRECTIONS, key=len, reverse=True))
     )
 )
@@ -226,7 +239,7 @@ def parse_caption(caption: str) -> dict:
     match = _CAPTION.match(" ".join(str(caption).lower().split()))
     if match is None:
         raise ValueError(
-            f"caption {caption!r} does not follow the template 'a <colour> <shape> moves <direction> on ...' "
+            f"caption {caption!r} does not follow the template 'a(n) <colour> <shape> moves <direction> on ...' "
             f"(colours {list(SHAPE_COLOURS)}, shapes {list(SHAPES)}, directions {list(DIRECTIONS)})"
         )
     return match.groupdict()

@@ -1,14 +1,17 @@
 """Train the tiny reference Wan model on the shapes dataset; resumable in time-boxed chunks; export a diffusers folder.
 
-    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny/checkpoint.pt --minutes 9 --device cuda
-    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny/checkpoint.pt --minutes 0 --export pipelines/tiny_model
+    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny.pt --minutes 9 --device cuda   # repeat
+    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny.pt --minutes 0 --export pipelines/tiny_model
 
 The model is Wan 2.1's architecture at toy sizes, in the real diffusers/transformers classes, trained from scratch
 the way Wan is trained, in two phases:
 
-1. `AutoencoderKLWan`: reconstruction (L1) + a small KL, on short clips cut from the dataset's videos. Then the
-   latents' per-channel mean and std are measured and written into the VAE's config (`latents_mean`,
-   `latents_std`), which is how `WanPipeline` un-normalises latents before decoding.
+1. `AutoencoderKLWan`: reconstruction (L1, the first frame weighted as a whole latent frame) + a small KL, on
+   short clips cut from the dataset's videos. Clips need at least 9 frames (3 latent frames): the VAE runs causally
+   chunk by chunk, and only from the third chunk on does a chunk see a cache of real features, as every later
+   chunk of a long video does; trained on 5-frame clips it falls apart after frame 5. Then the latents' per-channel
+   mean and std are measured and written into the VAE's config (`latents_mean`, `latents_std`), which is how
+   `WanPipeline` un-normalises latents before decoding.
 2. `WanTransformer3DModel` with a tiny `UMT5EncoderModel` (word-level tokenizer), jointly, by rectified flow on the
    normalised latents: x_t = (1 - s) x_0 + s n, target n - x_0 (the "flow_prediction" that `WanPipeline`'s
    `UniPCMultistepScheduler(use_flow_sigmas=True)` integrates), timestep 1000 s, with s = shift u / (1 + (shift - 1) u),
@@ -22,8 +25,9 @@ reproducible: the data is a pure function of (data seed, sample index) and every
 checkpointed generator. `--export DIR` writes the `save_pretrained` folder (safetensors) with a model card README
 (data, config, training time, loss curve, caption-following score).
 
-Presets: "default" (the shipped model: 81 frames of 160 x 160 px = 21 x 10 x 10 = 2,100 video tokens) and "smoke"
-(toy sizes for the CPU test).
+Presets: "default" (the shipped model: 81 frames of 160 x 160 px = 21 x 10 x 10 = 2,100 video tokens; a checkpoint
+of about 45 MiB), "mini" (the whole recipe at 48 x 48 px, 17 frames: a CPU check, about 30 min on one core) and
+"smoke" (toy sizes for the tests).
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import math
 import os
 import platform
 import sys
@@ -54,6 +56,7 @@ from .shapes_dataset import (
 
 TEXT_LEN = 512  # WanPipeline's default max_sequence_length: text embeddings are zero-padded to it
 CHECKPOINT_FORMAT = 1
+EXPORT_LIMIT_BYTES = 30_000_000  # what the shipped folder may weigh
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class ModelConfig:
     height: int = 160
     width: int = 160
     latent_channels: int = 16
-    vae_base_dim: int = 16
+    vae_base_dim: int = 16  # the encoder's (training only)
+    vae_decoder_base_dim: int = 24  # >= 22 channels at full size puts PyTorch's CPU conv3d on oneDNN (3x faster)
     vae_dim_mult: tuple[int, ...] = (1, 2, 2, 2)
     vae_res_blocks: int = 1
     text_dim: int = 64
@@ -73,8 +77,8 @@ class ModelConfig:
     text_ff_dim: int = 128
     heads: int = 3
     head_dim: int = 64
-    layers: int = 8
-    ffn_dim: int = 768
+    layers: int = 6
+    ffn_dim: int = 512
     freq_dim: int = 64
     flow_shift: float = 3.0
     data_seed: int = 0
@@ -82,7 +86,8 @@ class ModelConfig:
     def __post_init__(self):
         if (self.frames - 1) % 4 or self.height % 16 or self.width % 16:
             raise ValueError(
-                f"frames must be 4k + 1 and height, width multiples of 16, got {self.frames}, {self.height}, {self.width}"
+                "frames must be 4k + 1 and height, width multiples of 16, "
+                f"got {self.frames}, {self.height}, {self.width}"
             )
 
     @property
@@ -99,10 +104,11 @@ class ModelConfig:
 class TrainConfig:
     """How to train: may be changed between chunks with flags (the change is recorded in the history)."""
 
-    vae_steps: int = 4000
-    dit_steps: int = 40000
-    vae_batch_size: int = 8
-    vae_clip_frames: int = 17  # VAE training clips, cut from the full videos (same speeds per frame)
+    vae_steps: int = 6000
+    vae_max_minutes: float = 5.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
+    dit_steps: int = 100000  # an upper bound: chunks end by time, and the EMA is exported whenever they stop
+    vae_batch_size: int = 16
+    vae_clip_frames: int = 13  # clips cut from the full videos (same speeds per frame); >= 9, see the docstring
     vae_lr: float = 5e-4
     kl_weight: float = 1e-4  # on the mean KL per latent element, against the mean L1 per pixel value
     batch_size: int = 32
@@ -122,16 +128,73 @@ PRESETS = {
     "default": (ModelConfig(), TrainConfig()),
     "smoke": (
         ModelConfig(
-            frames=9, height=32, width=32, latent_channels=4, vae_base_dim=4, vae_dim_mult=(1, 1, 1, 1),
-            text_dim=16, text_layers=1, text_heads=2, text_ff_dim=32, heads=2, head_dim=12, layers=1, ffn_dim=32,
+            frames=9,
+            height=32,
+            width=32,
+            latent_channels=4,
+            vae_base_dim=4,
+            vae_decoder_base_dim=4,
+            vae_dim_mult=(1, 1, 1, 1),
+            text_dim=16,
+            text_layers=1,
+            text_heads=2,
+            text_ff_dim=32,
+            heads=2,
+            head_dim=12,
+            layers=1,
+            ffn_dim=32,
             freq_dim=16,
         ),
         TrainConfig(
-            vae_steps=2, dit_steps=3, vae_batch_size=2, vae_clip_frames=5, batch_size=2, warmup_steps=2, pool_size=4,
-            pool_refresh=1, stats_videos=4, log_every=1,
+            vae_steps=2,
+            dit_steps=3,
+            vae_batch_size=2,
+            batch_size=2,
+            warmup_steps=2,
+            pool_size=4,
+            pool_refresh=1,
+            stats_videos=4,
+            log_every=1,
+        ),
+    ),  # fmt: skip
+    "mini": (  # a CPU-sized check of the whole recipe (about 45 min on one core)
+        ModelConfig(
+            frames=17,
+            height=48,
+            width=48,
+            latent_channels=8,
+            vae_decoder_base_dim=16,
+            text_dim=32,
+            text_heads=2,
+            text_ff_dim=64,
+            heads=2,
+            head_dim=32,
+            layers=4,
+            ffn_dim=256,
+            freq_dim=32,
+        ),
+        TrainConfig(
+            vae_steps=1200,
+            vae_max_minutes=25.0,
+            dit_steps=3000,
+            vae_batch_size=4,
+            vae_clip_frames=9,
+            batch_size=32,
+            warmup_steps=100,
+            pool_size=512,
+            pool_refresh=4,
+            stats_videos=64,
+            log_every=50,
         ),
     ),  # fmt: skip
 }
+
+
+#: The `TrainConfig` fields a flag may set, for a new run or between chunks of one.
+FLAG_FIELDS = (
+    "vae_steps", "vae_max_minutes", "dit_steps", "batch_size", "vae_batch_size", "lr", "pool_size", "pool_refresh",
+    "log_every",
+)  # fmt: skip
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -176,6 +239,7 @@ def build_components(config: ModelConfig, seed: int = 0) -> dict:
         torch.nn.init.zeros_(transformer.proj_out.bias)
         vae = AutoencoderKLWan(
             base_dim=config.vae_base_dim,
+            decoder_base_dim=config.vae_decoder_base_dim,
             z_dim=config.latent_channels,
             dim_mult=list(config.vae_dim_mult),
             num_res_blocks=config.vae_res_blocks,
@@ -212,6 +276,16 @@ def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
+def flow_matching_inputs(
+    x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow as `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)` samples it:
+    the noisy latents (1 - s) x0 + s noise, the transformer's timestep 1000 s, and the target velocity noise - x0
+    (so that x0 = noisy - s * velocity, the scheduler's x0 estimate). x0, noise `(B, C, F, h, w)`; sigma `(B,)`."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (1.0 - s) * x0 + s * noise, sigma * 1000.0, noise - x0
+
+
 # ---- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
     """The training state (models, EMA, optimisers, generator, data position, history) and the two phases' steps."""
@@ -234,6 +308,7 @@ class Trainer:
         self.latent_stats_done = False
         self.history: list[dict] = []  # {"phase", "step", "loss", ...} per log interval; config changes too
         self.seconds = {"vae": 0.0, "dit": 0.0}
+        self.data_seconds = 0.0  # of the transformer phase, in this chunk: rendering and encoding its batches
         self.pool = None  # the transformer phase's encoded videos, rebuilt from `next_index` on resume
         self.pool_drawn = False  # whether the pool's first P videos were drawn (a resume then re-encodes, not draws)
 
@@ -246,6 +321,12 @@ class Trainer:
         if self.vae_step < self.train_config.vae_steps:
             return "vae"
         return "dit" if self.dit_step < self.train_config.dit_steps else "done"
+
+    def _clock(self) -> float:
+        """time.monotonic() once the device has finished its queued work (to time the data side of a step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.monotonic()
 
     def autocast(self):
         enabled = self.device.type == "cuda"
@@ -262,10 +343,10 @@ class Trainer:
             "transformer": self.transformer.state_dict(),
             "text_encoder": self.text_encoder.state_dict(),
             "ema": [p.cpu() for p in self.ema],
-            "vae_optimizer": self.vae_optimizer.state_dict() if self.phase == "vae" else None,
-            "dit_optimizer": self.dit_optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "vae_optimizer": _compact(self.vae_optimizer.state_dict()) if self.phase == "vae" else None,
+            "dit_optimizer": _compact(self.dit_optimizer.state_dict()),
+            "generator": self.generator.get_state(),  # every random draw of training comes from it
+            "device_type": self.device.type,
             "vae_step": self.vae_step,
             "dit_step": self.dit_step,
             "next_index": self.next_index,
@@ -287,8 +368,11 @@ class Trainer:
         if state["vae_optimizer"] is not None:
             self.vae_optimizer.load_state_dict(state["vae_optimizer"])
         self.dit_optimizer.load_state_dict(state["dit_optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if state["device_type"] == self.device.type:
+            self.generator.set_state(state["generator"])
+        else:  # a CUDA generator's state does not fit a CPU one: a fresh stream, deterministic in the step
+            self.generator.manual_seed(self.seed + 1_000_003 * (state["vae_step"] + state["dit_step"] + 1))
+            print(f"note: checkpoint from {state['device_type']}, running on {self.device.type}: new noise stream")
         self.vae_step, self.dit_step = state["vae_step"], state["dit_step"]
         self.next_index, self.latent_stats_done = state["next_index"], state["latent_stats_done"]
         self.pool_drawn = state["pool_drawn"]
@@ -296,9 +380,7 @@ class Trainer:
 
     def set_train_config(self, train_config: TrainConfig) -> None:
         """Adopt changed flags between chunks; the change is recorded in the history."""
-        changed = {
-            k: v for k, v in dataclasses.asdict(train_config).items() if getattr(self.train_config, k) != v
-        }
+        changed = {k: v for k, v in dataclasses.asdict(train_config).items() if getattr(self.train_config, k) != v}
         if not changed:
             return
         self.history.append({"phase": self.phase, "step": self._step(), "changed": changed})
@@ -351,7 +433,10 @@ class Trainer:
             posterior = self.vae.encode(videos).latent_dist
             reconstruction = self.vae.decode(posterior.sample(generator=self.generator)).sample
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
-        loss = (reconstruction.float() - videos).abs().mean() + config.kl_weight * kl
+        per_frame = (reconstruction.float() - videos).abs().mean(dim=(0, 1, 3, 4))  # (T,)
+        weights = torch.ones_like(per_frame)
+        weights[0] = 4.0  # the first frame is a latent frame of its own: weigh it as the 4 of any other latent frame
+        loss = (per_frame * weights).sum() / weights.sum() + config.kl_weight * kl
         self.vae_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), config.grad_clip)
@@ -417,22 +502,23 @@ class Trainer:
         self.transformer.train()
         self.text_encoder.train()
         self.vae.eval()
+        started = self._clock()
         x0, captions = self.batch()  # (B, C, F, h, w)
+        self.data_seconds += self._clock() - started
         drop = torch.rand(len(captions), generator=self.generator, device=self.device) < config.caption_dropout
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
         u = torch.rand(x0.shape[0], generator=self.generator, device=self.device)
-        sigma = flow_sigmas(u, self.model_config.flow_shift)[:, None, None, None, None]
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-        noisy = (1.0 - sigma) * x0 + sigma * noise
+        noisy, timestep, target = flow_matching_inputs(x0, noise, flow_sigmas(u, self.model_config.flow_shift))
         lr = config.lr * min(1.0, (self.dit_step + 1) / max(config.warmup_steps, 1))
         for group in self.dit_optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, self.device)
             velocity = self.transformer(
-                hidden_states=noisy, timestep=sigma.flatten() * 1000.0, encoder_hidden_states=text, return_dict=False
+                hidden_states=noisy, timestep=timestep, encoder_hidden_states=text, return_dict=False
             )[0]
-        loss = F.mse_loss(velocity.float(), noise - x0)
+        loss = F.mse_loss(velocity.float(), target)
         self.dit_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self._dit_parameters(), config.grad_clip)
@@ -445,7 +531,7 @@ class Trainer:
 
     # ---- export
     def pipeline(self, use_ema: bool = True):
-        """A `WanPipeline` of CPU copies of the current models (the EMA weights for the transformer and text encoder)."""
+        """A `WanPipeline` of CPU copies of the models (the EMA weights for the transformer and text encoder)."""
         from diffusers import WanPipeline
 
         transformer, text_encoder = copy.deepcopy(self.transformer).cpu(), copy.deepcopy(self.text_encoder).cpu()
@@ -463,6 +549,20 @@ class Trainer:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------------
+def _compact(optimizer_state: dict) -> dict:
+    """An optimiser state with Adam's moments in bfloat16 (CPU): a third off the checkpoint, so that it crosses the
+    device machine's transfer limits (16 MiB a file, 64 MiB a call) in 3 parts. `load_state_dict` casts them back to
+    the parameters' float32; a resume is exact but for that rounding."""
+    state = {
+        index: {
+            name: value.to("cpu", torch.bfloat16) if name in ("exp_avg", "exp_avg_sq") else value.cpu()
+            for name, value in values.items()
+        }
+        for index, values in optimizer_state["state"].items()
+    }
+    return {**optimizer_state, "state": state}
+
+
 def save_checkpoint(trainer: Trainer, path: str) -> None:
     """Write the checkpoint atomically (a temporary file renamed over `path`)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -478,20 +578,22 @@ def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     if args.checkpoint and os.path.exists(args.checkpoint):
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {args.checkpoint!r} has format {state.get('format')}, not {CHECKPOINT_FORMAT}")
-        model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+            raise ValueError(
+                f"checkpoint {args.checkpoint!r} has format {state.get('format')}, not {CHECKPOINT_FORMAT}"
+            )
+        model_config = ModelConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()}
+        )
         if args.preset is not None and dataclasses.asdict(PRESETS[args.preset][0]) != dataclasses.asdict(model_config):
-            raise ValueError(f"checkpoint {args.checkpoint!r} is not of preset {args.preset!r}; drop --preset to resume")
+            raise ValueError(
+                f"checkpoint {args.checkpoint!r} is not of preset {args.preset!r}; drop --preset to resume"
+            )
         train_config = TrainConfig(**state["train_config"])
         seed = state["seed"]
     else:
         model_config, train_config = PRESETS[args.preset or "default"]
         seed = args.seed
-    overrides = {
-        name: getattr(args, name)
-        for name in ("vae_steps", "dit_steps", "batch_size", "vae_batch_size", "lr", "pool_size", "pool_refresh", "log_every")
-        if getattr(args, name) is not None
-    }
+    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
     trainer = Trainer(model_config, train_config, device, seed)
     if state is not None:
         trainer.load_state_dict(state)
@@ -501,7 +603,9 @@ def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
-def train(trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint: str | None, save_every: float) -> None:
+def train(
+    trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint: str | None, save_every: float
+) -> None:
     """Train until the schedule is done, the deadline (time.monotonic()) passes, or `chunk_steps` steps ran."""
     config, device = trainer.train_config, trainer.device
     steps = 0
@@ -510,15 +614,15 @@ def train(trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint
     while trainer.phase != "done" and time.monotonic() < deadline and (chunk_steps is None or steps < chunk_steps):
         phase = trainer.phase
         if phase == "dit" and not trainer.latent_stats_done:
-            started = time.monotonic()
-            trainer.measure_latent_stats()
-            trainer.seconds["vae"] += time.monotonic() - started
-            print(f"latents: mean {[round(v, 3) for v in trainer.vae.config.latents_mean]}")
-            print(f"latents: std  {[round(v, 3) for v in trainer.vae.config.latents_std]}")
+            _measure_latent_stats(trainer)
             continue
         started = time.monotonic()
         loss = trainer.vae_train_step() if phase == "vae" else trainer.dit_train_step()
         trainer.seconds[phase] += time.monotonic() - started
+        if phase == "vae" and trainer.phase == "vae" and trainer.seconds["vae"] >= config.vae_max_minutes * 60.0:
+            print(f"[vae] {config.vae_max_minutes} min of VAE training: the VAE phase ends at step {trainer.vae_step}")
+            trainer.set_train_config(dataclasses.replace(config, vae_steps=trainer.vae_step))
+            config = trainer.train_config
         window.append(loss)
         steps += 1
         step, total = (trainer.vae_step, config.vae_steps) if phase == "vae" else (trainer.dit_step, config.dit_steps)
@@ -527,15 +631,26 @@ def train(trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint
             mean = sum(window) / len(window)
             trainer.history.append({"phase": phase, "step": step, "loss": mean, "seconds": trainer.seconds[phase]})
             memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            data = f", data {trainer.data_seconds / elapsed:.0%}" if phase == "dit" else ""
             print(
-                f"[{phase}] step {step}/{total} loss {mean:.4f} ({len(window) / elapsed:.2f} steps/s{memory}; "
+                f"[{phase}] step {step}/{total} loss {mean:.4f} ({len(window) / elapsed:.2f} steps/s{data}{memory}; "
                 f"{trainer.seconds[phase] / 60:.1f} min in this phase)",
                 flush=True,
             )
-            window, window_start = [], time.monotonic()
+            window, window_start, trainer.data_seconds = [], time.monotonic(), 0.0
+        if phase == "vae" and trainer.phase != "vae":
+            _measure_latent_stats(trainer)  # now, so that a checkpoint never holds a finished VAE without its stats
         if checkpoint and time.monotonic() - last_save > save_every:
             save_checkpoint(trainer, checkpoint)
             last_save = time.monotonic()
+
+
+def _measure_latent_stats(trainer: Trainer) -> None:
+    started = time.monotonic()
+    trainer.measure_latent_stats()
+    trainer.seconds["vae"] += time.monotonic() - started
+    print(f"latents: mean {[round(v, 3) for v in trainer.vae.config.latents_mean]}")
+    print(f"latents: std  {[round(v, 3) for v in trainer.vae.config.latents_std]}")
 
 
 # ---- the exported folder -----------------------------------------------------------------------------------------
@@ -543,16 +658,20 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def export(trainer: Trainer, folder: str, score_prompts: int, steps: int, guidance: float, device: torch.device) -> dict:
+def export(
+    trainer: Trainer, folder: str, score_prompts: int, steps: int, guidance: float, device: torch.device
+) -> dict:
     """Write the `save_pretrained` folder, load it back with `WanPipeline.from_pretrained`, score caption following
-    on it, and write the model card (README.md), the loss curve (loss.png, with matplotlib) and samples.png."""
+    on it, and write the model card (README.md), the loss curves (loss.png) and samples.png."""
     from diffusers import WanPipeline
 
     from .caption_score import caption_following
 
+    if not trainer.latent_stats_done:
+        raise ValueError(f"the VAE phase is not finished (step {trainer.vae_step}): train on before exporting")
     os.makedirs(folder, exist_ok=True)
     trainer.pipeline().save_pretrained(folder, safe_serialization=True)
-    pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    pipe = WanPipeline.from_pretrained(folder).to(device)  # float32, as saved
     config = trainer.model_config
     result = None
     if score_prompts:
@@ -560,37 +679,72 @@ def export(trainer: Trainer, folder: str, score_prompts: int, steps: int, guidan
             pipe, n=score_prompts, frames=config.frames, height=config.height, width=config.width, steps=steps,
             guidance=guidance,
         )  # fmt: skip
+        result["reconstructed_ok"] = reconstruction_following(pipe.vae, config, score_prompts, device)
         _write_samples(result, os.path.join(folder, "samples.png"))
-        print(f"caption following: {result['n_ok']}/{score_prompts}")
-    figure = _write_loss_curve(trainer.history, os.path.join(folder, "loss.png"))
+        print(
+            f"caption following: {result['n_ok']}/{score_prompts} (the same prompts' true videos through the VAE: "
+            f"{result['reconstructed_ok']}/{score_prompts})"
+        )
+    _write_loss_curve(trainer.history, os.path.join(folder, "loss.png"))
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
-        file.write(model_card(trainer, result, figure, steps, guidance))
+        file.write(model_card(trainer, result, steps, guidance))
     size = folder_bytes(folder)
     print(f"exported {folder}: {size / 2**20:.1f} MiB")
+    if size > EXPORT_LIMIT_BYTES:
+        print(f"warning: {folder} is over the {EXPORT_LIMIT_BYTES / 1e6:.0f} MB the package may ship")
     return {"bytes": size, "score": result}
 
 
-def _write_loss_curve(history: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
+@torch.no_grad()
+def reconstruction_following(vae, config: ModelConfig, n: int, device) -> int:
+    """How many of the evaluation prompts' true videos still follow their captions after a VAE round trip (encode,
+    decode): the most the transformer can reach, to tell a VAE shortfall from a transformer one."""
+    from .caption_score import EVALUATION_SEED, score
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for axis, phase, title in ((axes[0], "vae", "VAE: L1 + KL"), (axes[1], "dit", "transformer: flow matching MSE")):
-        points = [(e["step"], e["loss"]) for e in history if e.get("phase") == phase and "loss" in e]
-        if points:
-            axis.plot(*zip(*points))
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.set_yscale("log")
-        axis.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
+    params = [video_params(EVALUATION_SEED, index) for index in range(n)]
+    videos = render_videos(params, config.frames, config.height, config.width, device).permute(0, 4, 1, 2, 3)
+    decoded = []
+    for video in videos * 2.0 - 1.0:  # (3, T, H, W) in [-1, 1]
+        output = vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
+        decoded.append(((output.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().cpu().numpy())
+    return score(decoded, [p.caption for p in params])[0]
+
+
+def _write_loss_curve(history: list[dict], path: str) -> None:
+    """Both phases' loss against step, log scale, as a PNG drawn with OpenCV (no plotting library needed)."""
+    import cv2
+    import numpy as np
+
+    panels = []
+    for phase, title in (("vae", "VAE: L1 + KL"), ("dit", "transformer: flow-matching MSE")):
+        points = np.array([(e["step"], e["loss"]) for e in history if e.get("phase") == phase and "loss" in e])
+        panels.append(_plot_panel(points, title, cv2, np))
+    cv2.imwrite(path, np.concatenate(panels, axis=1))
+
+
+def _plot_panel(points, title: str, cv2, np, width: int = 420, height: int = 280):
+    """One white panel: the curve (steps on x, log10 loss on y), axis box, decade ticks and the title."""
+    panel = np.full((height, width, 3), 255, np.uint8)
+    left, right, top, bottom = 58, width - 12, 28, height - 34
+    font, black, gray = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (200, 200, 200)
+    cv2.putText(panel, title, (left, 18), font, 0.45, black, 1, cv2.LINE_AA)
+    cv2.rectangle(panel, (left, top), (right, bottom), black, 1)
+    if len(points) == 0:
+        return panel
+    steps, losses = points[:, 0], np.log10(np.maximum(points[:, 1], 1e-8))
+    low, high = np.floor(losses.min() * 2) / 2, np.ceil(losses.max() * 2) / 2 + 1e-9
+    last = max(steps.max(), 1.0)
+    xs = left + (steps / last) * (right - left)
+    ys = bottom - (losses - low) / (high - low) * (bottom - top)
+    for tick in np.arange(low, high, 0.5):
+        y = int(bottom - (tick - low) / (high - low) * (bottom - top))
+        cv2.line(panel, (left, y), (right, y), gray, 1)
+        cv2.putText(panel, f"{10**tick:.3g}", (4, y + 4), font, 0.38, black, 1, cv2.LINE_AA)
+    curve = np.stack([xs, ys], axis=1).round().astype(np.int32)
+    cv2.polylines(panel, [curve], False, (180, 80, 20), 1, cv2.LINE_AA)
+    cv2.putText(panel, "0", (left - 4, bottom + 16), font, 0.38, black, 1, cv2.LINE_AA)
+    cv2.putText(panel, f"step {int(last)}", (right - 80, bottom + 16), font, 0.38, black, 1, cv2.LINE_AA)
+    return panel
 
 
 def _write_samples(result: dict, path: str) -> None:
@@ -602,7 +756,7 @@ def _write_samples(result: dict, path: str) -> None:
     cv2.imwrite(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
 
 
-def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, guidance: float) -> str:
+def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: float) -> str:
     config, train_config = trainer.model_config, trainer.train_config
     sizes = {
         "transformer": parameter_count(trainer.transformer),
@@ -632,7 +786,8 @@ def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, 
         "from dit_sparse.pipelines import tiny",
         "pipe = tiny.load()  # WanPipeline.from_pretrained on this folder",
         f'video = pipe("a red circle moves right on a blue background", num_frames={config.frames}, '
-        f"height={config.height}, width={config.width}, num_inference_steps={steps}, guidance_scale={guidance}).frames[0]",
+        f"height={config.height}, width={config.width}, num_inference_steps={steps}, "
+        f"guidance_scale={guidance}).frames[0]",
         "```",
         "",
         "## Data",
@@ -648,11 +803,12 @@ def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, 
         "",
         f"- Video: {config.frames} frames of {config.width} x {config.height} px -> latents "
         f"{config.latent_shape} -> {config.video_tokens:,} video tokens per transformer call.",
-        f"- Parameters: transformer {sizes['transformer']:,}, VAE {sizes['vae']:,}, text encoder {sizes['text_encoder']:,}.",
+        f"- Parameters: transformer {sizes['transformer']:,}, VAE {sizes['vae']:,}, "
+        f"text encoder {sizes['text_encoder']:,}.",
         "",
-        "```json",
-        json.dumps({"model": dataclasses.asdict(config), "training": dataclasses.asdict(train_config)}, indent=1),
-        "```",
+        "- Model (`train_tiny.ModelConfig`): " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()),
+        "- Training (`train_tiny.TrainConfig`, as of the last chunk): "
+        + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(train_config).items()),
         "",
         "## Training",
         "",
@@ -660,23 +816,27 @@ def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, 
         f"{platform.python_version()}: VAE {trainer.vae_step:,} steps in {trainer.seconds['vae'] / 60:.1f} min, then "
         f"transformer + text encoder {trainer.dit_step:,} steps in {trainer.seconds['dit'] / 60:.1f} min "
         f"(batch {train_config.batch_size}). Rectified flow (target noise - x0), Wan's time shift "
-        f"{config.flow_shift}, caption dropout {train_config.caption_dropout}, EMA {train_config.ema_decay} (exported).",
+        f"{config.flow_shift}, caption dropout {train_config.caption_dropout}, "
+        f"EMA {train_config.ema_decay} (exported).",
         "",
     ]
     for phase, name in (("vae", "VAE"), ("dit", "transformer")):
         if last[phase]:
             lines.append(f"- Final {name} loss (mean of the last log interval): {last[phase]['loss']:.4f}")
-    if figure:
-        lines += ["", "![loss curves](loss.png)"]
+    lines += ["", "![loss curves (log scale)](loss.png)"]
     lines += ["", "## Caption following", ""]
     if result is None:
         lines.append("Not scored.")
     else:
         lines += [
             f"**{result['n_ok']} / {len(result['prompts'])}** prompts followed: rendered at {config.frames} frames, "
-            f"{config.width} x {config.height} px, {steps} steps, guidance {guidance}, seeds 0..{len(result['prompts']) - 1}, "
+            f"{config.width} x {config.height} px, {steps} steps, guidance {guidance}, "
+            f"seeds 0..{len(result['prompts']) - 1}, "
             "checked with OpenCV (`dit_sparse.pipelines.caption_score`: the main blob's colour is the caption's, its "
             "centroid moves within 45 degrees of the captioned direction by at least 10% of the frame).",
+            "",
+            f"The ceiling set by the VAE: the same prompts' true videos, encoded and decoded, pass "
+            f"{result['reconstructed_ok']} / {len(result['prompts'])}.",
             "",
             "| prompt | ok | colour found | displacement (px) | angle error | note |",
             "|---|---|---|---|---|---|",
@@ -692,11 +852,17 @@ def model_card(trainer: Trainer, result: dict | None, figure: bool, steps: int, 
 
 # ---- the command line --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dit_sparse.pipelines.train_tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dit_sparse.pipelines.train_tiny", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file: resumed if it exists, written at the end")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model/data preset for a new run (default)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="model/data preset for a new run (default)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights and noise seed for a new run (default 0)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="stop this chunk after this many minutes (default 10)")
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="stop this chunk after this many minutes (default 10)"
+    )
     parser.add_argument("--chunk-steps", type=int, default=None, help="stop this chunk after this many steps")
     parser.add_argument("--save-every", type=float, default=4.0, help="minutes between checkpoints (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -704,11 +870,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch size")
     parser.add_argument("--lr", type=float, default=None, help="transformer + text encoder learning rate")
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps in all")
+    parser.add_argument("--vae-max-minutes", type=float, default=None, help="VAE training time that ends its phase")
     parser.add_argument("--dit-steps", type=int, default=None, help="transformer steps in all")
     parser.add_argument("--pool-size", type=int, default=None, help="encoded videos to sample batches from (0: none)")
     parser.add_argument("--pool-refresh", type=int, default=None, help="new videos encoded into the pool each step")
     parser.add_argument("--log-every", type=int, default=None, help="steps per log line / loss-history point")
-    parser.add_argument("--export", default=None, metavar="DIR", help="write the save_pretrained folder here at the end")
+    parser.add_argument(
+        "--export", default=None, metavar="DIR", help="write the save_pretrained folder here at the end"
+    )
     parser.add_argument("--score-prompts", type=int, default=10, help="caption prompts to score for the card (0: none)")
     parser.add_argument("--score-steps", type=int, default=8, help="denoising steps of the scored renders (default 8)")
     parser.add_argument("--score-guidance", type=float, default=5.0, help="CFG scale of the scored renders (default 5)")
@@ -736,7 +905,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + max(args.minutes * 60.0 - reserve, 0.0)
     train(trainer, deadline, args.chunk_steps, args.checkpoint, args.save_every * 60.0)
     save_checkpoint(trainer, args.checkpoint)
-    print(f"saved {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step} ({trainer.phase})")
+    print(
+        f"saved {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step} ({trainer.phase})"
+    )
     if args.export:
         export(trainer, args.export, args.score_prompts, args.score_steps, args.score_guidance, device)
     return 0

@@ -1,0 +1,149 @@
+"""The tiny model's training script on toy sizes (CPU): it resumes exactly, exports a folder WanPipeline loads, and
+trains with the flow convention and text embeddings the pipeline uses; the loader's errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import WanPipeline
+from dit_sparse.pipelines import tiny
+from dit_sparse.pipelines import train_tiny as tt
+
+SMOKE_MODEL, _ = tt.PRESETS["smoke"]
+
+
+def _train(checkpoint, *extra):
+    return tt.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--minutes", "5", *extra])
+
+
+def _load(folder):
+    return WanPipeline.from_pretrained(str(folder))
+
+
+def test_a_run_resumes_where_it_stopped_and_exports_a_loadable_pipeline(tmp_path, capsys):
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert _train(checkpoint, "--preset", "smoke", "--chunk-steps", "4") == 0  # 2 VAE steps, stats, 2 transformer
+    first = torch.load(checkpoint, weights_only=False)
+    assert (first["vae_step"], first["dit_step"]) == (2, 2)
+    assert _train(checkpoint, "--dit-steps", "4", "--export", str(tmp_path / "model"), "--score-prompts", "1") == 0
+    second = torch.load(checkpoint, weights_only=False)
+    assert (second["vae_step"], second["dit_step"]) == (2, 4)
+    assert "resumed" in capsys.readouterr().out
+    assert second["history"][: len(first["history"])] == first["history"]  # appended, not restarted
+    losses = [(e["phase"], e["step"]) for e in second["history"] if "loss" in e]
+    assert losses == [("vae", 1), ("vae", 2), ("dit", 1), ("dit", 2), ("dit", 3), ("dit", 4)]
+    assert any(e.get("changed") == {"dit_steps": 4} for e in second["history"])
+
+    folder = tmp_path / "model"
+    card = (folder / "README.md").read_text()
+    for words in ("## Data", "## Config", "## Training", "## Caption following", "/ 1** prompts followed"):
+        assert words in card
+    assert not list(folder.rglob("*.bin")) and len(list(folder.rglob("*.safetensors"))) == 3
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    assert vae_config["latents_mean"] == second["vae_config"]["latents_mean"] != [0.0] * SMOKE_MODEL.latent_channels
+
+    pipe = _load(folder)
+    assert torch.equal(pipe.transformer.proj_out.weight, second["ema"][-2 - len(list(pipe.text_encoder.parameters()))])
+    video = pipe(
+        "a red circle moves right on a blue background", num_frames=SMOKE_MODEL.frames, height=SMOKE_MODEL.height,
+        width=SMOKE_MODEL.width, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).frames[0]  # fmt: skip
+    assert video.shape == (SMOKE_MODEL.frames, SMOKE_MODEL.height, SMOKE_MODEL.width, 3)
+    assert tiny.load(folder=folder).transformer.config == pipe.transformer.config
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Same data, noise and updates. Equal to rounding only: a resume re-encodes the transformer's pool of latents
+    in other batch groupings than they were first encoded in, which moves the last bits."""
+    assert _train(tmp_path / "once.pt", "--preset", "smoke") == 0
+    assert (
+        _train(tmp_path / "twice.pt", "--preset", "smoke", "--chunk-steps", "3") == 0
+    )  # stops inside the transformer phase
+    assert _train(tmp_path / "twice.pt") == 0
+    once, twice = (torch.load(tmp_path / name, weights_only=False) for name in ("once.pt", "twice.pt"))
+    assert (once["vae_step"], once["dit_step"], once["next_index"]) == (
+        twice["vae_step"],
+        twice["dit_step"],
+        twice["next_index"],
+    )
+    for key, value in once["vae"].items():
+        assert torch.equal(value, twice["vae"][key]), key  # the VAE phase ended before the interruption
+    for name in ("transformer", "text_encoder"):
+        for key, value in once[name].items():
+            assert torch.allclose(value, twice[name][key], rtol=1e-4, atol=1e-5), (name, key)
+    losses = [[e["loss"] for e in run["history"] if "loss" in e] for run in (once, twice)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_the_vae_phase_ends_at_its_time_budget_and_records_the_step(tmp_path):
+    assert _train(tmp_path / "c.pt", "--preset", "smoke", "--vae-steps", "50", "--vae-max-minutes", "1e-6") == 0
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert state["vae_step"] == state["train_config"]["vae_steps"] == 1 and state["dit_step"] == 3
+    assert any(e.get("changed") == {"vae_steps": 1} for e in state["history"])
+
+
+def test_a_checkpoint_of_another_preset_is_refused(tmp_path):
+    assert _train(tmp_path / "c.pt", "--preset", "smoke", "--chunk-steps", "1") == 0
+    with pytest.raises(ValueError, match="not of preset 'default'"):
+        _train(tmp_path / "c.pt", "--preset", "default")
+
+
+def test_the_flow_target_is_what_the_pipeline_scheduler_integrates():
+    """With the velocity that `flow_matching_inputs` trains towards for a known x0, WanPipeline's UniPC sampler lands
+    on x0: the timestep scale, the sign of the target and the noise interpolation all match the pipeline."""
+    components = tt.build_components(SMOKE_MODEL)
+    pipe = WanPipeline(**components)
+    x0 = torch.randn((1, *SMOKE_MODEL.latent_shape), generator=torch.Generator().manual_seed(1))
+
+    def oracle(hidden_states, timestep, **kwargs):
+        # The scheduler's exact sigma (the timestep it passes is 1000 sigma rounded down to an integer).
+        sigma = pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].expand(hidden_states.shape[0]).float()
+        # flow_matching_inputs is linear in the noise: recover it from the noisy input, then take its target.
+        s = sigma.view(-1, 1, 1, 1, 1)
+        noise = (hidden_states - (1.0 - s) * x0) / s
+        noisy, training_timestep, target = tt.flow_matching_inputs(x0, noise, sigma)
+        assert torch.allclose(noisy, hidden_states, atol=1e-5)
+        assert torch.all((training_timestep - timestep.float() >= 0) & (training_timestep - timestep.float() < 1))
+        return (target,)
+
+    pipe.transformer.forward = oracle
+    latents = pipe(
+        "a red circle moves right on a blue background", num_frames=SMOKE_MODEL.frames, height=SMOKE_MODEL.height,
+        width=SMOKE_MODEL.width, num_inference_steps=6, guidance_scale=1.0, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames  # fmt: skip
+    assert torch.allclose(latents, x0, atol=1e-4)
+
+
+def test_training_text_embeddings_are_the_pipelines_prompt_embeddings():
+    components = tt.build_components(SMOKE_MODEL)
+    pipe = WanPipeline(**components)
+    captions = [
+        "a red circle moves right on a blue background",
+        "",
+        "a black square moves up on a white to gray vertical gradient",
+    ]
+    with torch.no_grad():
+        ours = tt.encode_text(pipe.tokenizer, pipe.text_encoder.eval(), captions, "cpu")
+        theirs = pipe.encode_prompt(  # the length WanPipeline.__call__ asks for by default
+            captions, do_classifier_free_guidance=False, max_sequence_length=tt.TEXT_LEN, device="cpu"
+        )[0]
+    assert ours.shape == theirs.shape == (3, tt.TEXT_LEN, SMOKE_MODEL.text_dim)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_the_default_model_has_2000_video_tokens_and_fits_in_30_mb():
+    config, _ = tt.PRESETS["default"]
+    assert (config.frames, config.height, config.width) == (81, 160, 160) and config.video_tokens == 2100 >= 2000
+    components = tt.build_components(config)
+    parameters = sum(tt.parameter_count(components[name]) for name in ("transformer", "vae", "text_encoder"))
+    assert parameters * 4 < 28 * 2**20  # float32 safetensors, with room for the configs, tokenizer and card
+
+
+def test_tiny_load_says_how_to_make_the_model_when_the_folder_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_tiny"):
+        tiny.load(folder=tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="torch.dtype"):
+        tiny.load(dtype="float32", folder=tmp_path)
+    assert tiny.available() == os.path.isfile(os.path.join(tiny.MODEL_DIR, "model_index.json"))
