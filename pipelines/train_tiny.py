@@ -7,11 +7,10 @@ The model is Wan 2.1's architecture at toy sizes, in the real diffusers/transfor
 the way Wan is trained, in two phases:
 
 1. `AutoencoderKLWan`: reconstruction (L1, the first frame weighted as a whole latent frame) + a small KL, on
-   short clips cut from the dataset's videos. Clips need at least 9 frames (3 latent frames): the VAE runs causally
-   chunk by chunk, and only from the third chunk on does a chunk see a cache of real features, as every later
-   chunk of a long video does; trained on 5-frame clips it falls apart after frame 5. Then the latents' per-channel
-   mean and std are measured and written into the VAE's config (`latents_mean`, `latents_std`), which is how
-   `WanPipeline` un-normalises latents before decoding.
+   whole videos. Not on short clips: the VAE is causal, its temporal receptive field spans most of a video, and
+   trained on 9-frame clips it reconstructs frames 1-8 and falls apart after them (seen on the "mini" preset).
+   Then the latents' per-channel mean and std are measured and written into the VAE's config (`latents_mean`,
+   `latents_std`), which is how `WanPipeline` un-normalises latents before decoding.
 2. `WanTransformer3DModel` with a tiny `UMT5EncoderModel` (word-level tokenizer), jointly, by rectified flow on the
    normalised latents: x_t = (1 - s) x_0 + s n, target n - x_0 (the "flow_prediction" that `WanPipeline`'s
    `UniPCMultistepScheduler(use_flow_sigmas=True)` integrates), timestep 1000 s, with s = shift u / (1 + (shift - 1) u),
@@ -107,8 +106,8 @@ class TrainConfig:
     vae_steps: int = 6000
     vae_max_minutes: float = 5.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
     dit_steps: int = 100000  # an upper bound: chunks end by time, and the EMA is exported whenever they stop
-    vae_batch_size: int = 16
-    vae_clip_frames: int = 13  # clips cut from the full videos (same speeds per frame); >= 9, see the docstring
+    vae_batch_size: int = 4
+    vae_clip_frames: int = 81  # frames of the VAE's training clips (cut from the full videos): whole videos, see above
     vae_lr: float = 5e-4
     kl_weight: float = 1e-4  # on the mean KL per latent element, against the mean L1 per pixel value
     batch_size: int = 32
@@ -157,7 +156,7 @@ PRESETS = {
             log_every=1,
         ),
     ),  # fmt: skip
-    "mini": (  # a CPU-sized check of the whole recipe (about 45 min on one core)
+    "mini": (  # a CPU-sized check of the whole recipe (about 45 min on one core; too short for a good VAE)
         ModelConfig(
             frames=17,
             height=48,
@@ -174,11 +173,11 @@ PRESETS = {
             freq_dim=32,
         ),
         TrainConfig(
-            vae_steps=1200,
-            vae_max_minutes=25.0,
-            dit_steps=3000,
+            vae_steps=1000,
+            vae_max_minutes=22.0,
+            dit_steps=2500,
             vae_batch_size=4,
-            vae_clip_frames=9,
+            vae_clip_frames=17,
             batch_size=32,
             warmup_steps=100,
             pool_size=512,

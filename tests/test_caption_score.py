@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from dit_sparse.pipelines import caption_score as cs
 from dit_sparse.pipelines import shapes_dataset as sd
 
@@ -13,6 +14,15 @@ from dit_sparse.video import read_video, write_mp4
 
 FRAMES, HEIGHT, WIDTH = 17, 64, 64
 OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy sizes: one CPU thread is as fast as two, and far faster when the cores are busy (no spinning threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _opposite(direction: str) -> str:

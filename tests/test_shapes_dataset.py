@@ -13,6 +13,15 @@ from dit_sparse.pipelines.tiny_random import build_tiny_tokenizer
 FRAMES, HEIGHT, WIDTH = 9, 64, 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy sizes: one CPU thread is as fast as two, and far faster when the cores are busy (no spinning threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_params_are_a_function_of_seed_and_index_alone():
     forward = [sd.video_params(3, i) for i in range(20)]
     backward = [sd.video_params(3, i) for i in reversed(range(20))][::-1]
