@@ -400,6 +400,16 @@ def install(transformer: torch.nn.Module, adapter: TransformerAdapter, session: 
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
+def hooked_modules(transformer: torch.nn.Module) -> list[str]:
+    """Qualified names of the modules under `transformer` that carry a dit-sparse hook ("" is the transformer)."""
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
+    ]
+
+
 def session_of(transformer: torch.nn.Module) -> SparseSession | None:
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(TRANSFORMER_HOOK) if registry is not None else None

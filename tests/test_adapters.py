@@ -18,7 +18,7 @@ from diffusers import (
 
 import dit_sparse
 import dit_sparse.hooks
-from dit_sparse.hooks import ATTENTION_HOOK, TRANSFORMER_HOOK
+from dit_sparse.hooks import hooked_modules
 from dit_sparse.layout import VideoLayout
 
 SPARSE = dict(density=0.3, block_size=16)  # "random" keeps ~30% of the 16-token key blocks, the diagonal always
@@ -174,13 +174,6 @@ def _forward(transformer, inputs) -> torch.Tensor:
         return transformer(**inputs, return_dict=False)[0]
 
 
-def _hooked_modules(transformer):
-    return [
-        name
-        for name, module in transformer.named_modules()
-        if getattr(module, "_diffusers_hook", None) is not None
-        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
-    ]
 
 
 @pytest.fixture
@@ -220,7 +213,7 @@ def test_dense_method_matches_the_unwrapped_transformer(built, name):
     transformer, inputs, reference = built(name)
     dit_sparse.sparsify(transformer, "dense", block_size=16)
     try:
-        assert _hooked_modules(transformer) == ["", *FAMILIES[name].sites]
+        assert hooked_modules(transformer) == ["", *FAMILIES[name].sites]
         output = _forward(transformer, inputs)
         stats = dit_sparse.sparsity_stats(transformer)
     finally:
@@ -236,7 +229,7 @@ def test_sparse_method_changes_the_output_and_unsparsify_restores_it_bit_identic
     sparse = _forward(transformer, inputs)
     assert 0 < dit_sparse.sparsity_stats(transformer)["density"] < 1
     dit_sparse.unsparsify(transformer)
-    assert _hooked_modules(transformer) == []
+    assert hooked_modules(transformer) == []
     assert all("forward" not in module.__dict__ for module in transformer.modules())
     assert not torch.allclose(sparse, reference, atol=1e-3)
     assert torch.equal(_forward(transformer, inputs), reference)

@@ -6,7 +6,7 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
 import dit_sparse
-from dit_sparse.hooks import ATTENTION_HOOK, TRANSFORMER_HOOK
+from dit_sparse.hooks import hooked_modules
 from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
 from dit_sparse.video import psnr
 
@@ -29,13 +29,6 @@ def dense_latents(pipe):
     return _render(pipe)
 
 
-def _hooked_modules(transformer):
-    return [
-        name
-        for name, module in transformer.named_modules()
-        if getattr(module, "_diffusers_hook", None) is not None
-        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
-    ]
 
 
 def test_dense_method_matches_the_unwrapped_pipeline(pipe, dense_latents):
@@ -53,10 +46,10 @@ def test_dense_method_matches_the_unwrapped_pipeline(pipe, dense_latents):
 def test_unsparsify_is_bit_identical_to_a_pipeline_never_wrapped(pipe):
     never_wrapped = _render(build_tiny_wan_pipeline(seed=0))
     dit_sparse.sparsify(pipe, "radial", block_size=16)
-    assert _hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+    assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
     sparse = _render(pipe)
     dit_sparse.unsparsify(pipe)
-    assert _hooked_modules(pipe.transformer) == []
+    assert hooked_modules(pipe.transformer) == []
     for module in pipe.transformer.modules():
         assert "forward" not in module.__dict__
     assert not torch.equal(sparse, never_wrapped)
@@ -111,21 +104,21 @@ def test_both_wan22_transformers_are_wrapped(pipe):
     wan22 = WanPipeline(**components, boundary_ratio=0.5)
     dit_sparse.sparsify(wan22, "radial", block_size=16)
     try:
-        assert _hooked_modules(wan22.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
-        assert _hooked_modules(wan22.transformer_2) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        assert hooked_modules(wan22.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        assert hooked_modules(wan22.transformer_2) == ["", "blocks.0.attn1", "blocks.1.attn1"]
         _render(wan22, num_inference_steps=4)
         # Each of the 4 steps runs one of the two experts, twice (CFG), over 2 layers: all 16 calls intercepted.
         assert dit_sparse.sparsity_stats(wan22)["attention_calls"] == 16
     finally:
         dit_sparse.unsparsify(wan22)
-    assert _hooked_modules(wan22.transformer_2) == []
+    assert hooked_modules(wan22.transformer_2) == []
 
 
 def test_sparsify_twice_replaces_the_first_setting(pipe):
     dit_sparse.sparsify(pipe, "random", density=0.5, block_size=16)
     dit_sparse.sparsify(pipe, "dense", block_size=16)
     try:
-        assert _hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
         _render(pipe, num_inference_steps=1)
         assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4}
     finally:
@@ -156,7 +149,7 @@ def test_image_to_video_transformer_keeps_cross_attention_dense():
     with torch.no_grad():
         reference = transformer(*args, **kwargs)[0]
         dit_sparse.sparsify(transformer, "dense", block_size=16)
-        assert _hooked_modules(transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+        assert hooked_modules(transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
         torch.testing.assert_close(transformer(*args, **kwargs)[0], reference, atol=1e-5, rtol=1e-5)
         dit_sparse.sparsify(transformer, "random", density=0.3, block_size=16)
         assert not torch.allclose(transformer(*args, **kwargs)[0], reference, atol=1e-3)
@@ -209,4 +202,4 @@ def test_non_native_attention_backend_is_rejected(pipe):
             dit_sparse.sparsify(pipe, "radial")
     finally:
         processor._attention_backend = None
-    assert _hooked_modules(pipe.transformer) == []
+    assert hooked_modules(pipe.transformer) == []
