@@ -104,7 +104,7 @@ class TrainConfig:
     """How to train: may be changed between chunks with flags (the change is recorded in the history)."""
 
     vae_steps: int = 6000
-    vae_max_minutes: float = 5.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
+    vae_max_minutes: float = 7.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
     dit_steps: int = 100000  # an upper bound: chunks end by time, and the EMA is exported whenever they stop
     vae_batch_size: int = 4
     vae_clip_frames: int = 81  # frames of the VAE's training clips (cut from the full videos): whole videos, see above
