@@ -16,13 +16,7 @@ FRAMES, HEIGHT, WIDTH = 17, 64, 64
 OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy sizes: one CPU thread is as fast as two, and far faster when the cores are busy (no spinning threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _opposite(direction: str) -> str:

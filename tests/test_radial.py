@@ -10,14 +10,7 @@ from dit_sparse import VideoLayout
 from dit_sparse.patterns import radial
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Thousands of small tensor ops: on a shared 2-core machine, torch's spinning OpenMP threads made this file take
-    # 74 s instead of 6 s. One thread is as fast for these sizes; the setting is restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- the official block rule ---------------------------------------------------------------------------------------

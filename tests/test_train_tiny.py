@@ -13,13 +13,7 @@ from dit_sparse.pipelines import train_tiny as tt
 SMOKE_MODEL, _ = tt.PRESETS["smoke"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy sizes: one CPU thread is as fast as two, and far faster when the cores are busy (no spinning threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(checkpoint, *extra):
