@@ -83,6 +83,27 @@ def test_the_vae_phase_ends_at_its_time_budget_and_records_the_step(tmp_path):
     assert any(e.get("changed") == {"vae_steps": 1} for e in state["history"])
 
 
+def test_vae_crops_are_stride_aligned_windows_of_every_frame_and_half_follow_the_shape():
+    config = tt.ModelConfig(frames=9, height=64, width=64, latent_channels=4, vae_base_dim=4, vae_decoder_base_dim=4,
+                            vae_dim_mult=(1, 1, 1, 1))  # fmt: skip
+    trainer = tt.Trainer(config, tt.PRESETS["smoke"][1], torch.device("cpu"), seed=0)
+    indices = list(range(64))
+    videos, _ = trainer.render(indices)  # (B, 3, T, 64, 64)
+    crops = trainer.crop(videos, indices, 32)
+    assert crops.shape == (64, 3, 9, 32, 32)
+    near = 0
+    for video, crop, index in zip(videos, crops, indices):
+        found = [(top, left) for top in range(0, 33) for left in range(0, 33)
+                 if torch.equal(video[:, :, top : top + 32, left : left + 32], crop)]  # fmt: skip
+        aligned = [(top, left) for top, left in found if top % 8 == 0 and left % 8 == 0]
+        assert aligned, found  # (a crop of a plain background matches elsewhere too)
+        x, y = tt.video_params(config.data_seed, index).centres(9, 64, 64)[4]
+        (top, left), unique = aligned[0], len(aligned) == 1
+        near += unique and left + 4 <= x <= left + 28 and top + 4 <= y <= top + 28
+    assert near >= 24  # every crop around the path (about half) holds the centre; uniform crops: ~1 in 7
+    assert torch.equal(trainer.crop(videos, indices, 0), videos) and torch.equal(trainer.crop(videos, indices, 64), videos)
+
+
 def test_a_checkpoint_of_another_preset_is_refused(tmp_path):
     assert _train(tmp_path / "c.pt", "--preset", "smoke", "--chunk-steps", "1") == 0
     with pytest.raises(ValueError, match="not of preset 'default'"):
