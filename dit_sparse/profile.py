@@ -54,6 +54,11 @@ class Profile:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Profile.{name} must be an int >= 1, got {value!r}")
         object.__setattr__(self, "layout", tuple(self.layout))
+        for name in ("options", "entries", "meta"):  # as JSON holds them (tuples become lists), so loads compare equal
+            try:
+                object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+            except TypeError as error:
+                raise ValueError(f"Profile.{name} must be JSON-able: {error}") from None
         if len(self.entries) != self.layers or any(
             not isinstance(row, (list, tuple)) or len(row) != self.heads or not all(isinstance(e, dict) for e in row)
             for row in self.entries
