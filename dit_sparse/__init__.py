@@ -9,16 +9,20 @@
 from dit_sparse.api import sparsify, sparsity_stats, unsparsify
 from dit_sparse.attention import sparse_attention
 from dit_sparse.blockmask import BlockMask
+from dit_sparse.calibrate import calibrate
 from dit_sparse.config import (
     CONFIGS,
     DenseConfig,
+    DraftConfig,
     MethodConfig,
     RadialConfig,
     RandomBlocksConfig,
+    ReorderConfig,
     make_config,
 )
 from dit_sparse.layout import VideoLayout
 from dit_sparse.plot import plot_mask
+from dit_sparse.profile import Profile
 
 __version__ = "0.1.0"
 
@@ -26,10 +30,14 @@ __all__ = [
     "BlockMask",
     "CONFIGS",
     "DenseConfig",
+    "DraftConfig",
     "MethodConfig",
+    "Profile",
     "RadialConfig",
     "RandomBlocksConfig",
+    "ReorderConfig",
     "VideoLayout",
+    "calibrate",
     "make_config",
     "sparse_attention",
     "sparsify",

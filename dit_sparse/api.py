@@ -8,7 +8,8 @@ import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks
-from dit_sparse.config import MethodConfig, make_config
+from dit_sparse.config import DynamicConfig, MethodConfig, make_config
+from dit_sparse.profile import Profile
 from dit_sparse.pipelines.adapters import find_adapter, supported_classes
 
 #: diffusers attention backends that end in torch's scaled_dot_product_attention, which dit-sparse intercepts.
@@ -68,24 +69,43 @@ def _config_for(transformer: torch.nn.Module, adapter, method: str | MethodConfi
     return config
 
 
-def sparsify(pipe: Any, method: str | MethodConfig = "radial", **options) -> Any:
+def _profile_config(profile, method, options: dict) -> tuple[Profile, MethodConfig]:
+    profile = profile if isinstance(profile, Profile) else Profile.load(profile)
+    if method is not None and (method.method if isinstance(method, MethodConfig) else method) != profile.method:
+        raise ValueError(f"the profile is for method {profile.method!r}; sparsify was asked for {method!r} "
+                         "(leave the method out to use the profile's)")
+    return profile, profile.config(**options)
+
+
+def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=None, **options) -> Any:
     """Route the self-attention of `pipe`'s transformer(s) through block-sparse attention; returns `pipe`.
 
     `pipe` is a diffusers pipeline, a transformer, or a list of transformers. `method` is a method name
     (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
-    `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`. A method name takes the model family's defaults for
-    options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config object is used as given.
+    `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`; no method means `"radial"`. A method name takes the
+    model family's defaults for options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config
+    object is used as given. `profile` (a `dit_sparse.Profile` or the path of one `calibrate` wrote) gives the method
+    and its per-layer, per-head settings (checked against each transformer: class, layers, heads); `options` then
+    override the rest (e.g. `refresh=5`).
     Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
     with `torch.compile`. Every check happens before anything is changed.
     """
-    make_config(method, **options)  # the user's own method and options, checked first
+    if profile is not None:
+        profile, profile_config = _profile_config(profile, method, options)
+    else:
+        method = "radial" if method is None else method
+        make_config(method, **options)  # the user's own method and options, checked first
     transformers = _transformers_of(pipe, require_adapter=True)
     plan = []
     for transformer in transformers:
         adapter = find_adapter(transformer)
         sites = adapter.attention_sites(transformer)
         _check_attention_backend(transformer, sites)
-        plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
+        if profile is not None:
+            profile.check(transformer, adapter)
+            plan.append((transformer, adapter, profile_config))
+        else:
+            plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
     unsparsify(pipe)
     sessions: list[hooks.SparseSession] = []  # transformers with one config share steps, masks and statistics
     for transformer, adapter, config in plan:
@@ -108,7 +128,8 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     """Method, mean kept fraction (`density`, dense calls count 1.0) and number of self-attention calls so far.
 
     Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
-    accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them).
+    accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them). Dynamic methods
+    (`draft`, `reorder`) add `mask_builds`: how many masks were estimated (the rest were reused per `refresh`).
     """
     sessions = []
     for transformer in _transformers_of(pipe, require_adapter=False):
@@ -120,6 +141,8 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     calls = sum(session.attention_calls for session in sessions)
     kept = sum(session.kept_fraction_sum for session in sessions)
     stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
+    if isinstance(sessions[0].config, DynamicConfig):
+        stats["mask_builds"] = sum(session.mask_builds for session in sessions)
     if reset:
         for session in sessions:
             session.reset_stats()

@@ -87,7 +87,11 @@ class BlockMask:
     - `q_block_size`, `kv_block_size`: tokens per block; the last block of each is short when `seq_len` is not a
       multiple (the ragged tail).
     - `permutation` (seq_len,) int64 or None: the token order the blocks are cut in (`x_blocked = x[:, perm]`),
-      e.g. `VideoLayout.tile_permutation`; None means the natural order.
+      e.g. `VideoLayout.tile_permutation`; None means the natural order. Dynamic patterns may give one order per
+      batch entry and head instead: (Pb, Ph, seq_len) with Pb in (1, batch), Ph in (1, heads)
+      (`x_blocked[b, :, h] = x[b, perm[b, h], h]`).
+    - `kv_permutation`: None (keys and values use `permutation`), or the keys' own order, shaped like a per-head
+      `permutation` (SVG2 clusters queries and keys separately). Needs `permutation`.
     - `kv_block_partial` (Bm, Hm, n_q_blocks, max_kept) bool or None, with `token_boxes` (`TokenBoxes`): optional
       masking inside blocks. A kept block flagged partial keeps only the token pairs `token_boxes` allows; one not
       flagged keeps every pair (kernels skip the masking there). None (the default): every kept block is whole.
@@ -104,6 +108,7 @@ class BlockMask:
     permutation: torch.Tensor | None = None
     kv_block_partial: torch.Tensor | None = None
     token_boxes: TokenBoxes | None = None
+    kv_permutation: torch.Tensor | None = None
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -126,10 +131,15 @@ class BlockMask:
             )
         if idx.shape[3] > self.n_kv_blocks:
             raise ValueError(f"BlockMask keeps up to {idx.shape[3]} key blocks per row, more than {self.n_kv_blocks}")
-        if self.permutation is not None and tuple(self.permutation.shape) != (self.seq_len,):
-            raise ValueError(
-                f"BlockMask.permutation must have shape ({self.seq_len},), got {tuple(self.permutation.shape)}"
-            )
+        for name in ("permutation", "kv_permutation"):
+            perm = getattr(self, name)
+            if perm is not None and (perm.dim() not in (1, 3) or perm.shape[-1] != self.seq_len):
+                raise ValueError(
+                    f"BlockMask.{name} must have shape ({self.seq_len},) or (batch or 1, heads or 1, {self.seq_len}), "
+                    f"got {tuple(perm.shape)}"
+                )
+        if self.kv_permutation is not None and self.permutation is None:
+            raise ValueError("BlockMask.kv_permutation needs a (query) permutation")
         partial, boxes = self.kv_block_partial, self.token_boxes
         if (partial is None) != (boxes is None):
             raise ValueError("BlockMask.kv_block_partial and BlockMask.token_boxes go together (both or neither)")
@@ -139,6 +149,8 @@ class BlockMask:
                                  f"got {partial.dtype} {tuple(partial.shape)}")
             if not isinstance(boxes, TokenBoxes) or boxes.seq_len != self.seq_len:
                 raise ValueError(f"BlockMask.token_boxes must be TokenBoxes over {self.seq_len} tokens, got {boxes!r}")
+            if self.per_head_order:
+                raise ValueError("BlockMask.token_boxes take one shared token order; this mask has per-head orders")
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -159,6 +171,30 @@ class BlockMask:
     @property
     def device(self) -> torch.device:
         return self.kv_block_indices.device
+
+    @property
+    def per_head_order(self) -> bool:
+        """Whether queries (or keys) are ordered per batch entry and head, or keys apart from queries: the kernels'
+        dispatch then gathers q, k, v into the blocked order itself (`kernels.block_sparse_attention`)."""
+        return self.kv_permutation is not None or (self.permutation is not None and self.permutation.dim() == 3)
+
+    def orders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query order, key order), each (Pb, Ph, seq_len) int64: the natural order, `permutation` and
+        `kv_permutation` as per-head orders (a shared one as (1, 1, seq_len))."""
+        natural = torch.arange(self.seq_len, device=self.device)
+        q_order = natural if self.permutation is None else self.permutation.to(self.device).long()
+        k_order = q_order if self.kv_permutation is None else self.kv_permutation.to(self.device).long()
+        return tuple(x if x.dim() == 3 else x.view(1, 1, -1) for x in (q_order, k_order))
+
+    def in_blocked_order(self) -> "BlockMask":
+        """The same kept blocks with no permutation: the mask a kernel runs on q, k, v already gathered into the
+        blocked order (kept with this mask, built once)."""
+        cached = self.__dict__.get("_dit_sparse_blocked")
+        if cached is None:
+            cached = BlockMask(self.kv_block_indices, self.kv_block_counts, self.seq_len, self.q_block_size,
+                               self.kv_block_size)
+            object.__setattr__(self, "_dit_sparse_blocked", cached)
+        return cached
 
     @property
     def has_token_boxes(self) -> bool:
@@ -185,6 +221,11 @@ class BlockMask:
             raise ValueError(f"mask has {mask_heads} heads; q has {heads} (a mask needs 1 or {heads})")
         if mask_batch not in (1, batch):
             raise ValueError(f"mask has batch {mask_batch}; q has {batch} (a mask needs 1 or {batch})")
+        for name in ("permutation", "kv_permutation"):
+            perm = getattr(self, name)
+            if perm is not None and perm.dim() == 3 and (perm.shape[0] not in (1, batch) or perm.shape[1] not in (1, heads)):
+                raise ValueError(f"mask's {name} is {tuple(perm.shape)}; q has batch {batch}, {heads} heads "
+                                 "(each needs 1 or the call's)")
 
     # ---- conversions -------------------------------------------------------------------------------------------
     def to_block_dense(self) -> torch.Tensor:
@@ -216,6 +257,14 @@ class BlockMask:
         if self.token_boxes is not None:
             partial = self.to_block_partial()[..., q_of, :][..., k_of]
             dense = dense & (~partial | self.token_boxes.to(self.device).allows())
+        if self.per_head_order:
+            q_order, k_order = self.orders()
+            lead = torch.broadcast_shapes(dense.shape[:2], q_order.shape[:2], k_order.shape[:2])
+            q_inverse = torch.argsort(q_order, dim=-1).expand(*lead, -1)  # (B*, H*, S)
+            k_inverse = torch.argsort(k_order, dim=-1).expand(*lead, -1)
+            dense = dense.expand(*lead, -1, -1)
+            dense = dense.gather(2, q_inverse[..., :, None].expand(-1, -1, -1, self.seq_len))
+            return dense.gather(3, k_inverse[..., None, :].expand(-1, -1, self.seq_len, -1))
         if self.permutation is not None:
             inverse = torch.argsort(self.permutation.to(self.device))
             dense = dense[..., inverse, :][..., inverse]
@@ -283,6 +332,7 @@ class BlockMask:
         perm = None if self.permutation is None else self.permutation.to(device)
         partial = None if self.kv_block_partial is None else self.kv_block_partial.to(device)
         boxes = None if self.token_boxes is None else self.token_boxes.to(device)
+        kv_perm = None if self.kv_permutation is None else self.kv_permutation.to(device)
         return BlockMask(
             self.kv_block_indices.to(device),
             self.kv_block_counts.to(device),
@@ -292,6 +342,7 @@ class BlockMask:
             perm,
             partial,
             boxes,
+            kv_perm,
         )
 
     def __repr__(self) -> str:
@@ -299,6 +350,7 @@ class BlockMask:
         return (
             f"BlockMask(seq_len={self.seq_len}, block_size={self.block_size}, batch={bm}, heads={hm}, "
             f"n_q_blocks={n_q}, max_kept={max_kept}, permuted={self.permutation is not None}"
+            + (", per-head order" if self.per_head_order else "")
             + (f", token_boxes={self.token_boxes.axes} axes" if self.token_boxes is not None else "")
             + ")"
         )

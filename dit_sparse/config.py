@@ -153,8 +153,165 @@ class NeighborhoodConfig(MethodConfig):
             )
 
 
+def _check_fraction(owner: str, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value <= 1):
+        raise ValueError(f"{owner}.{name} must be in (0, 1], got {value!r}")
+
+
+def _per_layer_heads(owner: str, name: str, value, check) -> tuple[tuple, ...] | None:
+    """None, or one tuple per hooked layer of one value per head (profiles give them), each passing `check`."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or not value or any(
+        not isinstance(layer, (tuple, list)) or not layer for layer in value
+    ):
+        raise ValueError(f"{owner}.{name} must be one non-empty sequence per layer of one value per head, got "
+                         f"{value!r:.200}")
+    for layer in value:
+        for item in layer:
+            check(item)
+    return tuple(tuple(layer) for layer in value)
+
+
+@dataclass(frozen=True)
+class DynamicConfig(MethodConfig):
+    """Options of the methods that read q and k (`draft`, `reorder`): the mask is estimated in the attention call.
+
+    - `density`: kept fraction of key blocks per query block (top-k of the estimate per row, at least one block).
+    - `top_p`: None, or keep only the fewest of those top-k blocks whose estimated mass reaches `top_p` of the row
+      (fewer blocks where the attention is concentrated; `density` stays the cap).
+    - `refresh`: step caching (AdaSpa; Sparse-vDiT): an int N re-estimates the mask every N denoising steps and reuses
+      it in between; a tuple of step indices re-estimates at those steps only (and at the first sparse call).
+    - `layer_density`: per hooked layer, one density per head (from a calibration profile); None: `density` for all.
+    """
+
+    density: float = 0.25
+    top_p: float | None = None
+    refresh: int | tuple[int, ...] = 1
+    layer_density: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        _check_fraction(owner, "density", self.density)
+        if self.top_p is not None:
+            _check_fraction(owner, "top_p", self.top_p)
+        if isinstance(self.refresh, (tuple, list)):
+            steps = self.refresh
+            if not steps or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in steps):
+                raise ValueError(f"{owner}.refresh must be an int >= 1 (a period in steps) or a non-empty tuple of "
+                                 f"step indices >= 0, got {self.refresh!r}")
+            object.__setattr__(self, "refresh", tuple(sorted(set(steps))))
+        elif not isinstance(self.refresh, int) or isinstance(self.refresh, bool) or self.refresh < 1:
+            raise ValueError(f"{owner}.refresh must be an int >= 1 (a period in steps) or a non-empty tuple of step "
+                             f"indices >= 0, got {self.refresh!r}")
+        object.__setattr__(self, "layer_density", _per_layer_heads(
+            owner, "layer_density", self.layer_density, lambda d: _check_fraction(owner, "layer_density entry", d)))
+
+    def refreshes_at(self, step: int, last_step: int | None) -> bool:
+        """Whether the mask estimated at `last_step` (None: none yet) is re-estimated at `step`."""
+        if last_step is None or step < last_step:  # nothing cached, or a new generation started
+            return True
+        if isinstance(self.refresh, tuple):
+            return step in self.refresh and step != last_step
+        return step - last_step >= self.refresh
+
+    def densities(self, layer: int | None, heads: int) -> tuple[float, ...]:
+        """The density of each head of `layer`: `layer_density[layer]`, else `density` for every head."""
+        if self.layer_density is None or layer is None:
+            return (self.density,) * heads
+        if not 0 <= layer < len(self.layer_density):
+            raise ValueError(f"{type(self).__name__}.layer_density covers {len(self.layer_density)} layers; layer "
+                             f"{layer} has none (a profile for another model?)")
+        row = self.layer_density[layer]
+        if len(row) != heads:
+            raise ValueError(f"{type(self).__name__}.layer_density[{layer}] has {len(row)} heads; the call has {heads}")
+        return row
+
+
+@dataclass(frozen=True)
+class DraftConfig(DynamicConfig):
+    """DraftAttention (Shen et al., 2025): per head, the attention of q and k average-pooled over 3D tiles (the
+    low-resolution draft) picks the key tiles each query tile keeps; tokens are reordered so a tile is a block.
+
+    - `tile`: (frames, rows, columns) of one tile = one kernel block; prod(tile) a power of two >= 16.
+    """
+
+    method: ClassVar[str] = "draft"
+    tile: tuple[int, int, int] = (1, 8, 16)
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        object.__setattr__(self, "tile", _check_triple(owner, "tile", self.tile))
+        tokens = self.tile[0] * self.tile[1] * self.tile[2]
+        if tokens < 16 or tokens & (tokens - 1):
+            raise ValueError(f"{owner}.tile {self.tile} holds {tokens} tokens; it must hold a power of two >= 16")
+
+    @property
+    def block_size(self) -> int:
+        return self.tile[0] * self.tile[1] * self.tile[2]
+
+
+#: the orders of the (frame, row, column) axes a `reorder` head may take, slowest axis first ("fhw" is natural)
+AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
+
+
+@dataclass(frozen=True)
+class ReorderConfig(DynamicConfig):
+    """Per-head token reordering that gathers a head's scattered pattern into dense blocks, then block selection.
+
+    - `strategy="axes"` (PAROAttention, Zhao et al., 2025): each head orders tokens by one of `AXIS_ORDERS`
+      (`layer_axes`, chosen per head at calibration; without a profile `axes` for every head); blocks of that
+      order are pooled and selected as `draft` does.
+    - `strategy="cluster"` (Sparse VideoGen2, Yang et al., 2025, semantic-aware permutation): k-means of q and of k
+      per head (`clusters` centroids each, default one per block; centroids reused across refreshes as warm starts
+      of `kmeans_iters` Lloyd steps, SVG2's 2 per step; cold starts run 8 x as many), tokens sorted by cluster,
+      blocks chosen from the centroid-level attention.
+    - `block_size`: tokens per kernel block (power of two >= 16).
+    """
+
+    method: ClassVar[str] = "reorder"
+    strategy: str = "cluster"
+    block_size: int = 128
+    axes: str = "fhw"
+    layer_axes: tuple[tuple[str, ...], ...] | None = None
+    clusters: int | None = None
+    kmeans_iters: int = 2
+
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("axes", "cluster")
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        if self.strategy not in self.STRATEGIES:
+            raise ValueError(f"{owner}.strategy must be one of {self.STRATEGIES}, got {self.strategy!r}")
+        _check_block_size(owner, "block_size", self.block_size)
+        if self.axes not in AXIS_ORDERS:
+            raise ValueError(f"{owner}.axes must be one of {AXIS_ORDERS}, got {self.axes!r}")
+
+        def check_axes(order):
+            if order not in AXIS_ORDERS:
+                raise ValueError(f"{owner}.layer_axes entries must be one of {AXIS_ORDERS}, got {order!r}")
+
+        object.__setattr__(self, "layer_axes", _per_layer_heads(owner, "layer_axes", self.layer_axes, check_axes))
+        if self.clusters is not None:
+            _check_int(owner, "clusters", self.clusters, 2)
+        _check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
+
+    def head_axes(self, layer: int | None, heads: int) -> tuple[str, ...]:
+        """The axis order of each head of `layer`: `layer_axes[layer]`, else `axes` for every head."""
+        if self.layer_axes is None or layer is None:
+            return (self.axes,) * heads
+        if not 0 <= layer < len(self.layer_axes) or len(self.layer_axes[layer]) != heads:
+            raise ValueError(f"{type(self).__name__}.layer_axes has no entry of {heads} heads for layer {layer} "
+                             "(a profile for another model?)")
+        return self.layer_axes[layer]
+
+
 CONFIGS: dict[str, type[MethodConfig]] = {
-    cls.method: cls for cls in (DenseConfig, RadialConfig, RandomBlocksConfig, NeighborhoodConfig)
+    cls.method: cls
+    for cls in (DenseConfig, RadialConfig, RandomBlocksConfig, NeighborhoodConfig, DraftConfig, ReorderConfig)
 }
 
 

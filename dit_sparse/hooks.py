@@ -10,7 +10,12 @@ hooked forward every call falls through untouched, and no global state is left w
 torch.compile: the plan is built in a function dynamo skips (one graph break, before the first block); the plan
 object is reused while the layout and the dense/sparse phase stay the same, so the compiled graph's guards hold from
 step to step; under compilation the sparse call is the custom op `dit_sparse::sparse_attention`, so the graph runs
-through attention and the rest of each block fuses around it.
+through attention and the rest of each block fuses around it. Dynamic patterns (`draft`, `reorder`) estimate their
+mask in a function dynamo skips too (a graph break before each sparsified attention call): the estimate runs eagerly,
+the attention itself still through the custom op.
+
+Dynamic masks are cached per (attention site, CFG branch, layout, device) and re-estimated on the config's
+`refresh` schedule (`DynamicConfig.refreshes_at`); `SparseSession.mask_builds` counts the estimates.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from dit_sparse.attention import sparse_attention
 from dit_sparse.blockmask import BlockMask, TokenBoxes
-from dit_sparse.config import MethodConfig
+from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns import build_mask, is_static
 from dit_sparse.pipelines.adapters import AttentionSite, TransformerAdapter
@@ -89,14 +94,28 @@ class SparseSession:
     last_timestep: float | None = None
     attention_calls: int = 0
     kept_fraction_sum: float = 0.0
+    branch: object = 0
+    mask_builds: int = 0
+    dynamic_masks: dict = field(default_factory=dict)
+    pattern_state: dict = field(default_factory=dict)
+    observer: object = None
 
-    def observe_call(self, timestep, step_index: int | None) -> int:
-        """Advance the step counter for one transformer call; CFG's second call of a step repeats the timestep."""
+    def observe_call(self, timestep, step_index: int | None, branch_name: str | None = None) -> int:
+        """Advance the step counter for one transformer call; CFG's second call of a step repeats the timestep.
+
+        Also sets `branch`, which call of the step this is: the pipeline's cache-context name ("cond", "uncond")
+        when it gives one, else the count of calls that repeated the timestep (dynamic masks are kept per branch)."""
         value = None
         if isinstance(timestep, torch.Tensor):
             value = float(timestep.max())
         elif timestep is not None:
             value = float(timestep)
+        if branch_name is not None:
+            self.branch = branch_name
+        elif value is not None and value == self.last_timestep and isinstance(self.branch, int):
+            self.branch += 1
+        else:
+            self.branch = 0
         if step_index is not None:
             self.step = step_index
         elif value is not None and self.last_timestep is not None:
@@ -110,8 +129,12 @@ class SparseSession:
     def reset_steps(self) -> None:
         self.step, self.last_timestep = 0, None
 
-    def mask_for(self, layout: VideoLayout, device, q=None, k=None) -> tuple[BlockMask, float]:
-        """The mask over `layout`'s video tokens and its density; static masks are cached per (layout, device)."""
+    def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
+                 site=None) -> tuple[BlockMask, float]:
+        """The mask over `layout`'s video tokens and its density; static masks are cached per (layout, device),
+        dynamic ones per (site, branch, layout, device) and re-estimated from q, k on the `refresh` schedule."""
+        if isinstance(self.config, DynamicConfig):
+            return self._dynamic_mask(layout, device, q, k, layer, site)
         key = (layout, str(device))
         if is_static(self.config) and key in self.masks:
             return self.masks[key]
@@ -121,6 +144,17 @@ class SparseSession:
             _remember_mask(mask)
             self.masks[key] = entry
         return entry
+
+    def _dynamic_mask(self, layout, device, q, k, layer, site) -> tuple[BlockMask, float]:
+        key = (site, self.branch, layout, str(device))
+        cached = self.dynamic_masks.get(key)
+        if cached is not None and not self.config.refreshes_at(self.step, cached[2]):
+            return cached[0], cached[1]
+        state = self.pattern_state.setdefault((site, self.branch), {})
+        mask = build_mask(layout, self.config, q=q, k=k, state=state, device=device, layer=layer)
+        self.mask_builds += 1
+        self.dynamic_masks[key] = (mask, mask.density, self.step)
+        return mask, mask.density
 
     def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:
         """The plan of a forward over `layout` at `step`: the same object as long as nothing in it changes."""
@@ -152,7 +186,7 @@ class SparseSession:
         return {"method": self.config.method, "density": density, "attention_calls": self.attention_calls}
 
     def reset_stats(self) -> None:
-        self.attention_calls, self.kept_fraction_sum = 0, 0.0
+        self.attention_calls, self.kept_fraction_sum, self.mask_builds = 0, 0.0, 0
 
 
 class _NoState(BaseState):
@@ -188,7 +222,8 @@ class TransformerHook(ModelHook):
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         context = self.cache_context._context
         step_index = getattr(context, "step_index", None) if context is not None else None
-        step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index)
+        branch_name = getattr(context, "name", None) if context is not None else None
+        step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index, branch_name)
         plan = self.session.plan_for(layout, device, step, self.adapter)
         self.session.record_forward(plan, self.layers)
         self.session.active = plan
@@ -208,9 +243,10 @@ def _sdpa_arguments(
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
 
-    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int):
+    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int, site_key=None):
         super().__init__()
         self.session, self.plan, self.site_name, self.layer = session, plan, site_name, layer
+        self.site_key = site_name if site_key is None else site_key
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -238,12 +274,13 @@ class _AttentionInterceptor(TorchFunctionMode):
         plan = self.plan
         layout = plan.call_layout(query.shape[2], self.site_name)
         text_padding_mask = self._text_padding_mask(attn_mask, layout, query.shape[0])
+        if self.session.observer is not None:  # calibration: sees every call's q, k (B, H, S, D)
+            _observe(self.session, self.layer, layout, query, key)
         if plan.is_dense(self.layer):
             return sdpa(*args, **kwargs)  # the original call, mask and all
         mask = plan.mask
         if mask is None:  # a pattern that reads q and k: built here, counted here
-            mask, density = self.session.mask_for(layout, query.device, q=query, k=key)
-            self.session.record(density)
+            mask = _dynamic_mask(self.session, layout, query, key, self.layer, self.site_key)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
         if torch.compiler.is_compiling():
             boxes = mask.token_boxes
@@ -253,6 +290,7 @@ class _AttentionInterceptor(TorchFunctionMode):
                 None if boxes is None else boxes.key_coords, None if boxes is None else list(boxes.step),
                 text_padding_mask, mask.seq_len, mask.q_block_size, mask.kv_block_size, layout.frames,
                 layout.height, layout.width, layout.text_len, layout.text_position, scale, plan.backend,
+                mask.kv_permutation,
             )
         else:
             out = sparse_attention(
@@ -288,6 +326,21 @@ class _AttentionInterceptor(TorchFunctionMode):
         return attn_mask[:, 0, row, layout.text_slice].expand(batch, -1).contiguous()  # (B, text_len)
 
 
+@torch.compiler.disable
+def _dynamic_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site) -> BlockMask:
+    """A dynamic pattern's mask for this call (estimated or reused per `refresh`), counted in the statistics; eager
+    under torch.compile (dynamo skips this function)."""
+    mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=layer, site=site)
+    session.record(density)
+    _remember_mask(mask)
+    return mask
+
+
+@torch.compiler.disable
+def _observe(session: SparseSession, layer: int, layout: VideoLayout, query, key) -> None:
+    session.observer(layer=layer, step=session.step, layout=layout, q=query, k=key)
+
+
 class AttentionHook(ModelHook):
     """Per self-attention module: intercepts its attention call while a hooked transformer forward runs."""
 
@@ -299,7 +352,7 @@ class AttentionHook(ModelHook):
         plan = self.session.active
         if plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer)
+        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer, site_key=id(self))
         with interceptor:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
@@ -317,7 +370,8 @@ def _remember_mask(mask: BlockMask) -> None:
 
 
 def _block_mask_of(
-    kv_block_indices, kv_block_counts, permutation, kv_block_partial, boxes, seq_len, q_block_size, kv_block_size
+    kv_block_indices, kv_block_counts, permutation, kv_block_partial, boxes, seq_len, q_block_size, kv_block_size,
+    kv_permutation=None,
 ) -> BlockMask:
     """The session's own BlockMask behind these tensors (its kernel caches live on it), else one rebuilt from them,
     in-block masking included. `boxes`: (query_lo, query_hi, key_coords, step), all None without in-block masking."""
@@ -328,6 +382,7 @@ def _block_mask_of(
         and mask.kv_block_counts is kv_block_counts
         and mask.permutation is permutation
         and mask.kv_block_partial is kv_block_partial
+        and mask.kv_permutation is kv_permutation
         and (mask.seq_len, mask.q_block_size, mask.kv_block_size) == (seq_len, q_block_size, kv_block_size)
     ):
         return mask
@@ -335,7 +390,7 @@ def _block_mask_of(
     token_boxes = None if kv_block_partial is None else TokenBoxes(query_lo, query_hi, key_coords, tuple(step))
     return BlockMask(
         kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation, kv_block_partial,
-        token_boxes,
+        token_boxes, kv_permutation,
     )
 
 
@@ -345,7 +400,7 @@ def _block_mask_of(
     schema="(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, Tensor? permutation, "
     "Tensor? kv_block_partial, Tensor? query_lo, Tensor? query_hi, Tensor? key_coords, int[]? box_step, "
     "Tensor? text_padding_mask, int seq_len, int q_block_size, int kv_block_size, int frames, int height, int width, "
-    "int text_len, str? text_position, float? scale, str backend) -> Tensor",
+    "int text_len, str? text_position, float? scale, str backend, Tensor? kv_permutation=None) -> Tensor",
 )
 def _sparse_attention_op(
     q: torch.Tensor,
@@ -370,12 +425,13 @@ def _sparse_attention_op(
     text_position: str | None,
     scale: float | None,
     backend: str,
+    kv_permutation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sparse_attention` with the BlockMask and VideoLayout spelled out as tensors and ints; (B, S, H, D) out,
     contiguous. What compiled graphs call in place of the interceptor's eager `sparse_attention`."""
     mask = _block_mask_of(
         kv_block_indices, kv_block_counts, permutation, kv_block_partial, (query_lo, query_hi, key_coords, box_step),
-        seq_len, q_block_size, kv_block_size,
+        seq_len, q_block_size, kv_block_size, kv_permutation,
     )
     layout = VideoLayout(frames, height, width, text_len, text_position)
     out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=backend)
@@ -383,7 +439,7 @@ def _sparse_attention_op(
 
 
 @_sparse_attention_op.register_fake
-def _sparse_attention_fake(q, k, v, *args) -> torch.Tensor:
+def _sparse_attention_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
     return q.new_empty(q.shape)  # (B, S, H, D), contiguous like the real output
 
 

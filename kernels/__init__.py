@@ -210,6 +210,8 @@ def block_sparse_attention(
                          f"{out.dtype} on {out.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask = _on_device(mask, q.device)
+    if mask.per_head_order:
+        return _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out)
     name = resolve_backend(backend, q, mask)
     if name == "triton":
         from . import triton_block_sparse
@@ -223,6 +225,28 @@ def block_sparse_attention(
     if extra_k is not None:
         result, lse = reference.extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
     return _into(out, result), lse
+
+
+def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out):
+    """A mask with per-head token orders (or keys ordered apart from queries): gather q (and k, v) of each batch
+    entry and head into its blocked order, run any backend on the un-permuted blocks, scatter the rows back. The
+    extra keys (joint text) are per row, so they need no reordering."""
+    batch, seq_len, heads, head_dim = q.shape
+    q_order, k_order = mask.orders()  # (Pb, Ph, S) each
+
+    def gather(x, order):  # x (B, S, H, D) -> x in `order`, (B, S, H, D)
+        index = order.expand(batch, heads, -1).transpose(1, 2)  # (B, S, H)
+        return x.gather(1, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+    q_in = gather(q, q_order)
+    k_in, v_in = gather(k, k_order), gather(v, k_order)
+    result, lse = block_sparse_attention(
+        q_in, k_in, v_in, mask.in_blocked_order(), scale=scale, backend=backend, extra_k=extra_k, extra_v=extra_v,
+        extra_key_valid=extra_key_valid,
+    )
+    inverse = torch.argsort(q_order, dim=-1).expand(batch, heads, -1)  # (B, H, S)
+    lse = lse.gather(2, inverse)
+    return _into(out, gather(result, inverse)), lse
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

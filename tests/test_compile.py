@@ -139,3 +139,22 @@ def test_the_custom_op_keeps_in_block_masking_when_it_rebuilds_the_mask():
         mask.permutation,
     )
     assert not torch.allclose(out, dit_sparse.sparse_attention(q, k, v, whole_blocks, layout, backend="reference"))
+
+
+def test_dynamic_methods_compile_with_the_estimate_run_eagerly(transformer, fresh_dynamo):
+    # The estimate (k-means, per-head orders) runs in a function dynamo skips; the attention is still the op.
+    model, inputs = transformer
+    recorder = _GraphRecorder()
+    dit_sparse.sparsify(model, "reorder", strategy="cluster", density=0.5, block_size=16, refresh=2)
+    try:
+        eager = _run(model, inputs)
+        eager_stats = dit_sparse.sparsity_stats(model, reset=True)
+        dit_sparse.hooks.session_of(model).dynamic_masks.clear()  # the compiled run estimates afresh, as eager did
+        compiled = _run(torch.compile(model, backend=recorder), inputs)
+        compiled_stats = dit_sparse.sparsity_stats(model)
+    finally:
+        dit_sparse.unsparsify(model)
+    assert any("dit_sparse.sparse_attention" in recorder.targets(g) for g in recorder.graphs)
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert compiled_stats == eager_stats

@@ -1,6 +1,8 @@
 """Sparsity patterns: pure functions `(layout, config, q=None, k=None, state=None) -> BlockMask`.
 
-`PATTERNS` maps a method name to its builder; static patterns ignore q, k and state.
+`PATTERNS` maps a method name to its builder; static patterns ignore q, k, state and layer. Dynamic ones (`draft`,
+`reorder`) read q, k (B, H, S, D) of the call (video tokens at `layout.video_slice`), the hooked `layer` (per-layer
+profile entries) and `state`, a dict the session keeps per attention site between refreshes (k-means centroids).
 """
 
 from __future__ import annotations
@@ -8,12 +10,22 @@ from __future__ import annotations
 from typing import Callable
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import DenseConfig, MethodConfig, NeighborhoodConfig, RadialConfig, RandomBlocksConfig
+from dit_sparse.config import (
+    DenseConfig,
+    DraftConfig,
+    MethodConfig,
+    NeighborhoodConfig,
+    RadialConfig,
+    RandomBlocksConfig,
+    ReorderConfig,
+)
 from dit_sparse.layout import VideoLayout
 
+from .draft import draft
 from .neighborhood import neighborhood
 from .radial import radial
 from .random_blocks import random_blocks
+from .reorder import reorder_axes, reorder_cluster
 
 PatternBuilder = Callable[..., BlockMask]
 
@@ -43,23 +55,57 @@ def _build_neighborhood(
     ).to(device)
 
 
+def _video_qk(layout: VideoLayout, q, k, method: str):
+    if q is None or k is None:
+        raise ValueError(f"method {method!r} estimates its mask from q and k; build_mask needs both")
+    video = layout.video_slice
+    return q[:, :, video], k[:, :, video]  # (B, H, video_len, D)
+
+
+def _build_draft(layout: VideoLayout, config: DraftConfig, q=None, k=None, state=None, device="cpu",
+                 layer=None) -> BlockMask:
+    q, k = _video_qk(layout, q, k, config.method)
+    return draft(layout, q, k, density=config.densities(layer, q.shape[1]), tile=config.tile, top_p=config.top_p)
+
+
+def _build_reorder(layout: VideoLayout, config: ReorderConfig, q=None, k=None, state=None, device="cpu",
+                   layer=None) -> BlockMask:
+    q, k = _video_qk(layout, q, k, config.method)
+    heads = q.shape[1]
+    options = dict(density=config.densities(layer, heads), block_size=config.block_size, top_p=config.top_p)
+    if config.strategy == "axes":
+        return reorder_axes(layout, q, k, axes=config.head_axes(layer, heads), **options)
+    mask, centroids = reorder_cluster(layout, q, k, clusters=config.clusters, kmeans_iters=config.kmeans_iters,
+                                      state=state, **options)
+    if state is not None:
+        state.update(centroids)  # the session's per-site dict: warm starts for the next refresh
+    return mask
+
+
 #: method name -> (builder, whether the mask depends only on the layout and config)
 PATTERNS: dict[str, tuple[PatternBuilder, bool]] = {
     "dense": (_build_dense, True),
     "radial": (_build_radial, True),
     "random": (_build_random, True),
     "neighborhood": (_build_neighborhood, True),
+    "draft": (_build_draft, False),
+    "reorder": (_build_reorder, False),
 }
 
 
-def build_mask(layout: VideoLayout, config: MethodConfig, q=None, k=None, state=None, device="cpu") -> BlockMask:
-    """The mask of `config`'s method for `layout`."""
-    builder, _ = PATTERNS[config.method]
-    return builder(layout, config, q=q, k=k, state=state, device=device)
+def build_mask(layout: VideoLayout, config: MethodConfig, q=None, k=None, state=None, device="cpu",
+               layer: int | None = None) -> BlockMask:
+    """The mask of `config`'s method for `layout`; dynamic methods also read q, k (B, H, S, D), `layer` and
+    `state`."""
+    builder, static = PATTERNS[config.method]
+    if static:
+        return builder(layout, config, q=q, k=k, state=state, device=device)
+    return builder(layout, config, q=q, k=k, state=state, device=device, layer=layer)
 
 
 def is_static(config: MethodConfig) -> bool:
     return PATTERNS[config.method][1]
 
 
-__all__ = ["neighborhood", "radial", "random_blocks", "build_mask", "is_static", "PATTERNS"]
+__all__ = ["draft", "neighborhood", "radial", "random_blocks", "reorder_axes", "reorder_cluster", "build_mask",
+           "is_static", "PATTERNS"]

@@ -1,0 +1,144 @@
+"""`calibrate`: run a pipeline densely on a few prompts, measure per layer and head what a dynamic method needs, and
+write a `Profile` that `sparsify(pipe, profile=...)` runs with no search.
+
+Generic over methods: `CALIBRATORS` maps a method to (measure, reduce). `measure(layout, q, k, config,
+target_recall)` turns one attention call's video q, k (B, H, S, D) into one dict per head; `reduce(samples)` turns
+one head's dicts over prompts and steps into its profile entry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dit_sparse import hooks
+from dit_sparse.api import _transformers_of, unsparsify
+from dit_sparse.config import AXIS_ORDERS, DraftConfig, DynamicConfig, ReorderConfig, make_config
+from dit_sparse.layout import VideoLayout
+from dit_sparse.patterns.draft import draft_calibration
+from dit_sparse.patterns.reorder import axes_calibration, cluster_calibration
+from dit_sparse.pipelines.adapters import find_adapter
+from dit_sparse.profile import Profile
+
+#: fields of a config that a profile's entries set (never copied into `Profile.options`)
+_PER_LAYER_FIELDS = ("layer_density", "layer_axes")
+
+
+def _measure_draft(layout: VideoLayout, q, k, config: DraftConfig, target_recall: float) -> list[dict]:
+    return draft_calibration(layout, q, k, tile=config.tile, target_recall=target_recall)
+
+
+def _measure_reorder(layout: VideoLayout, q, k, config: ReorderConfig, target_recall: float) -> list[dict]:
+    if config.strategy == "axes":
+        return axes_calibration(layout, q, k, block_size=config.block_size, density=config.density,
+                                target_recall=target_recall)
+    return cluster_calibration(layout, q, k, block_size=config.block_size, clusters=config.clusters,
+                               kmeans_iters=config.kmeans_iters, target_recall=target_recall)
+
+
+def _reduce_density(samples: list[dict]) -> dict:
+    """The mean density the head needed over the calibration calls."""
+    return {"density": statistics.fmean(s["density"] for s in samples)}
+
+
+def _reduce_reorder(samples: list[dict]) -> dict:
+    """axes: the order with the highest mean concentration, and the mean density it needed; cluster: the density."""
+    if "concentration" not in samples[0]:
+        return _reduce_density(samples)
+    best = max(AXIS_ORDERS, key=lambda a: statistics.fmean(s["concentration"][a] for s in samples))
+    return {"axes": best, "density": statistics.fmean(s["density"][best] for s in samples)}
+
+
+#: method -> (measure, reduce)
+CALIBRATORS: dict[str, tuple[Callable[..., list[dict]], Callable[[list[dict]], dict]]] = {
+    "draft": (_measure_draft, _reduce_density),
+    "reorder": (_measure_reorder, _reduce_reorder),
+}
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str],
+    method: str = "draft",
+    *,
+    target_recall: float = 0.9,
+    steps: Sequence[int] | None = None,
+    seeds: Sequence[int] = (0,),
+    path=None,
+    pipe_kwargs: dict | None = None,
+    progress: bool = True,
+    **options,
+) -> Profile:
+    """Calibrate `method` on `pipe` (one transformer): a dense run per (prompt, seed); at the denoising `steps`
+    (None: every step) each self-attention call's q, k are measured per head (`CALIBRATORS`); the per-head
+    results are reduced over prompts, seeds, steps and CFG branches into a `Profile`, saved to `path` when given.
+
+    `options` are the method's own (e.g. `tile`, `strategy="axes"`, `block_size`); `pipe_kwargs` go to every
+    pipeline call (size, `num_inference_steps`, ...). The videos themselves are dense and discarded.
+    """
+    if method not in CALIBRATORS:
+        raise ValueError(f"calibrate supports methods {sorted(CALIBRATORS)}, got {method!r}")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r}")
+    config = make_config(method, **options)
+    assert isinstance(config, DynamicConfig)
+    transformers = _transformers_of(pipe, require_adapter=True)
+    if len(transformers) != 1:
+        raise ValueError(f"calibrate takes a pipeline with one transformer (a profile is per transformer), got "
+                         f"{len(transformers)}: calibrate each one as its own transformer")
+    transformer = transformers[0]
+    adapter = find_adapter(transformer)
+    sites = adapter.attention_sites(transformer)
+    heads = {getattr(site.module, "heads", None) for site in sites}
+    if len(heads) != 1 or None in heads:
+        raise ValueError(f"calibrate needs one head count over the layers, got {sorted(heads, key=str)}")
+    measure, reduce = CALIBRATORS[method]
+    samples: list[list[list[dict]]] = [[[] for _ in range(next(iter(heads)))] for _ in sites]
+    layouts: set = set()
+    wanted = None if steps is None else set(steps)
+
+    def observe(layer: int, step: int, layout: VideoLayout, q, k) -> None:
+        if wanted is not None and step not in wanted:
+            return
+        video = layout.video_slice
+        layouts.add((layout.frames, layout.height, layout.width))
+        with torch.no_grad():
+            for head, entry in enumerate(measure(layout, q[:, :, video], k[:, :, video], config, target_recall)):
+                samples[layer][head].append(entry)
+
+    # Every call dense (the original attention call), observed on the way.
+    session = hooks.SparseSession(make_config("dense", dense_steps=2**31 - 1), observer=observe)
+    runs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    unsparsify(pipe)
+    hooks.install(transformer, adapter, session)
+    try:
+        from tqdm.auto import tqdm
+
+        for prompt, seed in tqdm(runs, desc=f"calibrate {method}", disable=not progress):
+            pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                 **(pipe_kwargs or {}))
+    finally:
+        hooks.remove(transformer)
+    if any(not head for layer in samples for head in layer):
+        raise ValueError(f"no attention call was measured at steps {sorted(wanted)}; the runs have fewer steps?")
+    entries = [[reduce(head) for head in layer] for layer in samples]
+    profile = Profile(
+        method=method, transformer=type(transformer).__name__, layers=len(sites), heads=next(iter(heads)),
+        layout=sorted(layouts)[0], entries=entries,
+        options={k: v for k, v in config.options().items() if k not in _PER_LAYER_FIELDS},
+        meta=dict(prompts=list(prompts), seeds=list(seeds), steps=None if steps is None else sorted(wanted),
+                  target_recall=target_recall, date=datetime.date.today().isoformat(), pipe_kwargs=pipe_kwargs or {},
+                  samples_per_head=len(samples[0][0]), layouts=sorted(layouts)),
+    )
+    if path is not None:
+        profile.save(path)
+    return profile
+
+
+__all__ = ["CALIBRATORS", "calibrate"]

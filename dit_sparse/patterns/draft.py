@@ -1,0 +1,66 @@
+"""DraftAttention: key tiles chosen per head from a low-resolution (tile-pooled) attention map."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dit_sparse.blockmask import BlockMask
+from dit_sparse.layout import VideoLayout
+
+from .estimate import block_attention_mass, density_for_recall, draft_map, keep_counts, select_blocks
+from .neighborhood import tiled_order
+
+
+@functools.lru_cache(maxsize=16)
+def tile_order(layout: VideoLayout, tile: tuple[int, int, int]) -> torch.Tensor | None:
+    """The blocked order of `tile` over `layout` (`neighborhood.tiled_order`: whole tiles first, one block each),
+    (video_len,) int64 on the CPU, or None for the natural order. Memoised: a pure function of its arguments."""
+    return tiled_order(layout, tile)[0]
+
+
+def _tile_map(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, tile) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the tile order on q's device or None, the draft map (B, H, n, n))."""
+    perm = tile_order(layout, tuple(tile))
+    perm = None if perm is None else perm.to(q.device)
+    return perm, draft_map(q, k, math.prod(tile), None if perm is None else perm.view(1, 1, -1))
+
+
+def draft(
+    layout: VideoLayout,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    density: float | Sequence[float] = 0.25,
+    tile: tuple[int, int, int] = (1, 8, 16),
+    top_p: float | None = None,
+) -> BlockMask:
+    """The DraftAttention block mask of q, k (B, H, video_len, D) over `layout`'s video tokens, per batch and head.
+
+    Shen et al., 2025, "DraftAttention: Fast Video Diffusion via Low-Resolution Attention Guidance" (arXiv
+    2505.14708; github.com/shawnricecake/draft-attention, `draft_attention.py`). q and k are average-pooled over
+    3D tiles (the official code pools 8 x 16 patches of each frame: `tile=(1, 8, 16)`), the draft attention map
+    softmax(q_pool k_pool^T / sqrt(D)) is computed per head, and each query tile keeps its `round(density * n)`
+    highest-scoring key tiles (`density` one value, or one per head). The official code keeps the top `density`
+    share of the whole map per head; keeping per row serves every query tile and hits `density` exactly. `top_p`:
+    keep only the fewest of those reaching `top_p` of the row's draft mass. Tokens are reordered tile by tile
+    (`tiled_order`, the official `reorg_idx`), so each kept tile is one contiguous kernel block.
+    """
+    perm, probs = _tile_map(layout, q, k, tile)
+    densities = [density] * q.shape[1] if isinstance(density, (int, float)) else list(density)
+    kept = select_blocks(probs, keep_counts(densities, probs.shape[-1], q.device), top_p)  # (B, H, n, n)
+    return BlockMask.from_block_dense(kept, layout.video_len, math.prod(tile), permutation=perm)
+
+
+def draft_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, tile, target_recall: float,
+                      **_) -> list[dict]:
+    """Per head: {"density"}, the density at which the draft's top-k keeps `target_recall` of the exact attention
+    mass of q, k (B, H, video_len, D)."""
+    perm, probs = _tile_map(layout, q, k, tile)
+    block = math.prod(tile)
+    order = None if perm is None else perm.view(1, 1, -1)
+    mass = block_attention_mass(q, k, block, block, order, order)
+    return [{"density": float(d)} for d in density_for_recall(mass, probs, target_recall)]
