@@ -2,16 +2,17 @@
 offline by measured error against cost, stored in a profile, heads of one layer fused into one block mask.
 
 Chen et al., 2025, "Sparse-vDiT: Unleashing the Power of Sparse Attention to Accelerate Video Diffusion Transformers"
-(arXiv 2506.03065; github.com/Peyton-Chen/Sparse-vDiT, which at the time of writing released no code). The paper finds
-three recurring patterns in video DiT attention maps, largely independent of the prompt and fixed by layer and head:
-a diagonal band (each token attends to its spatial-temporal neighbours), multi-diagonal bands (the band repeated at
-multiples of the frame length: the same place in other frames), and vertical stripes (a few key columns every query
-attends to). An offline "sparse diffusion search" on a few prompts picks, per layer and head, the pattern that keeps
-the attention error small at the least hardware cost; heads of a layer that share a pattern are fused into one kernel.
+(arXiv 2506.03065; github.com/Peyton-Chen/Sparse-vDiT, which at the time of writing released no code, so this follows
+the paper's abstract and pattern descriptions). The paper finds three recurring patterns in video DiT attention maps,
+tied to layer depth and head position with limited dependence on the input: diagonal, multi-diagonal and
+vertical-stripe. On the frame-major token order we read them as a band around the diagonal (a token and its spatial
+neighbours), the band repeated at multiples of the frame length (the same place in other frames), and a few key
+columns every query attends to. An offline "sparse diffusion search" selects the strategy per layer and head by
+hardware-aware cost modelling, and heads of a layer that share a strategy are fused.
 
 Ours, on the 3D-tiled token order (`neighborhood.tiled_order`, one tile = one kernel block), in units of tiles:
 - `diagonal`, `radius` (frames, rows, columns): a key tile is kept when it is within `radius` tiles of the query tile
-  on every axis (no shift at the borders). Radius (0, r, r) is the paper's in-frame band.
+  on every axis (no shift at the borders); (0, r, r) keeps the band within the frame.
 - `multi_diagonal`, `spatial_radius` (rows, columns), `frame_stride`: a key tile within `spatial_radius` tiles in
   space, at a tile-frame distance that is a multiple of `frame_stride` (stride 1: every frame, the same place).
 - `stripe`, `key_frames`: every query keeps the key tiles holding a token of those frames (token frame indices, e.g.
@@ -19,12 +20,12 @@ Ours, on the 3D-tiled token order (`neighborhood.tiled_order`, one tile = one ke
 - `dense`: every block.
 A block that mixes border tiles keeps a key block when any of its tiles keeps any of the key block's tiles.
 
-Where we differ: the paper's kernels are one per pattern on the flat token order and fuse heads by pattern; we build
+Where we differ: the paper has a kernel per pattern and fuses the heads that share one; we build
 one `BlockMask` with a row of block lists per head, so a single block-sparse launch (FA4, Triton, reference) covers
 every head whatever its pattern, and the fusion left to do is computing each distinct pattern once (`vdit_mask`). The
 paper also skips 3-6% of heads outright; we do not (a skipped head's error shows only after the residual, which an
-attention-output error cannot measure). The error is the relative L2 of the attention output on sampled query rows
-and the cost our measured kernel time, not the paper's loss and latency table; see `search_head_patterns`.
+attention-output error cannot measure). The search's error (relative L2 of the attention output on sampled query
+rows) and cost (our measured FA4 time per density) are our own choices, see `search_head_patterns`.
 """
 
 from __future__ import annotations
@@ -199,11 +200,7 @@ def vdit_mask(
     tile = resolve_tile(block_size, tile)
     if not isinstance(layout, VideoLayout):
         raise ValueError(f"layout must be a VideoLayout, got {type(layout).__name__}")
-    if isinstance(patterns, (str, HeadPattern)) or not isinstance(patterns, Sequence) or len(patterns) == 0:
-        raise ValueError(f"patterns must be a non-empty sequence of HeadPattern (one per head), got {patterns!r}")
-    for head, pattern in enumerate(patterns):
-        if not isinstance(pattern, HeadPattern):
-            raise ValueError(f"patterns[{head}] must be a HeadPattern, got {type(pattern).__name__} {pattern!r}")
+    for head, pattern in enumerate(_check_patterns(patterns, "patterns")):
         if pattern.kind == "stripe" and pattern.key_frames[-1] >= layout.frames:
             raise ValueError(
                 f"patterns[{head}] keeps key frames {pattern.key_frames}, but the layout has {layout.frames} frames"
@@ -227,11 +224,20 @@ def vdit_mask(
     distinct = list(dict.fromkeys(patterns))
     block_maps = torch.stack(
         [_block_map(pattern, pair_block, pair_tile, tile_grid, tile[0], n_blocks) for pattern in distinct]
-    )  # (P distinct, n_blocks, n_blocks)
+    )  # (n_distinct, n_blocks, n_blocks)
     which = torch.tensor([distinct.index(p) for p in patterns])  # (Hm,) each head's distinct pattern
     return BlockMask.from_block_dense(
         block_maps[which][None], layout.video_len, block_size, permutation=permutation
     )
+
+
+def _check_patterns(patterns, name: str) -> list[HeadPattern]:
+    if isinstance(patterns, (str, HeadPattern)) or not isinstance(patterns, Sequence) or len(patterns) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of HeadPattern, got {patterns!r}")
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, HeadPattern):
+            raise ValueError(f"{name}[{i}] must be a HeadPattern, got {type(pattern).__name__} {pattern!r}")
+    return list(patterns)
 
 
 def _block_map(pattern: HeadPattern, pair_block, pair_tile, tile_grid, tile_frames: int, n_blocks: int):
@@ -309,15 +315,6 @@ def _check_qkv(q, k, v, layout: VideoLayout) -> None:
         raise ValueError(f"q has S={q.shape[1]} tokens, but the layout has {layout.video_len} video tokens")
 
 
-def _check_candidates(candidates) -> list[HeadPattern]:
-    if isinstance(candidates, HeadPattern) or not isinstance(candidates, Sequence) or len(candidates) == 0:
-        raise ValueError(f"candidates must be a non-empty sequence of HeadPattern, got {candidates!r}")
-    for i, pattern in enumerate(candidates):
-        if not isinstance(pattern, HeadPattern):
-            raise ValueError(f"candidates[{i}] must be a HeadPattern, got {type(pattern).__name__} {pattern!r}")
-    return list(candidates)
-
-
 def candidate_errors(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -337,7 +334,7 @@ def candidate_errors(
     (seeded; None or >= S: all rows), fp32, masked dense attention with the candidate's token mask (the mask the
     kernels run); the result is the mean over the batch. Softmax scale 1 / sqrt(D)."""
     _check_qkv(q, k, v, layout)
-    candidates = _check_candidates(candidates)
+    candidates = _check_patterns(candidates, "candidates")
     if query_rows is not None and not _is_int(query_rows, 1):
         raise ValueError(f"query_rows must be an int >= 1 or None, got {query_rows!r}")
     mask = vdit_mask(layout, candidates, block_size, tile)
@@ -395,7 +392,7 @@ def choose_head_patterns(
 
     With `max_error`: the cheapest candidate whose error is at most `max_error` (ties: the smaller error); dense when
     none is cheaper. With `max_error=None`: the smallest error + `cost_weight` x cost (the error-cost trade-off)."""
-    candidates = _check_candidates(candidates)
+    candidates = _check_patterns(candidates, "candidates")
     if not isinstance(errors, torch.Tensor) or errors.dim() != 2 or errors.shape[0] != len(candidates):
         raise ValueError(
             f"errors must be a (C={len(candidates)}, H) tensor, got {getattr(errors, 'shape', type(errors).__name__)}"
