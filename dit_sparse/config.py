@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -307,6 +308,44 @@ class ReorderConfig(DynamicConfig):
             raise ValueError(f"{type(self).__name__}.layer_axes has no entry of {heads} heads for layer {layer} "
                              "(a profile for another model?)")
         return self.layer_axes[layer]
+@dataclass(frozen=True)
+class VditConfig(MethodConfig):
+    """Sparse-vDiT (Chen et al., 2025): a searched pattern per layer and head (`dit_sparse.patterns.vdit`).
+
+    - `block_size`: tokens per block; `tile`: the 3D tile one block holds (None: `default_tile(block_size)`,
+      (1, 8, 16) at 128). The patterns' radii are counted in these tiles, so they must match the profile's.
+    - `profile`: path of a profile JSON (`save_vdit_profile`), or `patterns`: the same inline, per layer a sequence of
+      per-head `HeadPattern`s or their dicts (stored as tuples of `HeadPattern`). Exactly one of the two.
+
+    Not in `CONFIGS` yet: `sparsify` has no per-layer plumbing for it.
+    """
+
+    method: ClassVar[str] = "vdit"
+    block_size: int = 128
+    tile: tuple[int, int, int] | None = None
+    profile: str | None = None
+    patterns: tuple | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        from dit_sparse.patterns.vdit import check_profile_layers, resolve_tile  # the patterns package imports us
+
+        owner = type(self).__name__
+        _check_block_size(owner, "block_size", self.block_size)
+        if self.tile is not None:
+            object.__setattr__(self, "tile", resolve_tile(self.block_size, self.tile, owner))
+        if (self.profile is None) == (self.patterns is None):
+            raise ValueError(
+                f"{owner} needs exactly one of profile (a path) and patterns (inline), got profile={self.profile!r} "
+                f"and patterns={'None' if self.patterns is None else '...'}"
+            )
+        if self.profile is not None:
+            if isinstance(self.profile, os.PathLike):
+                object.__setattr__(self, "profile", os.fspath(self.profile))
+            if not isinstance(self.profile, str) or not self.profile:
+                raise ValueError(f"{owner}.profile must be a non-empty path, got {self.profile!r}")
+        else:
+            object.__setattr__(self, "patterns", check_profile_layers(self.patterns, f"{owner}.patterns"))
 
 
 CONFIGS: dict[str, type[MethodConfig]] = {

@@ -247,8 +247,6 @@ def build_components(config: ModelConfig, seed: int = 0) -> dict:
             latents_mean=[0.0] * config.latent_channels,  # measured after the VAE phase
             latents_std=[1.0] * config.latent_channels,
         )
-        with torch.no_grad():  # log-variance -8 (std 0.02): the decoder sees the encoder's signal from the first step,
-            vae.quant_conv.bias[config.latent_channels :].fill_(-8.0)  # not unit noise it learns to ignore
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=config.flow_shift
     )
