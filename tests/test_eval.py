@@ -233,11 +233,13 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     _screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
 
 
-def test_eval_runs_a_local_diffusers_folder(tmp_path, capsys):
-    from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+def test_eval_runs_a_random_wan_folder_built_by_the_script(tmp_path):
+    from dit_sparse.pipelines import random_wan
 
-    folder = tmp_path / "wan-folder"
-    build_tiny_wan_pipeline().save_pretrained(folder)
+    folder = tmp_path / "wan-smoke"
+    assert random_wan.main(["--config", "smoke", "--out", str(folder), "--dtype", "float32"]) == 0
+    with pytest.raises(ValueError, match="already holds a pipeline"):
+        random_wan.save_random_wan(str(folder), "smoke")
     prompts = tmp_path / "one.txt"
     prompts.write_text("a cat\n")
     argv = ["eval", *SMALL[2:], "--model", str(folder), "--methods", "radial", "--suite", str(prompts),
@@ -245,4 +247,19 @@ def test_eval_runs_a_local_diffusers_folder(tmp_path, capsys):
     assert cli.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["run"]["model"] == str(folder) and results["run"]["model_note"] is None
-    assert math.isinf(float(results["means"][1]["psnr"])) or float(results["means"][1]["psnr"]) > 30
+    assert f"--model {folder}" in results["run"]["command"]
+    psnr = results["means"][1]["psnr"]
+    assert psnr == "inf" or psnr > 30
+
+
+def test_the_random_wan_13b_config_has_the_real_models_size():
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from dit_sparse.pipelines.random_wan import CONFIGS
+
+    with torch.device("meta"):  # no memory, no time: only the shapes
+        transformer = WanTransformer3DModel(**CONFIGS["wan2.1-1.3b"]["transformer"])
+        vae = AutoencoderKLWan(**CONFIGS["wan2.1-1.3b"]["vae"])
+    assert 1.40e9 < sum(p.numel() for p in transformer.parameters()) < 1.43e9  # Wan2.1-T2V-1.3B: 1.42 B
+    assert 120e6 < sum(p.numel() for p in vae.parameters()) < 130e6  # Wan 2.1 VAE: 127 M
