@@ -22,11 +22,17 @@ import numpy as np
 
 from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
 
-#: |method - baseline| is multiplied by this in the side-by-side videos' third column.
-DIFF_GAIN = 8
-#: imageio-ffmpeg quality of the side-by-side mp4s (5 ~ x264 CRF 25): for viewing only; metrics use lossless frames.
-SIDE_BY_SIDE_QUALITY = 5
+#: The side-by-side videos' third column shows |method - baseline| times a gain: a power of two chosen per prompt so
+#: that the 99.9th percentile of the largest difference reaches full brightness, at most `MAX_DIFF_GAIN` (shown in
+#: the column's label; one gain for every row, so rows compare).
+MAX_DIFF_GAIN = 128
+#: imageio-ffmpeg quality of the side-by-side mp4s (4 ~ x264 CRF 30): for viewing only; metrics use lossless frames.
+SIDE_BY_SIDE_QUALITY = 4
 LABEL_HEIGHT = 14
+#: JPEG quality of the side-by-side stills (noise-like frames make PNGs large)
+STILL_QUALITY = 85
+#: report files are for reading and publishing: rw-r--r-- (mkstemp's default is owner-only)
+PUBLIC_MODE = 0o644
 
 METRIC_NOTES = [
     ("baseline", "the pipeline as diffusers runs it (no dit-sparse): the reference for every fidelity and speed figure"),
@@ -57,6 +63,7 @@ def write_atomic(path: str, data: bytes | str) -> str:
             file.write(data.encode("utf-8") if isinstance(data, str) else data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(tmp, PUBLIC_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -143,7 +150,9 @@ def reproduce_command(plan: EvalPlan) -> str:
     suite = name if name in BUILT_IN or name.startswith("vbench") else plan.suite.source
     from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
 
-    model = plan.model or ("tiny-random" if plan.model_label == TINY_RANDOM_LABEL else "tiny")
+    model = plan.model or "tiny"
+    if model == "tiny" and plan.model_label == TINY_RANDOM_LABEL:
+        model = "tiny-random"  # what ran: the trained model was not there
     words = ["dit-sparse", "eval", "--model", model, "--methods", ",".join(m.name for m in plan.methods),
              "--suite", suite, "--seeds", ",".join(map(str, plan.seeds)), "--frames", plan.frames, "--height",
              plan.height, "--width", plan.width, "--steps", plan.steps, "--guidance", plan.guidance, "--fps", plan.fps,
@@ -208,17 +217,18 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     finite = [p["psnr"] for p in points if math.isfinite(p["psnr"])]
     top = (max(finite) if finite else 40.0) + 5.0
     shown = [{**p, "y": p["psnr"] if math.isfinite(p["psnr"]) else top} for p in points]
-    figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
+    figure = Figure(figsize=(6.4, 4.8), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     front = pareto_front([{**p, "psnr": p["y"]} for p in shown])
     if len(front) > 1:
         axes.plot([p["speedup"] for p in front], [p["psnr"] for p in front], color="#fb8500", lw=1.5, zorder=1,
                   label="Pareto front")  # fmt: skip
-    for point in shown:
+    for index, point in enumerate(sorted(shown, key=lambda p: p["speedup"])):
         axes.scatter(point["speedup"], point["y"], s=50, color="#023047", zorder=2)
         density = "" if point["density"] is None else f"\ndensity {point['density']:.2f}"
         label = point["method"] + ("  (identical)" if not math.isfinite(point["psnr"]) else "") + density
-        axes.annotate(label, (point["speedup"], point["y"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        offset = (6, 4) if index % 2 == 0 else (6, -22)  # neighbours alternate above and below
+        axes.annotate(label, (point["speedup"], point["y"]), textcoords="offset points", xytext=offset, fontsize=8)
     axes.axvline(1.0, color="#888888", lw=0.8, ls="--", label="baseline speed")
     if any(not math.isfinite(p["psnr"]) for p in points):
         axes.axhline(top, color="#bbbbbb", lw=0.6, ls=":")
@@ -226,7 +236,7 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     axes.set_ylabel("PSNR vs baseline (dB, mean over videos)")
     axes.set_title(title, fontsize=9)
     axes.margins(x=0.25, y=0.15)
-    axes.legend(fontsize=8, loc="lower left")
+    figure.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
     return _save_figure(figure, path)
 
 
@@ -265,8 +275,21 @@ def _labelled(frames: np.ndarray, label: str) -> np.ndarray:
     return np.concatenate([strip, frames], axis=1)
 
 
-def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int = DIFF_GAIN) -> np.ndarray:
-    """A grid video: one row per method, columns baseline | method | |method - baseline| x gain; uint8 `(T, H', W', 3)`."""
+def difference_gain(reference: np.ndarray, videos: dict[str, np.ndarray]) -> int:
+    """The power-of-two gain that brings the 99.9th percentile of the largest |video - reference| near 255."""
+    spread = max(
+        (float(np.percentile(np.abs(v.astype(np.int16) - reference.astype(np.int16)), 99.9)) for v in videos.values()),
+        default=0.0,
+    )
+    if spread <= 0:
+        return 1
+    return int(min(MAX_DIFF_GAIN, max(1, 2 ** math.floor(math.log2(255.0 / spread)))))
+
+
+def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int | None = None) -> np.ndarray:
+    """A grid video: one row per method, columns baseline | method | |method - baseline| x gain (`difference_gain`
+    when None); uint8 `(T, H', W', 3)`, padded to multiples of 16."""
+    gain = difference_gain(reference, videos) if gain is None else gain
     rows = []
     for name, video in videos.items():
         difference = np.clip(np.abs(video.astype(np.int16) - reference.astype(np.int16)) * gain, 0, 255).astype(np.uint8)
@@ -279,7 +302,7 @@ def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int
 
 
 def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> list[dict]:
-    """Per prompt (its first seed): the side-by-side mp4 and a PNG of its middle frame; returns their entries."""
+    """Per prompt (its first seed): the side-by-side mp4 and a JPEG of its middle frame; returns their entries."""
     import cv2
 
     from dit_sparse import cli
@@ -296,8 +319,10 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
         stem = f"{index:02d}-{cli.slugify(prompt.prompt)}"
         os.makedirs(folder, exist_ok=True)
         video_path = write_mp4(grid, os.path.join(folder, f"{stem}.mp4"), plan.fps, quality=SIDE_BY_SIDE_QUALITY)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(grid[len(grid) // 2], cv2.COLOR_RGB2BGR))
-        still_path = write_atomic(os.path.join(folder, f"{stem}.png"), png.tobytes())
+        os.chmod(video_path, PUBLIC_MODE)
+        middle = cv2.cvtColor(grid[len(grid) // 2], cv2.COLOR_RGB2BGR)
+        _, jpeg = cv2.imencode(".jpg", middle, [cv2.IMWRITE_JPEG_QUALITY, STILL_QUALITY])
+        still_path = write_atomic(os.path.join(folder, f"{stem}.jpg"), jpeg.tobytes())
         entries.append({"prompt": prompt.prompt, "category": prompt.category, "seed": seed, "video": video_path,
                         "still": still_path})  # fmt: skip
     return entries
@@ -388,7 +413,8 @@ def render_markdown(run, means, results, plan: EvalPlan, files: dict) -> str:
             lines += [f"No mask plot: {files['masks'][spec.name + ':note']}.", ""]
         rows = [r for r in results if r["method"] == spec.name]
         lines += _md_table(_present(VIDEO_COLUMNS, rows), rows) + [""]
-    lines += ["## Side by side (baseline | method | amplified difference)", ""]
+    lines += ["## Side by side", "", "Each row: baseline | method | |method - baseline| amplified by the gain in its "
+              "label. Videos are for viewing (H.264); the metrics use the lossless frames.", ""]
     for entry in files["side_by_side"]:
         lines += [f"**{entry['prompt']}** (seed {entry['seed']}): [video]({_relative(entry['video'], out)})", "",
                   f"![{entry['prompt']}]({_relative(entry['still'], out)})", ""]  # fmt: skip
@@ -455,8 +481,9 @@ def render_html(run, means, results, plan: EvalPlan, files: dict) -> str:
             parts.append(f"<p>No mask plot: {esc(files['masks'][spec.name + ':note'])}.</p>")
         rows = [r for r in results if r["method"] == spec.name]
         parts.append(_html_table(_present(VIDEO_COLUMNS, rows), rows))
-    parts.append("<h2>Side by side</h2><p>Each row: baseline | method | |method &minus; baseline| amplified "
-                 f"{DIFF_GAIN}x. Videos are for viewing (H.264); the metrics use the lossless frames.</p>")
+    parts.append("<h2>Side by side</h2><p>Each row: baseline | method | |method &minus; baseline| amplified by the "
+                 "gain in its label (one per prompt, a power of two). Videos are for viewing (H.264); the metrics use "
+                 "the lossless frames.</p>")
     for entry in files["side_by_side"]:
         video, still = esc(_relative(entry["video"], out)), esc(_relative(entry["still"], out))
         parts.append(f"<figure class='sbs'><figcaption><b>{esc(entry['prompt'])}</b> (seed {entry['seed']})"

@@ -202,8 +202,9 @@ def resolve_model_label(model: str | None) -> tuple[str, str | None]:
         if tiny.available():
             return tiny.TINY_LABEL, None
         note = (
-            f"note: the tiny trained model is not at {tiny.MODEL_DIR} yet; using the tiny RANDOM pipeline "
-            f"({TINY_RANDOM_LABEL}): its videos are noise, so only timing and agreement with the baseline mean anything"
+            "note: the tiny trained model (dit_sparse/pipelines/tiny_model) is not there yet; using the tiny RANDOM "
+            f"pipeline ({TINY_RANDOM_LABEL}): its videos are noise, so only timing and agreement with the baseline "
+            "mean anything"
         )
         return TINY_RANDOM_LABEL, note
     if model == TINY_RANDOM:

@@ -263,3 +263,20 @@ def test_the_random_wan_13b_config_has_the_real_models_size():
         vae = AutoencoderKLWan(**CONFIGS["wan2.1-1.3b"]["vae"])
     assert 1.40e9 < sum(p.numel() for p in transformer.parameters()) < 1.43e9  # Wan2.1-T2V-1.3B: 1.42 B
     assert 120e6 < sum(p.numel() for p in vae.parameters()) < 130e6  # Wan 2.1 VAE: 127 M
+
+
+def test_side_by_side_shows_the_difference_amplified_by_a_labelled_power_of_two():
+    import numpy as np
+
+    from dit_sparse.eval import report
+
+    reference = np.full((3, 16, 16, 3), 100, np.uint8)
+    method = reference.copy()
+    method[:, 4:8, 4:8] += 3  # |diff| 3 on 1/16 of the pixels: the 99.9th percentile is 3, so the gain is 64
+    assert report.difference_gain(reference, {"m": method}) == 64
+    assert report.difference_gain(reference, {"m": reference}) == 1
+    grid = report.side_by_side(reference, {"m": method})
+    assert grid.shape == (3, 32, 48, 3)  # a 14-pixel label strip, padded to 16; three 16-pixel columns
+    difference = grid[:, report.LABEL_HEIGHT : report.LABEL_HEIGHT + 16, 32:48]
+    assert difference.max() == 3 * 64 and (difference[:, 4:8, 4:8] == 192).all()
+    assert (grid[:, report.LABEL_HEIGHT : report.LABEL_HEIGHT + 16, 16:32] == method).all()
