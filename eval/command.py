@@ -42,7 +42,9 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
     )
     evaluate.add_argument("--output-dir", default="eval-out", help="where the report goes (default eval-out/)")
-    evaluate.add_argument("--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)")
+    evaluate.add_argument(
+        "--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)"
+    )
     evaluate.set_defaults(run=run_eval)
 
 

@@ -260,7 +260,9 @@ class LPIPS:
         import torch
 
         a, b = _pair(reference, video)
-        to_tensor = lambda v: torch.from_numpy(v).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)  # noqa: E731
+        def to_tensor(video):  # (T, 3, H, W) in [-1, 1]
+            return torch.from_numpy(video).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+
         with torch.no_grad():
             return float(self.model(to_tensor(a), to_tensor(b)).mean())
 
@@ -298,7 +300,9 @@ def optional_metrics(device: str = "cpu") -> tuple[dict, list[str]]:
     if importlib.util.find_spec("lpips") is None:
         notes.append("LPIPS skipped: the `lpips` package is not installed (pip install lpips)")
     elif _lpips_weights() is None:
-        notes.append("LPIPS skipped: no AlexNet weights (alexnet-owt-*.pth) in torch's hub cache; nothing is downloaded")
+        notes.append(
+            "LPIPS skipped: no AlexNet weights (alexnet-owt-*.pth) in torch's hub cache; nothing is downloaded"
+        )
     else:
         try:
             metrics["lpips"] = LPIPS(device)

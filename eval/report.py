@@ -35,8 +35,8 @@ STILL_QUALITY = 85
 PUBLIC_MODE = 0o644
 
 METRIC_NOTES = [
-    ("baseline", "the pipeline as diffusers runs it (no dit-sparse): the reference for every fidelity and speed figure"),
-    ("density", "mean kept fraction of the self-attention blocks over all attention calls (dense steps/layers count 1)"),
+    ("baseline", "the pipeline as diffusers runs it (no dit-sparse): the reference of every fidelity and speed figure"),
+    ("density", "mean kept fraction of the self-attention blocks over the attention calls (dense steps/layers: 1)"),
     ("seconds", "end-to-end seconds of one pipeline call (text encoding, denoising, VAE decode)"),
     ("s/step", "denoising seconds per step, from the first transformer call to the last step's end"),
     ("speedup", "baseline time over method time, end to end and per step (ratios of totals over the same videos)"),
@@ -202,10 +202,11 @@ def pareto_points(means: list[dict]) -> list[dict]:
 
 def pareto_front(points: list[dict]) -> list[dict]:
     """The points no other point beats on both speedup and PSNR, by speedup."""
-    front = [p for p in points if not any(
-        q["speedup"] >= p["speedup"] and q["psnr"] >= p["psnr"] and (q["speedup"], q["psnr"]) != (p["speedup"], p["psnr"])
-        for q in points
-    )]  # fmt: skip
+    def beats(q, p):
+        return q["speedup"] >= p["speedup"] and q["psnr"] >= p["psnr"] and (q["speedup"], q["psnr"]) != (
+            p["speedup"], p["psnr"])  # fmt: skip
+
+    front = [p for p in points if not any(beats(q, p) for q in points)]
     return sorted(front, key=lambda p: p["speedup"])
 
 
@@ -292,7 +293,8 @@ def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int
     gain = difference_gain(reference, videos) if gain is None else gain
     rows = []
     for name, video in videos.items():
-        difference = np.clip(np.abs(video.astype(np.int16) - reference.astype(np.int16)) * gain, 0, 255).astype(np.uint8)
+        difference = np.abs(video.astype(np.int16) - reference.astype(np.int16)) * gain
+        difference = np.clip(difference, 0, 255).astype(np.uint8)
         rows.append(np.concatenate([
             _labelled(reference, "baseline"), _labelled(video, name), _labelled(difference, f"|diff| x{gain}"),
         ], axis=2))  # fmt: skip
@@ -348,7 +350,8 @@ def fmt(field: str, value) -> str:
     if field == "flow_px":
         return f"{value:.2f}"
     if isinstance(value, float):
-        return f"{value:.4f}" if field in ("ssim", "lpips", "temporal_flickering", "motion_smoothness") else f"{value:.3f}"
+        fine = field in ("ssim", "lpips", "temporal_flickering", "motion_smoothness")
+        return f"{value:.4f}" if fine else f"{value:.3f}"
     return str(value)
 
 
@@ -360,7 +363,9 @@ SUMMARY_COLUMNS = [
     ("lpips", "LPIPS"), ("clip_score", "CLIP"), ("temporal_flickering", "flicker"),
     ("motion_smoothness", "smoothness"), ("dynamic", "dynamic"), ("flow_px", "flow px"),
 ]  # fmt: skip
-VIDEO_COLUMNS = [("prompt", "prompt"), ("seed", "seed")] + [c for c in SUMMARY_COLUMNS if c[0] not in ("method", "videos")]
+VIDEO_COLUMNS = [("prompt", "prompt"), ("seed", "seed")] + [
+    c for c in SUMMARY_COLUMNS if c[0] not in ("method", "videos")
+]
 
 
 def _present(columns, rows):
@@ -374,7 +379,8 @@ def _setting_lines(run: dict) -> list[tuple[str, str]]:
         ("model", run["model"]),
         ("suite", f"{run['suite']['name']}: {run['suite']['prompts']} prompts ({run['suite']['source']})"),
         ("settings", f"{s['frames']} frames at {s['width']}x{s['height']} px, {s['steps']} steps, guidance "
-                     f"{s['guidance']}, seeds {s['seeds']}, {s['dtype']}, {s['warmup_steps']} warm-up step(s) per method"),
+                     f"{s['guidance']}, seeds {s['seeds']}, {s['dtype']}, "
+                     f"{s['warmup_steps']} warm-up step(s) per method"),
         ("device", run["device"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in run["versions"].items())),
         ("date", run["date"]),
@@ -472,11 +478,13 @@ def render_html(run, means, results, plan: EvalPlan, files: dict) -> str:
               "</figcaption></figure></div>"]  # fmt: skip
     parts.append("<h2>Methods</h2>")
     for spec in plan.methods:
-        parts.append(f"<h3>{esc(spec.name)}</h3><p>Options: <code>{esc(json.dumps(spec.options, sort_keys=True))}</code></p>")
+        options = esc(json.dumps(spec.options, sort_keys=True))
+        parts.append(f"<h3>{esc(spec.name)}</h3><p>Options: <code>{options}</code></p>")
         mask = files["masks"].get(spec.name)
         if mask:
             parts.append(f"<figure class='mask'><img src='{esc(_relative(mask, out))}' alt='{esc(spec.name)} mask'>"
-                         "<figcaption>Kept key blocks per query block (head 0) at this eval's layout.</figcaption></figure>")  # fmt: skip
+                         "<figcaption>Kept key blocks per query block (head 0) at this eval's layout."
+                         "</figcaption></figure>")  # fmt: skip
         elif files["masks"].get(f"{spec.name}:note"):
             parts.append(f"<p>No mask plot: {esc(files['masks'][spec.name + ':note'])}.</p>")
         rows = [r for r in results if r["method"] == spec.name]

@@ -505,9 +505,10 @@ def render_all(plan: EvalPlan, pipe=None, log=print) -> dict[str, dict]:
     manifest = os.path.join(plan.cache_dir, MANIFEST_NAME)
     finished = finished_rows(plan)
     jobs = plan.jobs()
-    pending = [job for job in jobs if plan.video_hash(job) not in finished]
-    if len(jobs) > len(pending):
-        log(f"reusing {len(jobs) - len(pending)} of {len(jobs)} video(s) from {plan.cache_dir}")
+    pending = list({plan.video_hash(job): job for job in jobs if plan.video_hash(job) not in finished}.values())
+    reused = len({plan.video_hash(job) for job in jobs}) - len(pending)
+    if reused:
+        log(f"reusing {reused} video(s) from {plan.cache_dir}")
     if not pending:
         return finished
     if pipe is None:

@@ -17,7 +17,14 @@ import json
 import os
 from dataclasses import dataclass
 
-from dit_sparse.pipelines.shapes_dataset import BACKGROUND_COLOURS, BACKGROUNDS, DIRECTIONS, SHAPE_COLOURS, SHAPES, ShapeVideo
+from dit_sparse.pipelines.shapes_dataset import (
+    BACKGROUND_COLOURS,
+    BACKGROUNDS,
+    DIRECTIONS,
+    SHAPE_COLOURS,
+    SHAPES,
+    ShapeVideo,
+)
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 BUILT_IN = ("tiny", "standard")

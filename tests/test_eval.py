@@ -206,7 +206,8 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     assert results["run"]["model"].startswith("tiny-random") and "UNTRAINED" in results["run"]["model_note"]
     assert results["run"]["settings"]["frames"] == 5 and results["run"]["device"].startswith("cpu")
     videos = results["videos"]
-    assert [(v["prompt"], v["method"]) for v in videos] == [(p, m) for p in PROMPTS for m in ("baseline", "dense", "radial")]
+    expected = [(p, m) for p in PROMPTS for m in ("baseline", "dense", "radial")]
+    assert [(v["prompt"], v["method"]) for v in videos] == expected
     for video in videos:
         assert video["seconds"] > 0 and video["seconds_per_step"] > 0 and video["peak_memory_mb"] > 0
         assert 0 <= video["temporal_flickering"] <= 1 and isinstance(video["dynamic"], bool)

@@ -22,9 +22,8 @@ def _translated(dx: int, dy: int, frames=5, size=64, seed=0) -> np.ndarray:
     margin = 4 * (abs(dx) + abs(dy)) * frames + 8
     texture = _texture(size + 2 * margin, size + 2 * margin, seed)
     # the window moves by (-dx, -dy) so the content inside it moves by (+dx, +dy)
-    return np.stack(
-        [texture[margin - t * dy : margin - t * dy + size, margin - t * dx : margin - t * dx + size] for t in range(frames)]
-    )
+    top, left = margin - np.arange(frames) * dy, margin - np.arange(frames) * dx
+    return np.stack([texture[y : y + size, x : x + size] for y, x in zip(top, left)])
 
 
 # ---- PSNR ------------------------------------------------------------------------------------------------------------
