@@ -5,6 +5,8 @@
   only complete, and its manifest row only after it.
 - `demo`: one prompt with the default model, dense then radial (same seed); prints seconds, density
   and the PSNR of radial against dense.
+- `eval`: speed and fidelity of methods against the dense baseline over a prompt suite, with a report
+  (`dit_sparse.eval`).
 
 Every input is checked before any model is loaded; a bad one is a one-line error and exit status 2.
 """
@@ -536,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", parents=[common], help="dense vs radial on the default model, with PSNR")
     demo.add_argument("--output-dir", default="demo-out", help="where the two mp4s go (default demo-out/)")
     demo.set_defaults(run=run_demo)
+
+    from dit_sparse.eval.command import add_eval_command  # the eval subcommand lives with the eval suite
+
+    add_eval_command(commands, common)
     return parser
 
 

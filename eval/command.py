@@ -1,0 +1,100 @@
+"""`dit-sparse eval`: the suite rendered by the baseline and each method, scored, and reported (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dit_sparse.eval.runner import DEFAULT_WARMUP_STEPS, TINY, TINY_RANDOM
+
+DEFAULT_FRAMES = 17
+DEFAULT_SIZE = 128
+DEFAULT_STEPS = 8
+
+
+def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
+    """Add the `eval` subcommand to `dit-sparse`'s subparsers (`common`: --device, --dtype, --fps)."""
+    evaluate = commands.add_parser(
+        "eval", parents=[common], help="speed and fidelity of methods against the dense baseline, with a report"
+    )
+    evaluate.add_argument(
+        "--model", default=None,
+        help=f"{TINY!r} (default: the tiny trained model, the random one while it is absent), {TINY_RANDOM!r}, "
+        "a local diffusers folder, or a hub id",
+    )  # fmt: skip
+    evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
+    evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
+    evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
+    evaluate.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"4k+1 (default {DEFAULT_FRAMES})")
+    evaluate.add_argument("--height", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    evaluate.add_argument("--width", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    evaluate.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    evaluate.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
+    evaluate.add_argument(
+        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method option (repeatable)"
+    )
+    evaluate.add_argument("--block-size", type=int, default=None, help="block size of every method that has one")
+    evaluate.add_argument(
+        "--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
+        help=f"steps of the untimed warm-up call per method (default {DEFAULT_WARMUP_STEPS}; 0: none)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
+    )
+    evaluate.add_argument("--output-dir", default="eval-out", help="where the report goes (default eval-out/)")
+    evaluate.add_argument(
+        "--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)"
+    )
+    evaluate.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dit_sparse.eval import metrics
+    from dit_sparse.eval.report import write_report
+    from dit_sparse.eval.runner import make_plan, method_means, render_all, resolve_model_label, score_videos
+
+    plan = make_plan(
+        suite=args.suite, methods=args.methods, options=args.option, block_size=args.block_size, model=args.model,
+        seeds=args.seeds, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+        guidance=args.guidance, fps=args.fps, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
+        output_dir=args.output_dir, cache_dir=args.cache_dir,
+    )  # fmt: skip
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    notes = []
+    if not plan.device.startswith("cuda"):
+        notes.append(
+            "CPU run: attention runs on the PyTorch reference path, so the speed columns show the machinery, not "
+            "dit-sparse's GPU speed (see benchmarks/results for that); attention share is measured on GPU only"
+        )
+    _, model_note = resolve_model_label(plan.model)
+    if model_note:
+        print(model_note)
+        notes.append(model_note.removeprefix("note: "))
+    videos = len(plan.videos())
+    print(
+        f"model: {plan.model_label}; suite {plan.suite.name} ({len(plan.suite.prompts)} prompts) x {len(plan.seeds)} "
+        f"seed(s); baseline + {', '.join(m.name for m in plan.methods)}: {videos * (1 + len(plan.methods))} videos"
+    )
+    finished = render_all(plan)
+    optional, skipped = metrics.optional_metrics(plan.device)
+    for note in skipped:
+        print(f"note: {note}")
+    notes += skipped
+    results = score_videos(plan, finished, optional)
+    means = method_means(plan, results)
+    files = write_report(plan, results, means, notes)
+    print(f"\n{'method':<14} {'density':>8} {'s/step':>8} {'speedup':>8} {'PSNR':>9} {'SSIM':>7}")
+    for mean in means:
+        density = "-" if mean["density"] is None else f"{mean['density']:.3f}"
+        step = "-" if mean["seconds_per_step"] is None else f"{mean['seconds_per_step']:.3f}"
+        speed = "-" if mean["step_speedup"] is None else f"{mean['step_speedup']:.2f}x"
+        psnr = "-" if mean["psnr"] is None else ("inf" if mean["psnr"] == float("inf") else f"{mean['psnr']:.2f}")
+        ssim = "-" if mean["ssim"] is None else f"{mean['ssim']:.4f}"
+        print(f"{mean['method']:<14} {density:>8} {step:>8} {speed:>8} {psnr:>9} {ssim:>7}")
+    print(f"report: {os.path.join(plan.output_dir, 'report.html')} (and report.md, results.json, results.csv)")
+    return 0

@@ -1,0 +1,614 @@
+"""The eval render loop: every (prompt, seed) of a suite rendered by the baseline and by each method, timed.
+
+- The baseline is the pipeline as diffusers runs it (no dit-sparse hooks): the reference every method's fidelity and
+  speed is measured against. It is rendered once per (model, prompt, seed, frames, size, steps, guidance, device,
+  dtype) and cached on disk, so adding a method later renders only that method. The `dense` method is a separate
+  render: dit-sparse's full mask through the sparse path (its fidelity shows numeric agreement, its speed the cost
+  of the path).
+- Resumable like `dit-sparse render`: each finished video is a lossless `.npy` (uint8 frames, written atomically) in
+  the cache folder plus a row in its `manifest.jsonl` (appended after the frames); a video whose row and file are
+  there is not rendered again.
+- Timing (`time.perf_counter`, with `torch.cuda.synchronize` on GPU): end-to-end seconds of the pipeline call (text
+  encoding, denoising, VAE decode); seconds per denoising step from the first transformer call to each step's end
+  (`callback_on_step_end`; without it, to the last transformer call); on GPU, the attention share: CUDA events
+  around every self-attention module the adapter names (projections, RoPE and the attention call), summed, over the
+  denoising time; on CPU it is not measured (None).
+- Peak memory: on GPU `torch.cuda.max_memory_allocated` during the call; on CPU the process's peak resident set
+  size sampled every 5 ms during the call (`/proc/self/statm`; None elsewhere), which includes the weights and what
+  the allocator keeps, so compare it only between methods of one run.
+- Before the first timed video of each method, one untimed warm-up call (`warmup_steps` steps, same size) absorbs
+  one-time costs (kernel compilation, allocator growth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dit_sparse import cli
+from dit_sparse.config import CONFIGS, make_config
+from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
+
+BASELINE = "baseline"
+MANIFEST_NAME = "manifest.jsonl"
+#: model names besides a folder or hub id: the tiny trained model (random fallback while absent), the random one.
+TINY, TINY_RANDOM = "tiny", "tiny-random"
+DEFAULT_WARMUP_STEPS = 1
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the eval: its name and full config options (defaults filled in)."""
+
+    name: str
+    options: dict
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything one eval renders and how; built and checked by `make_plan` before any model is loaded."""
+
+    model: str | None  # as given: None / "tiny", "tiny-random", a folder or a hub id
+    model_label: str
+    suite: Suite
+    methods: tuple[MethodSpec, ...]
+    seeds: tuple[int, ...]
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    fps: float
+    device: str
+    dtype: str
+    warmup_steps: int
+    output_dir: str
+    cache_dir: str
+
+    def job(self, prompt: str, seed: int, method: str, options: dict) -> cli.RenderJob:
+        return cli.RenderJob(
+            prompt=prompt, seed=seed, method=method, options=options, frames=self.frames, height=self.height,
+            width=self.width, steps=self.steps, guidance=self.guidance, model=self.model_label,
+        )  # fmt: skip
+
+    def videos(self) -> list[tuple[SuitePrompt, int]]:
+        """Every (prompt, seed) pair, prompt-major."""
+        return [(prompt, seed) for prompt in self.suite.prompts for seed in self.seeds]
+
+    def jobs(self) -> list[cli.RenderJob]:
+        """Per (prompt, seed): the baseline, then each method."""
+        jobs = []
+        for prompt, seed in self.videos():
+            jobs.append(self.job(prompt.prompt, seed, BASELINE, {}))
+            jobs += [self.job(prompt.prompt, seed, m.name, m.options) for m in self.methods]
+        return jobs
+
+    def video_key(self, job: cli.RenderJob) -> dict:
+        """What decides a video's frames: the job's key plus the device type and dtype it runs in."""
+        return {**job.key(), "device": self.device.split(":")[0], "dtype": self.dtype}
+
+    def video_hash(self, job: cli.RenderJob) -> str:
+        return hashlib.sha256(json.dumps(self.video_key(job), sort_keys=True).encode()).hexdigest()[:12]
+
+    def frames_file(self, job: cli.RenderJob) -> str:
+        return f"{cli.slugify(job.prompt)}-seed{job.seed}-{job.method}-{self.video_hash(job)}.npy"
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """Method names from "a,b,c" (None: every method in `CONFIGS`); unknown or repeated names are a ValueError."""
+    if text is None:
+        return list(CONFIGS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--methods must name at least one method; allowed: {sorted(CONFIGS)}")
+    for name in names:
+        if name == BASELINE:
+            raise ValueError(f"{BASELINE!r} is always rendered (the reference); --methods takes {sorted(CONFIGS)}")
+        if name not in CONFIGS:
+            raise ValueError(f"unknown method {name!r}; allowed: {sorted(CONFIGS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"method(s) {repeated} given twice in --methods")
+    return names
+
+
+def parse_seeds(text) -> tuple[int, ...]:
+    """Seeds from "0,1,2" (or a list of ints); each an int >= 0, no repeats."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    seeds = []
+    for item in items:
+        try:
+            seed = int(item.strip()) if isinstance(item, str) else item
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated ints >= 0, got {text!r}") from None
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seeds must be ints >= 0, got {item!r}")
+        seeds.append(seed)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name at least one seed, each once, got {text!r}")
+    return tuple(seeds)
+
+
+def parse_option_value(text: str):
+    """An option value: `cli.parse_value`, and "a,b,c" as a tuple of such values (neighborhood's window, tile)."""
+    if "," in text:
+        return tuple(cli.parse_value(item.strip()) for item in text.strip("()[] ").split(","))
+    return cli.parse_value(text)
+
+
+def parse_method_options(pairs: list[str], methods: list[str], block_size: int | None) -> dict[str, dict]:
+    """Per method, its options from `--option METHOD.KEY=VALUE` and `--block-size` (every method with a
+    `block_size` field, unless set for it by --option); each method's config is built, so bad values fail here."""
+    given: dict[str, dict] = {name: {} for name in methods}
+    for text in pairs:
+        target, sep, value = text.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not sep or not dot or not method or not key:
+            raise ValueError(f"--option must be METHOD.KEY=VALUE (e.g. radial.decay_factor=0.5), got {text!r}")
+        if method not in given:
+            raise ValueError(f"--option {text!r} names method {method!r}, which is not in --methods {methods}")
+        if key in given[method]:
+            raise ValueError(f"option {method}.{key} given twice")
+        given[method][key] = parse_option_value(value.strip())
+    if block_size is not None:
+        for name in methods:
+            if "block_size" in {f.name for f in dataclasses.fields(CONFIGS[name])}:
+                given[name].setdefault("block_size", block_size)
+    options = {}
+    for name in methods:
+        try:
+            options[name] = make_config(name, **given[name]).options()
+        except ValueError as exc:
+            raise ValueError(f"method {name}: {exc}") from exc
+    return options
+
+
+def check_model(model: str | None) -> str | None:
+    """A model name, a diffusers folder (it must hold model_index.json) or a hub id; ValueError naming it otherwise."""
+    if model is None or model in (TINY, TINY_RANDOM):
+        return model
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"--model must be {TINY!r}, {TINY_RANDOM!r}, a diffusers folder or a hub id, got {model!r}")
+    if os.path.exists(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(f"model folder {model!r} is not a diffusers pipeline folder (no model_index.json)")
+        return model
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.sep in model.split("/", 1)[1]
+    if looks_like_path:
+        raise ValueError(
+            f"no model folder {model!r}; --model takes {TINY!r}, {TINY_RANDOM!r}, a diffusers folder with "
+            "model_index.json, or a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+        )
+    return model  # a hub id: from_pretrained decides (the local cache, or a download)
+
+
+def resolve_model_label(model: str | None) -> tuple[str, str | None]:
+    """The label a model is recorded under, and a note to print (the random fallback), without loading it."""
+    from dit_sparse.pipelines import tiny
+    from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
+
+    if model in (None, TINY):
+        if tiny.available():
+            return tiny.TINY_LABEL, None
+        note = (
+            "note: the tiny trained model (dit_sparse/pipelines/tiny_model) is not there yet; using the tiny RANDOM "
+            f"pipeline ({TINY_RANDOM_LABEL}): its videos are noise, so only timing and agreement with the baseline "
+            "mean anything"
+        )
+        return TINY_RANDOM_LABEL, note
+    if model == TINY_RANDOM:
+        return TINY_RANDOM_LABEL, None
+    return cli.model_label(model), None
+
+
+def make_plan(
+    *,
+    suite: str,
+    methods: str | None = None,
+    options: list[str] = (),
+    block_size: int | None = None,
+    model: str | None = None,
+    seeds="0",
+    frames: int = 17,
+    height: int = 128,
+    width: int = 128,
+    steps: int = 8,
+    guidance: float = cli.DEFAULT_GUIDANCE,
+    fps: float = cli.DEFAULT_FPS,
+    device: str = "cpu",
+    dtype: str = "float32",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    output_dir: str = "eval-out",
+    cache_dir: str | None = None,
+) -> EvalPlan:
+    """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed."""
+    names = parse_methods(methods)
+    method_options = parse_method_options(list(options), names, block_size)
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not np.isfinite(guidance):
+        raise ValueError(f"guidance must be a number, got {guidance!r}")
+    if not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if dtype not in cli.DTYPES:
+        raise ValueError(f"dtype must be one of {cli.DTYPES}, got {dtype!r}")
+    model = check_model(model)
+    label, _ = resolve_model_label(model)
+    output_dir = os.path.abspath(output_dir)
+    return EvalPlan(
+        model=model,
+        model_label=label,
+        suite=load_suite(suite),
+        methods=tuple(MethodSpec(name, method_options[name]) for name in names),
+        seeds=parse_seeds(seeds),
+        frames=cli.check_frames(frames),
+        height=cli.check_size("height", height),
+        width=cli.check_size("width", width),
+        steps=cli._check_int("steps", steps, 1),
+        guidance=float(guidance),
+        fps=float(fps),
+        device=device,
+        dtype=dtype,
+        warmup_steps=cli._check_int("warmup_steps", warmup_steps, 0),
+        output_dir=output_dir,
+        cache_dir=os.path.abspath(cache_dir) if cache_dir else os.path.join(output_dir, "videos"),
+    )
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+def load_eval_model(plan: EvalPlan):
+    """The pipeline of `plan.model` on its device and dtype (the tiny trained model, else the random one)."""
+    import torch
+
+    from dit_sparse.pipelines import tiny
+
+    if plan.model in (None, TINY) and tiny.available():
+        pipe = tiny.load(plan.device, getattr(torch, plan.dtype))
+    elif plan.model in (None, TINY, TINY_RANDOM):
+        pipe = cli.load_model(None, plan.device, plan.dtype)
+    else:
+        pipe = cli.load_model(plan.model, plan.device, plan.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def transformers_of(pipe) -> list:
+    """The pipeline's transformer modules that dit-sparse has an adapter for."""
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    components = getattr(pipe, "components", {}) or {}
+    return [module for module in components.values() if find_adapter(module) is not None]
+
+
+# ---- measuring one call ------------------------------------------------------------------------------------------
+class PeakRSS:
+    """The process's peak resident set size (bytes) while the block runs, sampled every `interval` seconds from
+    /proc/self/statm; `peak` is None where that file does not exist."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, None
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _read(self) -> int | None:
+        try:
+            with open("/proc/self/statm") as file:
+                return int(file.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            value = self._read()
+            if value is not None:
+                self.peak = max(self.peak or 0, value)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._read()
+        if self.peak is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.peak is not None:
+            self._thread.join()
+            self.peak = max(self.peak, self._read() or 0)
+        return False
+
+
+class CallProbe:
+    """Timing probes for one pipeline call: the first transformer call, each step's end, and (CUDA) events around
+    every self-attention module. Remove with `close()`."""
+
+    def __init__(self, pipe, cuda: bool):
+        import torch
+
+        from dit_sparse.pipelines.adapters import find_adapter
+
+        self.cuda, self.torch = cuda, torch
+        self.first_call: float | None = None
+        self.last_call: float | None = None
+        self.step_ends: list[float] = []
+        self.events: list = []
+        self.handles = []
+        for transformer in transformers_of(pipe):
+            self.handles.append(transformer.register_forward_pre_hook(self._before_transformer))
+            self.handles.append(transformer.register_forward_hook(self._after_transformer))
+            if cuda:
+                for site in find_adapter(transformer).attention_sites(transformer):
+                    self.handles.append(site.module.register_forward_pre_hook(self._before_attention))
+                    self.handles.append(site.module.register_forward_hook(self._after_attention))
+
+    def _now(self) -> float:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _before_transformer(self, module, args):
+        if self.first_call is None:
+            self.first_call = self._now()
+
+    def _after_transformer(self, module, args, output):
+        self.last_call = time.perf_counter()
+
+    def _before_attention(self, module, args):
+        start = self.torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.events.append([start, None])
+
+    def _after_attention(self, module, args, output):
+        end = self.torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events[-1][1] = end
+
+    def step_end(self, pipe, step, timestep, callback_kwargs):
+        self.step_ends.append(self._now())
+        return callback_kwargs
+
+    def attention_seconds(self) -> float | None:
+        if not self.cuda:
+            return None
+        self.torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events if end is not None) / 1000.0
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _call_pipe(pipe, job: cli.RenderJob, steps: int, callback=None):
+    import torch
+
+    kwargs = dict(
+        prompt=job.prompt, num_frames=job.frames, height=job.height, width=job.width, num_inference_steps=steps,
+        guidance_scale=job.guidance, generator=torch.Generator().manual_seed(job.seed), output_type="np",
+    )  # fmt: skip
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    return pipe(**kwargs).frames[0]
+
+
+def _session_details(pipe) -> tuple[dict | None, list[int] | None]:
+    """The config a sparsified pipeline ran (family defaults included) and its video layout in tokens."""
+    from dit_sparse import hooks
+
+    for transformer in transformers_of(pipe):
+        session = hooks.session_of(transformer)
+        if session is not None:
+            layouts = [key[0] for key in session.plans]
+            layout = [layouts[0].frames, layouts[0].height, layouts[0].width] if layouts else None
+            return session.config.options(), layout
+    return None, None
+
+
+def render_timed(pipe, job: cli.RenderJob, device: str) -> tuple[np.ndarray, dict]:
+    """Render one job (the baseline untouched, a method sparsified) and measure it: uint8 frames and the stats."""
+    import torch
+
+    import dit_sparse
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if job.method != BASELINE:
+        dit_sparse.sparsify(pipe, job.method, **job.options)
+        dit_sparse.sparsity_stats(pipe, reset=True)
+    probe = CallProbe(pipe, cuda)
+    has_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            start = probe._now()
+            frames = _call_pipe(pipe, job, job.steps, probe.step_end if has_callback else None)
+            end = probe._now()
+        density, config, layout = 1.0, None, None
+        if job.method != BASELINE:
+            density = dit_sparse.sparsity_stats(pipe)["density"]
+            config, layout = _session_details(pipe)
+    finally:
+        probe.close()
+        if job.method != BASELINE:
+            dit_sparse.unsparsify(pipe)
+    denoise_end = probe.step_ends[-1] if probe.step_ends else probe.last_call
+    denoise = denoise_end - probe.first_call if probe.first_call is not None and denoise_end else None
+    step_seconds = list(np.diff([probe.first_call, *probe.step_ends])) if probe.step_ends and probe.first_call else []
+    attention = probe.attention_seconds()
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
+    stats = {
+        "density": None if density is None else round(float(density), 6),
+        "config": config,
+        "layout": layout,
+        "seconds": end - start,
+        "denoise_seconds": denoise,
+        "seconds_per_step": denoise / job.steps if denoise is not None else None,
+        "step_seconds": [round(float(s), 6) for s in step_seconds],
+        "attention_seconds": attention,
+        "attention_share": attention / denoise if attention is not None and denoise else None,
+        "peak_memory_mb": None if peak is None else peak / 2**20,
+        "memory_source": "torch.cuda.max_memory_allocated" if cuda else ("peak RSS (sampled)" if peak else None),
+    }
+    return cli.to_uint8(frames), stats
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def save_frames(frames: np.ndarray, path: str) -> None:
+    """Write uint8 frames as .npy atomically (a temporary file renamed over `path`)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, np.ascontiguousarray(frames))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_frames(plan: EvalPlan, row: dict) -> np.ndarray:
+    return np.load(os.path.join(plan.cache_dir, row["file"]))
+
+
+def finished_rows(plan: EvalPlan) -> dict[str, dict]:
+    """Video hash -> manifest row, for the rows of the cache whose frames file is there (the last row wins)."""
+    finished = {}
+    for row in cli.read_manifest(os.path.join(plan.cache_dir, MANIFEST_NAME)):
+        name = row.get("file")
+        if isinstance(row.get("hash"), str) and isinstance(name, str):
+            if os.path.isfile(os.path.join(plan.cache_dir, name)):
+                finished[row["hash"]] = row
+    return finished
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+def render_all(plan: EvalPlan, pipe=None, log=print) -> dict[str, dict]:
+    """Render every job of `plan` not in the cache yet; returns video hash -> manifest row for all of them.
+
+    The model is loaded only if something is left to render (or `pipe` is given)."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(plan.cache_dir, exist_ok=True)
+    manifest = os.path.join(plan.cache_dir, MANIFEST_NAME)
+    finished = finished_rows(plan)
+    jobs = plan.jobs()
+    pending = list({plan.video_hash(job): job for job in jobs if plan.video_hash(job) not in finished}.values())
+    reused = len({plan.video_hash(job) for job in jobs}) - len(pending)
+    if reused:
+        log(f"reusing {reused} video(s) from {plan.cache_dir}")
+    if not pending:
+        return finished
+    if pipe is None:
+        pipe = load_eval_model(plan)
+    warmed = set()
+    for job in tqdm(pending, desc="eval videos", unit="video"):
+        if job.method not in warmed and plan.warmup_steps > 0:
+            warm = dataclasses.replace(job, steps=plan.warmup_steps)
+            render_timed(pipe, warm, plan.device)
+            warmed.add(job.method)
+        frames, stats = render_timed(pipe, job, plan.device)
+        row = {
+            **plan.video_key(job),
+            "hash": plan.video_hash(job),
+            **stats,
+            "file": plan.frames_file(job),
+            "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        save_frames(frames, os.path.join(plan.cache_dir, row["file"]))
+        cli.append_row(manifest, row)
+        finished[row["hash"]] = row
+    return finished
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------------
+#: per-video result fields, in table order (None where a metric does not apply or was not measured)
+RESULT_FIELDS = (
+    "prompt", "category", "seed", "method", "density", "seconds", "seconds_per_step", "speedup", "step_speedup",
+    "attention_share", "peak_memory_mb", "psnr", "ssim", "lpips", "clip_score", "temporal_flickering",
+    "motion_smoothness", "dynamic", "flow_px",
+)  # fmt: skip
+
+
+def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | None = None) -> list[dict]:
+    """One result row per (prompt, seed, method), the baseline first: its speed, fidelity against the baseline and
+    the VBench-style dimensions. `optional`: learnt metrics from `metrics.optional_metrics` ("lpips", "clip_score")."""
+    from tqdm.auto import tqdm
+
+    from dit_sparse.eval import metrics
+
+    optional = optional or {}
+    results = []
+    for prompt, seed in tqdm(plan.videos(), desc="scoring", unit="video"):
+        base_job = plan.job(prompt.prompt, seed, BASELINE, {})
+        base_row = finished[plan.video_hash(base_job)]
+        reference = load_frames(plan, base_row)
+        for name, options in [(BASELINE, {}), *((m.name, m.options) for m in plan.methods)]:
+            row = finished[plan.video_hash(plan.job(prompt.prompt, seed, name, options))]
+            video = reference if name == BASELINE else load_frames(plan, row)
+            result = {field: None for field in RESULT_FIELDS}
+            result.update(
+                prompt=prompt.prompt, category=prompt.category, seed=seed, method=name, density=row["density"],
+                seconds=row["seconds"], seconds_per_step=row["seconds_per_step"],
+                attention_share=row["attention_share"], peak_memory_mb=row["peak_memory_mb"],
+                speedup=base_row["seconds"] / row["seconds"],
+            )  # fmt: skip
+            if row["seconds_per_step"] and base_row["seconds_per_step"]:
+                result["step_speedup"] = base_row["seconds_per_step"] / row["seconds_per_step"]
+            if name != BASELINE:
+                result.update(metrics.fidelity(reference, video))
+                if "lpips" in optional:
+                    result["lpips"] = optional["lpips"](reference, video)
+            if "clip_score" in optional:
+                result["clip_score"] = optional["clip_score"](video, prompt.prompt)
+            result.update(metrics.video_dimensions(video, plan.fps))
+            result["config"], result["layout"], result["file"] = row["config"], row["layout"], row["file"]
+            results.append(result)
+    return results
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def method_means(plan: EvalPlan, results: list[dict]) -> list[dict]:
+    """Per method, the mean of each result field over its videos. PSNR: the mean over the videos that differ from
+    the baseline (`identical` counts the rest; inf when all are identical). Speedups: the ratio of total times
+    (baseline over method, same videos). Dynamic: the fraction of dynamic videos (VBench's dynamic degree)."""
+    means = []
+    for name in [BASELINE, *(m.name for m in plan.methods)]:
+        rows = [r for r in results if r["method"] == name]
+        base = [r for r in results if r["method"] == BASELINE]
+        mean = {field: None for field in RESULT_FIELDS}
+        mean.update(prompt="MEAN", category="", seed=None, method=name, videos=len(rows))
+        for field in RESULT_FIELDS[4:]:
+            mean[field] = _mean(r[field] for r in rows)
+        psnrs = [r["psnr"] for r in rows if r["psnr"] is not None]
+        finite = [p for p in psnrs if np.isfinite(p)]
+        mean["identical"] = len(psnrs) - len(finite) if name != BASELINE else None
+        mean["psnr"] = (float(np.mean(finite)) if finite else float("inf")) if psnrs else None
+        mean["speedup"] = sum(r["seconds"] for r in base) / sum(r["seconds"] for r in rows)
+        steps = [r["seconds_per_step"] for r in rows]
+        base_steps = [r["seconds_per_step"] for r in base]
+        if all(steps) and all(base_steps):
+            mean["step_speedup"] = sum(base_steps) / sum(steps)
+        mean["dynamic"] = _mean(float(r["dynamic"]) for r in rows)
+        configs = [r["config"] for r in rows if r["config"] is not None]
+        mean["config"] = configs[0] if configs else None
+        layouts = [r["layout"] for r in rows if r["layout"] is not None]
+        mean["layout"] = layouts[0] if layouts else None
+        means.append(mean)
+    return means

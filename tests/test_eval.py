@@ -1,0 +1,283 @@
+"""`dit-sparse eval`: suites, input checks, and a tiny end-to-end eval (tiny random Wan pipeline, 5 frames 32 x 32,
+2 steps) that writes every output, resumes from its cache, and renders in headless Chromium."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from dit_sparse import cli
+from dit_sparse.config import CONFIGS
+from dit_sparse.eval import runner, suites
+from dit_sparse.pipelines.shapes_dataset import build_tokenizer, parse_caption
+from dit_sparse.video import read_video
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: where the test run leaves its screenshot of the report (git-ignored)
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+SMALL = ["--model", "tiny-random", "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
+         "--block-size", "16", "--device", "cpu"]  # fmt: skip
+PROMPTS = ["a red circle moves right on a blue background", "a green square moves up on a white background"]
+
+
+# ---- suites ------------------------------------------------------------------------------------------------------
+def test_tiny_suite_is_20_plus_captions_in_the_tiny_models_vocabulary_covering_its_words():
+    suite = suites.load_suite("tiny")
+    assert len(suite.prompts) >= 20 and len({p.prompt for p in suite.prompts}) == len(suite.prompts)
+    tokenizer = build_tokenizer()
+    parsed = [parse_caption(p.prompt) for p in suite.prompts]
+    for prompt in suite.prompts:
+        assert tokenizer.unk_token_id not in tokenizer(prompt.prompt)["input_ids"]
+    from dit_sparse.pipelines.shapes_dataset import DIRECTIONS, SHAPE_COLOURS, SHAPES
+
+    assert {p["shape"] for p in parsed} == set(SHAPES) and {p["colour"] for p in parsed} == set(SHAPE_COLOURS)
+    assert {p["direction"] for p in parsed} == set(DIRECTIONS)
+    assert set(suite.categories()) == {"plain background", "vertical gradient", "horizontal gradient"}
+
+
+def test_standard_suite_has_50_plus_prompts_over_the_vbench_categories():
+    suite = suites.load_suite("standard")
+    assert len(suite.prompts) >= 50 and len({p.prompt for p in suite.prompts}) == len(suite.prompts)
+    categories = ["subject", "multiple objects", "motion", "camera motion", "scene", "style"]
+    assert suite.categories() == categories
+    assert all(sum(p.category == c for p in suite.prompts) >= 8 for c in categories)
+
+
+def test_suite_files_txt_and_json(tmp_path):
+    (tmp_path / "mine.txt").write_text("# comment\na cat\n\n a dog \n", encoding="utf-8")
+    assert [p.prompt for p in suites.load_suite(str(tmp_path / "mine.txt")).prompts] == ["a cat", "a dog"]
+    (tmp_path / "list.json").write_text(json.dumps(["a cat", {"prompt": "a dog", "category": "motion"}]))
+    suite = suites.load_suite(str(tmp_path / "list.json"))
+    assert [(p.prompt, p.category) for p in suite.prompts] == [("a cat", ""), ("a dog", "motion")]
+    (tmp_path / "bad.json").write_text(json.dumps({"prompts": [{"category": "x"}]}))
+    with pytest.raises(ValueError, match="entry 0"):
+        suites.load_suite(str(tmp_path / "bad.json"))
+
+
+def test_vbench_suites_come_from_the_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "vbench"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    info = [{"prompt_en": "a cat", "dimension": ["subject_consistency"]},
+            {"prompt_en": "a dog running", "dimension": ["dynamic_degree", "subject_consistency"]}]  # fmt: skip
+    (package / "VBench_full_info.json").write_text(json.dumps(info))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "vbench" in suites.available_suites()
+    assert [p.prompt for p in suites.load_suite("vbench").prompts] == ["a cat", "a dog running"]
+    assert [p.prompt for p in suites.load_suite("vbench:dynamic_degree").prompts] == ["a dog running"]
+    with pytest.raises(ValueError, match="'color'.*dynamic_degree"):
+        suites.load_suite("vbench:color")
+
+
+def test_unknown_suite_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown suite 'tinyy'.*'tiny', 'standard'"):
+        suites.load_suite("tinyy")
+
+
+# ---- input checks ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(runner, "load_eval_model", refuse)
+
+
+BAD_INPUTS = [
+    (["--methods", "dense,sparse"], ["'sparse'", "radial"]),
+    (["--methods", "radial,radial"], ["radial", "twice"]),
+    (["--methods", "baseline"], ["baseline", "always"]),
+    (["--suite", "tinyy"], ["tinyy", "standard"]),
+    (["--suite", "missing.txt"], ["missing.txt"]),
+    (["--frames", "10"], ["frames=10", "9 or 13"]),
+    (["--height", "40"], ["height=40", "32 or 48"]),
+    (["--steps", "0"], ["steps", "0"]),
+    (["--seeds", "0,-1"], ["seeds", "-1"]),
+    (["--seeds", "a"], ["--seeds", "'a'"]),
+    (["--option", "random.density=2"], ["random", "density", "2"]),
+    (["--methods", "dense", "--option", "radial.decay_factor=0.5"], ["radial", "not in --methods"]),
+    (["--option", "radial=3"], ["METHOD.KEY=VALUE"]),
+    (["--block-size", "24"], ["block_size", "24"]),
+    (["--model", "./no-such-model"], ["no-such-model"]),
+    (["--warmup-steps", "-1"], ["warmup_steps", "-1"]),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_value_and_creates_nothing(tmp_path, capsys, no_model, args, named):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    argv = ["eval", *SMALL, "--suite", str(prompts), "--output-dir", str(tmp_path / "out"), *args]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dit-sparse: error:") and "\n" not in error
+    for text in named:
+        assert text in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_diffusers_pipeline_is_refused(tmp_path, capsys, no_model):
+    (tmp_path / "weights").mkdir()
+    argv = ["eval", *SMALL[2:], "--model", str(tmp_path / "weights"), "--output-dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_methods_default_to_every_config_and_options_fill_in_defaults():
+    plan = runner.make_plan(suite="tiny", block_size=32, options=["radial.decay_factor=0.5"])
+    assert [m.name for m in plan.methods] == list(CONFIGS)
+    radial = next(m for m in plan.methods if m.name == "radial")
+    assert radial.options["decay_factor"] == 0.5 and radial.options["block_size"] == 32
+    assert all(m.options.get("block_size", 32) == 32 for m in plan.methods)
+    plan = runner.make_plan(suite="tiny", methods="neighborhood", options=["neighborhood.window=3,4,4"])
+    assert plan.methods[0].options["window"] == (3, 4, 4)
+    from dit_sparse.eval.report import reproduce_command
+
+    assert "--option=neighborhood.window=3,4,4" in reproduce_command(plan)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def render_calls(monkeypatch):
+    """Counts timed renders by (method, steps); `fail_on` makes the render of that method raise."""
+    real = runner.render_timed
+    calls, fail_on = [], set()
+
+    def counting(pipe, job, device):
+        calls.append((job.method, job.steps))
+        if job.method in fail_on and job.steps > 1:
+            raise RuntimeError(f"render of {job.method} failed (simulated)")
+        return real(pipe, job, device)
+
+    monkeypatch.setattr(runner, "render_timed", counting)
+    counting.calls, counting.fail_on = calls, fail_on
+    return counting
+
+
+def _screenshot(html_path: str, png_path: str) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium): the report was not rendered")
+    os.makedirs(os.path.dirname(png_path), exist_ok=True)
+    if os.path.exists(png_path):
+        os.remove(png_path)
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000",
+               f"--screenshot={png_path}", "file://" + os.path.abspath(html_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.getsize(png_path) > 10_000  # a rendered page, not a blank one
+
+
+def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_chromium(tmp_path, render_calls):
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "report"
+    argv = ["eval", *SMALL, "--suite", str(prompts), "--output-dir", str(out)]
+
+    # 1. radial alone, its render of the second prompt failing: the finished videos stay, nothing half-written
+    render_calls.fail_on.add("radial")
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main([*argv, "--methods", "radial"])
+    rows = [json.loads(line) for line in open(out / "videos" / runner.MANIFEST_NAME)]
+    assert [r["method"] for r in rows] == ["baseline"]
+    assert sorted(os.listdir(out / "videos")) == sorted([runner.MANIFEST_NAME, rows[0]["file"]])
+
+    # 2. resumed with dense added: the cached baseline is not rendered again
+    render_calls.fail_on.clear()
+    render_calls.calls.clear()
+    assert cli.main([*argv, "--methods", "dense,radial"]) == 0
+    timed = [method for method, steps in render_calls.calls if steps == 2]
+    assert sorted(timed) == ["baseline", "dense", "dense", "radial", "radial"]
+
+    # 3. everything there: nothing is rendered
+    render_calls.calls.clear()
+    assert cli.main([*argv, "--methods", "dense,radial"]) == 0
+    assert render_calls.calls == []
+
+    for name in ("results.json", "results.csv", "report.md", "report.html", "pareto.png", "masks/radial.png",
+                 "masks/dense.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["model"].startswith("tiny-random") and "UNTRAINED" in results["run"]["model_note"]
+    assert results["run"]["settings"]["frames"] == 5 and results["run"]["device"].startswith("cpu")
+    videos = results["videos"]
+    expected = [(p, m) for p in PROMPTS for m in ("baseline", "dense", "radial")]
+    assert [(v["prompt"], v["method"]) for v in videos] == expected
+    for video in videos:
+        assert video["seconds"] > 0 and video["seconds_per_step"] > 0 and video["peak_memory_mb"] > 0
+        assert 0 <= video["temporal_flickering"] <= 1 and isinstance(video["dynamic"], bool)
+        if video["method"] == "baseline":
+            assert video["psnr"] is None and video["density"] == 1.0
+        else:
+            assert video["psnr"] == "inf" or video["psnr"] > 30
+            assert 0.9 < video["ssim"] <= 1.0 and 0 < video["density"] <= 1
+    assert [m["method"] for m in results["means"]] == ["baseline", "dense", "radial"]
+    with open(out / "results.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 6 + 3 and [r["prompt"] for r in table[6:]] == ["MEAN"] * 3
+
+    side_by_side = sorted(name for name in os.listdir(out / "side_by_side") if name.endswith(".mp4"))
+    assert len(side_by_side) == 2
+    grid = read_video(out / "side_by_side" / side_by_side[0])
+    assert grid.shape == (5, 2 * (32 + 14) + 4, 3 * 32, 3)  # 2 method rows with labels, padded to 16; 3 columns
+    report = (out / "report.html").read_text()
+    for link in ("pareto.png", "masks/radial.png", f"side_by_side/{side_by_side[0]}"):
+        assert f"'{link}'" in report
+    assert str(tmp_path) not in report.replace(str(prompts), "")  # links are relative
+    assert "pareto.png" in (out / "report.md").read_text()
+
+    _screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
+
+
+def test_eval_runs_a_random_wan_folder_built_by_the_script(tmp_path):
+    from dit_sparse.pipelines import random_wan
+
+    folder = tmp_path / "wan-smoke"
+    assert random_wan.main(["--config", "smoke", "--out", str(folder), "--dtype", "float32"]) == 0
+    with pytest.raises(ValueError, match="already holds a pipeline"):
+        random_wan.save_random_wan(str(folder), "smoke")
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a cat\n")
+    argv = ["eval", *SMALL[2:], "--model", str(folder), "--methods", "radial", "--suite", str(prompts),
+            "--warmup-steps", "0", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["run"]["model"] == str(folder) and results["run"]["model_note"] is None
+    assert f"--model {folder}" in results["run"]["command"]
+    psnr = results["means"][1]["psnr"]
+    assert psnr == "inf" or psnr > 30
+
+
+def test_the_random_wan_13b_config_has_the_real_models_size():
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from dit_sparse.pipelines.random_wan import CONFIGS
+
+    with torch.device("meta"):  # no memory, no time: only the shapes
+        transformer = WanTransformer3DModel(**CONFIGS["wan2.1-1.3b"]["transformer"])
+        vae = AutoencoderKLWan(**CONFIGS["wan2.1-1.3b"]["vae"])
+    assert 1.40e9 < sum(p.numel() for p in transformer.parameters()) < 1.43e9  # Wan2.1-T2V-1.3B: 1.42 B
+    assert 120e6 < sum(p.numel() for p in vae.parameters()) < 130e6  # Wan 2.1 VAE: 127 M
+
+
+def test_side_by_side_shows_the_difference_amplified_by_a_labelled_power_of_two():
+    import numpy as np
+
+    from dit_sparse.eval import report
+
+    reference = np.full((3, 16, 16, 3), 100, np.uint8)
+    method = reference.copy()
+    method[:, 4:8, 4:8] += 3  # |diff| 3 on 1/16 of the pixels: the 99.9th percentile is 3, so the gain is 64
+    assert report.difference_gain(reference, {"m": method}) == 64
+    assert report.difference_gain(reference, {"m": reference}) == 1
+    grid = report.side_by_side(reference, {"m": method})
+    assert grid.shape == (3, 32, 48, 3)  # a 14-pixel label strip, padded to 16; three 16-pixel columns
+    difference = grid[:, report.LABEL_HEIGHT : report.LABEL_HEIGHT + 16, 32:48]
+    assert difference.max() == 3 * 64 and (difference[:, 4:8, 4:8] == 192).all()
+    assert (grid[:, report.LABEL_HEIGHT : report.LABEL_HEIGHT + 16, 16:32] == method).all()
