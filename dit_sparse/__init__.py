@@ -18,6 +18,7 @@ from dit_sparse.config import (
     RadialConfig,
     RandomBlocksConfig,
     ReorderConfig,
+    VditConfig,
     make_config,
 )
 from dit_sparse.layout import VideoLayout
@@ -36,6 +37,7 @@ __all__ = [
     "RadialConfig",
     "RandomBlocksConfig",
     "ReorderConfig",
+    "VditConfig",
     "VideoLayout",
     "calibrate",
     "make_config",

@@ -8,7 +8,8 @@ import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks
-from dit_sparse.config import DynamicConfig, MethodConfig, make_config
+from dit_sparse.config import MethodConfig, make_config
+from dit_sparse.patterns import is_static
 from dit_sparse.profile import Profile
 from dit_sparse.pipelines.adapters import find_adapter, supported_classes
 
@@ -129,7 +130,8 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
 
     Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
     accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them). Dynamic methods
-    (`draft`, `reorder`) add `mask_builds`: how many masks were estimated (the rest were reused per `refresh`).
+    (`draft`, `reorder`) add `mask_builds`: how many masks were estimated (the rest were reused per `refresh`);
+    per-layer ones (`vdit`) too: how many were built (one per layout and layer).
     """
     sessions = []
     for transformer in _transformers_of(pipe, require_adapter=False):
@@ -141,7 +143,7 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     calls = sum(session.attention_calls for session in sessions)
     kept = sum(session.kept_fraction_sum for session in sessions)
     stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
-    if isinstance(sessions[0].config, DynamicConfig):
+    if not is_static(sessions[0].config):
         stats["mask_builds"] = sum(session.mask_builds for session in sessions)
     if reset:
         for session in sessions:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -310,47 +309,74 @@ class ReorderConfig(DynamicConfig):
         return self.layer_axes[layer]
 @dataclass(frozen=True)
 class VditConfig(MethodConfig):
-    """Sparse-vDiT (Chen et al., 2025): a searched pattern per layer and head (`dit_sparse.patterns.vdit`).
+    """Sparse-vDiT (Chen et al., 2025): per layer and head one fixed pattern, diagonal, multi-diagonal, vertical stripe
+    or dense (`dit_sparse.patterns.vdit`). A layer's mask depends on the layout only: built once, reused every step.
 
     - `block_size`: tokens per block; `tile`: the 3D tile one block holds (None: `default_tile(block_size)`,
-      (1, 8, 16) at 128). The patterns' radii are counted in these tiles, so they must match the profile's.
-    - `profile`: path of a profile JSON (`save_vdit_profile`), or `patterns`: the same inline, per layer a sequence of
-      per-head `HeadPattern`s or their dicts (stored as tuples of `HeadPattern`). Exactly one of the two.
-
-    Not in `CONFIGS` yet: `sparsify` has no per-layer plumbing for it.
+      (1, 8, 16) at 128). Pattern radii count these tiles, so a profile's patterns keep its block size and tile.
+    - `pattern`: every head's pattern, a `HeadPattern` or its dict (None: `DEFAULT_PATTERN`, a diagonal of +-3 tile
+      frames and +-1 tile in space).
+    - `layer_pattern`: per hooked layer, one pattern per head (from a `calibrate(..., method="vdit")` profile);
+      None: `pattern` for every layer and head.
     """
 
     method: ClassVar[str] = "vdit"
     block_size: int = 128
     tile: tuple[int, int, int] | None = None
-    profile: str | None = None
-    patterns: tuple | None = None
+    pattern: object = None
+    layer_pattern: tuple | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        from dit_sparse.patterns.vdit import check_profile_layers, resolve_tile  # the patterns package imports us
+        from dit_sparse.patterns.vdit import (  # the patterns package imports us
+            DEFAULT_PATTERN,
+            as_head_pattern,
+            check_profile_layers,
+            resolve_tile,
+        )
 
         owner = type(self).__name__
         _check_block_size(owner, "block_size", self.block_size)
         if self.tile is not None:
             object.__setattr__(self, "tile", resolve_tile(self.block_size, self.tile, owner))
-        if (self.profile is None) == (self.patterns is None):
-            raise ValueError(
-                f"{owner} needs exactly one of profile (a path) and patterns (inline), got profile={self.profile!r} "
-                f"and patterns={'None' if self.patterns is None else '...'}"
-            )
-        if self.profile is not None:
-            if isinstance(self.profile, os.PathLike):
-                object.__setattr__(self, "profile", os.fspath(self.profile))
-            if not isinstance(self.profile, str) or not self.profile:
-                raise ValueError(f"{owner}.profile must be a non-empty path, got {self.profile!r}")
-        else:
-            object.__setattr__(self, "patterns", check_profile_layers(self.patterns, f"{owner}.patterns"))
+        pattern = DEFAULT_PATTERN if self.pattern is None else as_head_pattern(self.pattern, f"{owner}.pattern")
+        object.__setattr__(self, "pattern", pattern)
+        if self.layer_pattern is not None:
+            layers = check_profile_layers(self.layer_pattern, f"{owner}.layer_pattern")
+            object.__setattr__(self, "layer_pattern", layers)
+
+    @property
+    def block_tile(self) -> tuple[int, int, int]:
+        """The tile one block holds: `tile`, or `default_tile(block_size)`."""
+        from dit_sparse.patterns.vdit import resolve_tile
+
+        return resolve_tile(self.block_size, self.tile)
+
+    def head_patterns(self, layer: int | None) -> tuple:
+        """The patterns of `layer`'s heads: `layer_pattern[layer]`, else `(pattern,)` (one mask row every head
+        shares)."""
+        if self.layer_pattern is None:
+            return (self.pattern,)
+        if layer is None or not 0 <= layer < len(self.layer_pattern):
+            raise ValueError(f"{type(self).__name__}.layer_pattern covers {len(self.layer_pattern)} layers; layer "
+                             f"{layer!r} has none (a profile for another model?)")
+        return self.layer_pattern[layer]
+
+    def options(self) -> dict:
+        """The config as plain JSON-able keyword arguments: patterns as `HeadPattern.to_dict()`, `tile` resolved."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        options["tile"] = list(self.block_tile)
+        options["pattern"] = self.pattern.to_dict()
+        if self.layer_pattern is not None:
+            options["layer_pattern"] = [[p.to_dict() for p in heads] for heads in self.layer_pattern]
+        return options
 
 
 CONFIGS: dict[str, type[MethodConfig]] = {
     cls.method: cls
-    for cls in (DenseConfig, RadialConfig, RandomBlocksConfig, NeighborhoodConfig, DraftConfig, ReorderConfig)
+    for cls in (
+        DenseConfig, RadialConfig, RandomBlocksConfig, NeighborhoodConfig, DraftConfig, ReorderConfig, VditConfig
+    )
 }
 
 

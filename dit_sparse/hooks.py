@@ -15,7 +15,9 @@ mask in a function dynamo skips too (a graph break before each sparsified attent
 the attention itself still through the custom op.
 
 Dynamic masks are cached per (attention site, CFG branch, layout, device) and re-estimated on the config's
-`refresh` schedule (`DynamicConfig.refreshes_at`); `SparseSession.mask_builds` counts the estimates.
+`refresh` schedule (`DynamicConfig.refreshes_at`); per-layer masks (`vdit`) are built once per (layout, device, layer)
+and taken from the session in the call the same way (eager under torch.compile); `SparseSession.mask_builds` counts
+every mask built or estimated.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dit_sparse.attention import sparse_attention
 from dit_sparse.blockmask import BlockMask, TokenBoxes
 from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
-from dit_sparse.patterns import build_mask, is_static
+from dit_sparse.patterns import build_mask, is_per_layer, is_static
 from dit_sparse.pipelines.adapters import AttentionSite, TransformerAdapter
 
 TRANSFORMER_HOOK = "dit_sparse.transformer"
@@ -50,7 +52,7 @@ class ForwardPlan:
     - `text_position`, `attention_mask`: the adapter's text side and mask convention.
     - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
-      for patterns that need q and k (built in the call).
+      for patterns that need q and k or the layer (taken in the call).
     """
 
     layout: VideoLayout
@@ -82,7 +84,8 @@ class ForwardPlan:
 class SparseSession:
     """State shared by every hook of one `sparsify` call with one config (both Wan 2.2 experts share one session).
 
-    Holds the config, the masks (static ones built once per layout and device) and forward plans, the denoising step
+    Holds the config, the masks (static ones built once per layout and device, per-layer ones per layer too) and
+    forward plans, the denoising step
     counter, the density statistics, and the plan of the forward now running (`active`, None outside one).
     """
 
@@ -131,19 +134,19 @@ class SparseSession:
 
     def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
                  site=None) -> tuple[BlockMask, float]:
-        """The mask over `layout`'s video tokens and its density; static masks are cached per (layout, device),
-        dynamic ones per (site, branch, layout, device) and re-estimated from q, k on the `refresh` schedule."""
+        """The mask over `layout`'s video tokens and its density; static masks are built once per (layout, device),
+        per-layer ones per (layout, device, layer), dynamic ones cached per (site, branch, layout, device) and
+        re-estimated from q, k on the `refresh` schedule."""
         if isinstance(self.config, DynamicConfig):
             return self._dynamic_mask(layout, device, q, k, layer, site)
-        key = (layout, str(device))
-        if is_static(self.config) and key in self.masks:
-            return self.masks[key]
-        mask = build_mask(layout, self.config, q=q, k=k, device=device)
-        entry = (mask, mask.density)
-        if is_static(self.config):
+        video = VideoLayout(layout.frames, layout.height, layout.width)  # the mask spans the video tokens only
+        key = (video, str(device), layer) if is_per_layer(self.config) else (video, str(device))
+        if key not in self.masks:
+            mask = build_mask(layout, self.config, q=q, k=k, device=device, layer=layer)
+            self.mask_builds += 1
             _remember_mask(mask)
-            self.masks[key] = entry
-        return entry
+            self.masks[key] = (mask, mask.density)
+        return self.masks[key]
 
     def _dynamic_mask(self, layout, device, q, k, layer, site) -> tuple[BlockMask, float]:
         key = (site, self.branch, layout, str(device))
@@ -274,13 +277,13 @@ class _AttentionInterceptor(TorchFunctionMode):
         plan = self.plan
         layout = plan.call_layout(query.shape[2], self.site_name)
         text_padding_mask = self._text_padding_mask(attn_mask, layout, query.shape[0])
-        if self.session.observer is not None:  # calibration: sees every call's q, k (B, H, S, D)
-            _observe(self.session, self.layer, layout, query, key)
+        if self.session.observer is not None:  # calibration: sees every call's q, k, v (B, H, S, D)
+            _observe(self.session, self.layer, layout, query, key, value)
         if plan.is_dense(self.layer):
             return sdpa(*args, **kwargs)  # the original call, mask and all
         mask = plan.mask
-        if mask is None:  # a pattern that reads q and k: built here, counted here
-            mask = _dynamic_mask(self.session, layout, query, key, self.layer, self.site_key)
+        if mask is None:  # a pattern that reads q and k or the layer: taken here, counted here
+            mask = _call_mask(self.session, layout, query, key, self.layer, self.site_key)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
         if torch.compiler.is_compiling():
             boxes = mask.token_boxes
@@ -327,9 +330,9 @@ class _AttentionInterceptor(TorchFunctionMode):
 
 
 @torch.compiler.disable
-def _dynamic_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site) -> BlockMask:
-    """A dynamic pattern's mask for this call (estimated or reused per `refresh`), counted in the statistics; eager
-    under torch.compile (dynamo skips this function)."""
+def _call_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site) -> BlockMask:
+    """The mask of this call, counted in the statistics: a dynamic pattern's (estimated or reused per `refresh`) or
+    a per-layer one (built once per layout and layer); eager under torch.compile (dynamo skips this function)."""
     mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=layer, site=site)
     session.record(density)
     _remember_mask(mask)
@@ -337,8 +340,8 @@ def _dynamic_mask(session: SparseSession, layout: VideoLayout, query, key, layer
 
 
 @torch.compiler.disable
-def _observe(session: SparseSession, layer: int, layout: VideoLayout, query, key) -> None:
-    session.observer(layer=layer, step=session.step, layout=layout, q=query, k=key)
+def _observe(session: SparseSession, layer: int, layout: VideoLayout, query, key, value) -> None:
+    session.observer(layer=layer, step=session.step, layout=layout, q=query, k=key, v=value)
 
 
 class AttentionHook(ModelHook):

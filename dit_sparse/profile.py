@@ -2,8 +2,8 @@
 
 A profile belongs to one transformer class, layer count and head count (`check` refuses any other). Its `entries`
 hold one JSON-able dict per (layer, head); each key `x` becomes the config field `layer_x` (`density` ->
-`DynamicConfig.layer_density`, `axes` -> `ReorderConfig.layer_axes`), so a method reads its profile through its
-own config and does no search at run time.
+`DynamicConfig.layer_density`, `axes` -> `ReorderConfig.layer_axes`, `pattern` (a `HeadPattern.to_dict()`) ->
+`VditConfig.layer_pattern`), so a method reads its profile through its own config and does no search at run time.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class Profile:
     - `method`: the method it configures (`dit_sparse.CONFIGS`); `options`: that method's other options.
     - `transformer`: the transformer class name; `layers`: hooked self-attention layers; `heads`: heads per layer.
     - `layout`: (frames, height, width) in tokens of the calibration videos (a record; entries apply to any size).
-    - `entries[layer][head]`: a dict of what that head needs, e.g. {"density": 0.18} or {"axes": "hwf", ...}.
-    - `meta`: prompts, seeds, steps, target recall, date.
+    - `entries[layer][head]`: a dict of what that head needs, e.g. {"density": 0.18}, {"axes": "hwf", ...} or
+      {"pattern": {"kind": "diagonal", "radius": [0, 1, 1]}}.
+    - `meta`: prompts, seeds, steps, the calibration settings (target recall; max error, cost weight), date.
     """
 
     method: str

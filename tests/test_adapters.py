@@ -397,6 +397,18 @@ def test_patterns_that_read_q_and_k_build_their_mask_in_each_call(built, monkeyp
     assert stats["attention_calls"] == 2 and 0.5 < stats["density"] < 1
 
 
+def test_vdit_builds_one_mask_per_layer_whatever_the_text_length(built):
+    # Mochi attends one sample at a time, each with its own text length: both share the layer's video mask.
+    transformer, inputs, _ = built("mochi")
+    dit_sparse.sparsify(transformer, "vdit", block_size=16)
+    try:
+        _forward(transformer, inputs)
+        stats = dit_sparse.sparsity_stats(transformer)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert stats["attention_calls"] == 4 and stats["mask_builds"] == 2
+
+
 def test_no_adapter_error_lists_every_supported_class():
     with pytest.raises(ValueError, match="no dit-sparse adapter for transformer class 'Linear'") as error:
         dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")

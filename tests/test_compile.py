@@ -141,15 +141,27 @@ def test_the_custom_op_keeps_in_block_masking_when_it_rebuilds_the_mask():
     assert not torch.allclose(out, dit_sparse.sparse_attention(q, k, v, whole_blocks, layout, backend="reference"))
 
 
-def test_dynamic_methods_compile_with_the_estimate_run_eagerly(transformer, fresh_dynamo):
-    # The estimate (k-means, per-head orders) runs in a function dynamo skips; the attention is still the op.
+# vdit: per layer and head a diagonal band of +-1 frame, a first-frame stripe, dense, a single tile (1 tile a frame)
+VDIT_LAYERS = [[{"kind": "diagonal", "radius": [1, 0, 0]}, {"kind": "stripe", "key_frames": [0]}],
+               [{"kind": "dense"}, {"kind": "diagonal", "radius": [0, 0, 0]}]]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("reorder", dict(strategy="cluster", density=0.5, block_size=16, refresh=2)),
+    ("vdit", dict(block_size=16, layer_pattern=VDIT_LAYERS)),
+])
+def test_masks_taken_in_the_call_compile_with_the_build_run_eagerly(transformer, fresh_dynamo, method, options):
+    # A dynamic estimate (k-means, per-head orders) or a per-layer mask (vdit, built once per layer) is taken in a
+    # function dynamo skips; the attention is still the op.
     model, inputs = transformer
     recorder = _GraphRecorder()
-    dit_sparse.sparsify(model, "reorder", strategy="cluster", density=0.5, block_size=16, refresh=2)
+    dit_sparse.sparsify(model, method, **options)
     try:
         eager = _run(model, inputs)
         eager_stats = dit_sparse.sparsity_stats(model, reset=True)
-        dit_sparse.hooks.session_of(model).dynamic_masks.clear()  # the compiled run estimates afresh, as eager did
+        session = dit_sparse.hooks.session_of(model)
+        session.dynamic_masks.clear()  # the compiled run builds afresh, as eager did
+        session.masks.clear()
         compiled = _run(torch.compile(model, backend=recorder), inputs)
         compiled_stats = dit_sparse.sparsity_stats(model)
     finally:
@@ -158,3 +170,4 @@ def test_dynamic_methods_compile_with_the_estimate_run_eagerly(transformer, fres
     for got, expected in zip(compiled, eager):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert compiled_stats == eager_stats
+    assert method != "vdit" or eager_stats["mask_builds"] == 2  # one per layer over all four calls

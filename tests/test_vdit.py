@@ -1,29 +1,27 @@
 """Sparse-vDiT (`dit_sparse.patterns.vdit`): each pattern's block mask against a brute-force definition, the search on
-planted heads, the profile round trip, the attention it runs against masked dense SDPA, and the input checks."""
+planted heads, the attention it runs against masked dense SDPA, `VditConfig`, and the input checks (`sparsify`,
+profiles and `calibrate` with vdit: tests/test_dynamic_api.py)."""
 
 import itertools
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.config import VditConfig
+from dit_sparse.config import VditConfig, make_config
 from dit_sparse.kernels import reference
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns.vdit import (
     DEFAULT_CANDIDATES,
+    DEFAULT_PATTERN,
     HeadPattern,
-    VditProfile,
     candidate_errors,
     choose_head_patterns,
     combine_errors,
     default_tile,
-    load_vdit_profile,
     pattern_costs,
-    save_vdit_profile,
     search_head_patterns,
     vdit_mask,
 )
@@ -212,78 +210,6 @@ def test_choose_takes_the_cheapest_within_the_bound_then_the_smaller_error():
     assert choose_head_patterns(errors, [a, b, c], costs, max_error=None, cost_weight=0.0) == [b, dense, dense]
 
 
-# ---- the profile -----------------------------------------------------------------------------------------------------
-
-
-def test_profile_round_trip_reproduces_the_masks(tmp_path):
-    layout, block, tile = LAYOUTS[3]
-    layers = [PATTERNS[:4], PATTERNS[3:7], [HeadPattern.stripe((0, 4))] * 4]
-    meta = {"model": "tiny-wan", "layout": [5, 3, 6], "max_error": 0.05}
-    path = tmp_path / "vdit.json"
-    save_vdit_profile(path, layers, meta, block_size=block, tile=tile)
-    assert os.listdir(tmp_path) == ["vdit.json"]  # the temporary file was renamed
-    profile = load_vdit_profile(path)
-    assert isinstance(profile, VditProfile) and profile.meta == meta
-    assert profile.block_size == block and profile.tile == tile
-    assert profile.layers == tuple(tuple(heads) for heads in layers)
-    for i, heads in enumerate(layers):
-        before, after = vdit_mask(layout, heads, block, tile), profile.mask(i, layout)
-        assert torch.equal(before.kv_block_indices, after.kv_block_indices)
-        assert torch.equal(before.kv_block_counts, after.kv_block_counts)
-        assert torch.equal(before.permutation, after.permutation)
-    # saving again replaces the file atomically
-    save_vdit_profile(path, layers[:1], {}, block_size=block, tile=tile)
-    assert len(load_vdit_profile(path).layers) == 1 and os.listdir(tmp_path) == ["vdit.json"]
-
-
-def _document(**changes):
-    document = {
-        "format": "dit-sparse/vdit-profile",
-        "version": 1,
-        "block_size": 16,
-        "tile": [1, 4, 4],
-        "layers": [[{"kind": "dense"}, {"kind": "diagonal", "radius": [0, 1, 1]}]] * 2,
-        "meta": {},
-    }
-    document.update(changes)
-    return document
-
-
-@pytest.mark.parametrize(
-    "document, message",
-    [
-        (_document(layers=[[{"kind": "dense"}, {"kind": "blocky"}]]), "layer 0 head 1: head pattern kind must be"),
-        (_document(layers=[[{"kind": "diagonal"}]]), "missing field(s) ['radius']"),
-        (_document(layers=[[{"kind": "stripe", "key_frames": [0], "radius": [1, 1, 1]}]]), "unknown field(s)"),
-        (_document(layers=[[{"kind": "diagonal", "radius": [0, -1, 1]}]]), "radius must be 3 ints >= 0"),
-        (_document(layers=[[{"radius": [0, 1, 1]}]]), "has no 'kind'"),
-        (_document(layers=[[{"kind": "dense"}] * 2, [{"kind": "dense"}] * 3]), "layer 1 has 3 heads, layer 0 has 2"),
-        (_document(layers=[]), "non-empty list"),
-        (_document(layers=[["dense"]]), "must be a dict"),
-        (_document(format="radial-profile"), "format must be"),
-        (_document(version=2), "version must be 1"),
-        (_document(tile=[1, 4, 8]), "holds 32 tokens"),
-        (_document(block_size=100), "power of two"),
-        (_document(meta=[]), "meta must be an object"),
-        ({"format": "dit-sparse/vdit-profile"}, "missing field(s)"),
-        ([1, 2], "top level must be an object"),
-    ],
-)
-def test_malformed_profiles_raise_naming_the_problem(tmp_path, document, message):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(document))
-    with pytest.raises(ValueError, match="bad.json") as error:
-        load_vdit_profile(path)
-    assert message in str(error.value)
-
-
-def test_a_profile_that_is_not_json_raises(tmp_path):
-    path = tmp_path / "broken.json"
-    path.write_text('{"format": ')
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_vdit_profile(path)
-
-
 # ---- bad inputs ------------------------------------------------------------------------------------------------------
 
 
@@ -326,8 +252,6 @@ def test_bad_mask_inputs_raise_naming_the_value():
         vdit_mask(layout, PATTERNS, 16, (1, 4, 8))
     with pytest.raises(ValueError, match="layout must be a VideoLayout"):
         vdit_mask((2, 4, 8), PATTERNS, 16)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 1\), got 1"):
-        VditProfile((tuple(PATTERNS),), 16, (1, 4, 4)).mask(1, layout)
 
 
 def test_bad_search_inputs_raise_naming_the_value():
@@ -359,33 +283,43 @@ def test_bad_search_inputs_raise_naming_the_value():
         combine_errors([errors, errors[1:]])
 
 
-def test_bad_profile_writes_raise_and_leave_nothing(tmp_path):
-    path = tmp_path / "p.json"
-    with pytest.raises(ValueError, match="layer 1 has 1 heads, layer 0 has 2"):
-        save_vdit_profile(path, [PATTERNS[:2], PATTERNS[:1]], {}, block_size=16)
-    with pytest.raises(ValueError, match="layer 0 head 1: head pattern kind must be one of"):
-        save_vdit_profile(path, [[HeadPattern.dense(), {"kind": "blocky"}]], {}, block_size=16)
-    with pytest.raises(ValueError, match="meta must be a dict, got list"):
-        save_vdit_profile(path, [PATTERNS], [], block_size=16)
-    with pytest.raises(ValueError, match="meta must be JSON-serialisable"):
-        save_vdit_profile(path, [PATTERNS], {"when": object()}, block_size=16)
-    assert os.listdir(tmp_path) == []
+def test_vdit_config_takes_one_pattern_or_per_layer_patterns_and_round_trips_its_options():
+    default = VditConfig()
+    assert default.pattern == DEFAULT_PATTERN and default.layer_pattern is None and default.block_tile == (1, 8, 16)
+    assert default.head_patterns(5) == (DEFAULT_PATTERN,)  # one mask row all heads share
+    config = VditConfig(block_size=16, pattern={"kind": "stripe", "key_frames": [0]},
+                        layer_pattern=[[{"kind": "dense"}, HeadPattern.stripe((0,))], PATTERNS[1:3]])
+    assert config.pattern == HeadPattern.stripe((0,)) and config.method == "vdit" and config.block_tile == (1, 4, 4)
+    assert config.layer_pattern == ((HeadPattern.dense(), HeadPattern.stripe((0,))), tuple(PATTERNS[1:3]))
+    assert config.head_patterns(1) == tuple(PATTERNS[1:3])
+    options = config.options()
+    assert json.loads(json.dumps(options)) == options and options["tile"] == [1, 4, 4]
+    assert options["layer_pattern"][0] == [{"kind": "dense"}, {"kind": "stripe", "key_frames": [0]}]
+    rebuilt = make_config("vdit", **options)
+    assert (rebuilt.pattern, rebuilt.layer_pattern, rebuilt.block_tile) == (
+        config.pattern, config.layer_pattern, config.block_tile)
 
 
-def test_vdit_config_takes_a_profile_or_inline_patterns(tmp_path):
-    config = VditConfig(patterns=[[{"kind": "dense"}, HeadPattern.stripe((0,))]], block_size=16)
-    assert config.patterns == ((HeadPattern.dense(), HeadPattern.stripe((0,))),) and config.method == "vdit"
-    assert VditConfig(profile=tmp_path / "p.json").profile == str(tmp_path / "p.json")
-    assert VditConfig(profile="p.json", tile=[1, 8, 16]).tile == (1, 8, 16)
-    with pytest.raises(ValueError, match="needs exactly one of profile"):
-        VditConfig()
-    with pytest.raises(ValueError, match="needs exactly one of profile"):
-        VditConfig(profile="p.json", patterns=[[{"kind": "dense"}]])
-    with pytest.raises(ValueError, match="VditConfig.profile must be a non-empty path, got ''"):
-        VditConfig(profile="")
-    with pytest.raises(ValueError, match="VditConfig.patterns: layer 0 head 0: head pattern kind must be"):
-        VditConfig(patterns=[[{"kind": "blocky"}]])
-    with pytest.raises(ValueError, match=r"VditConfig.tile \(1, 8, 8\) holds 64 tokens"):
-        VditConfig(profile="p.json", tile=(1, 8, 8))
-    with pytest.raises(ValueError, match="VditConfig.block_size must be a power of two >= 16, got 8"):
-        VditConfig(profile="p.json", block_size=8)
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(pattern={"kind": "blocky"}), "VditConfig.pattern: head pattern kind must be one of"),
+        (dict(pattern="dense"), "VditConfig.pattern: a head pattern must be a dict"),
+        (dict(layer_pattern=[[{"kind": "blocky"}]]), "VditConfig.layer_pattern: layer 0 head 0: head pattern kind"),
+        (dict(layer_pattern=[[{"kind": "dense"}] * 2, [{"kind": "dense"}]]), "layer 1 has 1 heads, layer 0 has 2"),
+        (dict(layer_pattern=[]), "VditConfig.layer_pattern: layers must be a non-empty list"),
+        (dict(tile=(1, 8, 8)), r"VditConfig.tile \(1, 8, 8\) holds 64 tokens"),
+        (dict(block_size=8), "VditConfig.block_size must be a power of two >= 16, got 8"),
+    ],
+)
+def test_bad_vdit_config_raises_naming_the_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        VditConfig(**options)
+
+
+def test_a_layer_the_per_layer_patterns_do_not_cover_raises():
+    config = VditConfig(layer_pattern=[PATTERNS[:2]])
+    with pytest.raises(ValueError, match="layer_pattern covers 1 layers; layer 1 has none"):
+        config.head_patterns(1)
+    with pytest.raises(ValueError, match="layer None has none"):
+        config.head_patterns(None)

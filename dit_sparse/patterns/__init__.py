@@ -1,8 +1,10 @@
 """Sparsity patterns: pure functions `(layout, config, q=None, k=None, state=None) -> BlockMask`.
 
-`PATTERNS` maps a method name to its builder; static patterns ignore q, k, state and layer. Dynamic ones (`draft`,
-`reorder`) read q, k (B, H, S, D) of the call (video tokens at `layout.video_slice`), the hooked `layer` (per-layer
-profile entries) and `state`, a dict the session keeps per attention site between refreshes (k-means centroids).
+`PATTERNS` maps a method name to its builder and what its mask depends on beyond the config: `"layout"` (static:
+q, k, state and layer ignored), `"layer"` (`vdit`: the hooked `layer` too, one pattern per head from a profile) or
+`"qk"` (dynamic: `draft`, `reorder` read q, k (B, H, S, D) of the call (video tokens at `layout.video_slice`), the
+`layer` (per-layer profile entries) and `state`, a dict the session keeps per attention site between refreshes
+(k-means centroids)).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dit_sparse.config import (
     RadialConfig,
     RandomBlocksConfig,
     ReorderConfig,
+    VditConfig,
 )
 from dit_sparse.layout import VideoLayout
 
@@ -26,6 +29,7 @@ from .neighborhood import neighborhood
 from .radial import radial
 from .random_blocks import random_blocks
 from .reorder import reorder_axes, reorder_cluster
+from .vdit import vdit_mask
 
 PatternBuilder = Callable[..., BlockMask]
 
@@ -82,30 +86,42 @@ def _build_reorder(layout: VideoLayout, config: ReorderConfig, q=None, k=None, s
     return mask
 
 
-#: method name -> (builder, whether the mask depends only on the layout and config)
-PATTERNS: dict[str, tuple[PatternBuilder, bool]] = {
-    "dense": (_build_dense, True),
-    "radial": (_build_radial, True),
-    "random": (_build_random, True),
-    "neighborhood": (_build_neighborhood, True),
-    "draft": (_build_draft, False),
-    "reorder": (_build_reorder, False),
+def _build_vdit(layout: VideoLayout, config: VditConfig, q=None, k=None, state=None, device="cpu",
+                layer=None) -> BlockMask:
+    return vdit_mask(layout, config.head_patterns(layer), config.block_size, config.tile).to(device)
+
+
+#: method name -> (builder, what the mask depends on beyond the config: "layout", "layer" or "qk")
+PATTERNS: dict[str, tuple[PatternBuilder, str]] = {
+    "dense": (_build_dense, "layout"),
+    "radial": (_build_radial, "layout"),
+    "random": (_build_random, "layout"),
+    "neighborhood": (_build_neighborhood, "layout"),
+    "draft": (_build_draft, "qk"),
+    "reorder": (_build_reorder, "qk"),
+    "vdit": (_build_vdit, "layer"),
 }
 
 
 def build_mask(layout: VideoLayout, config: MethodConfig, q=None, k=None, state=None, device="cpu",
                layer: int | None = None) -> BlockMask:
-    """The mask of `config`'s method for `layout`; dynamic methods also read q, k (B, H, S, D), `layer` and
-    `state`."""
-    builder, static = PATTERNS[config.method]
-    if static:
+    """The mask of `config`'s method for `layout`; per-layer methods also read `layer`, dynamic ones q, k
+    (B, H, S, D), `layer` and `state`."""
+    builder, depends_on = PATTERNS[config.method]
+    if depends_on == "layout":
         return builder(layout, config, q=q, k=k, state=state, device=device)
     return builder(layout, config, q=q, k=k, state=state, device=device, layer=layer)
 
 
 def is_static(config: MethodConfig) -> bool:
-    return PATTERNS[config.method][1]
+    """Whether the mask depends on the layout only (one mask per forward, built before it)."""
+    return PATTERNS[config.method][1] == "layout"
 
 
-__all__ = ["draft", "neighborhood", "radial", "random_blocks", "reorder_axes", "reorder_cluster", "build_mask",
-           "is_static", "PATTERNS"]
+def is_per_layer(config: MethodConfig) -> bool:
+    """Whether the mask depends on the layout and the hooked layer only (one per layer, built once, no q, k)."""
+    return PATTERNS[config.method][1] == "layer"
+
+
+__all__ = ["draft", "neighborhood", "radial", "random_blocks", "reorder_axes", "reorder_cluster", "vdit_mask",
+           "build_mask", "is_per_layer", "is_static", "PATTERNS"]

@@ -26,15 +26,16 @@ every head whatever its pattern, and the fusion left to do is computing each dis
 paper also skips 3-6% of heads outright; we do not (a skipped head's error shows only after the residual, which an
 attention-output error cannot measure). The search's error (relative L2 of the attention output on sampled query
 rows) and cost (our measured FA4 time per density) are our own choices, see `search_head_patterns`.
+
+In `sparsify` (`VditConfig`): one `pattern` for every head, or per layer and head the patterns of a profile that
+`dit_sparse.calibrate(pipe, prompts, method="vdit")` searched (entries `{"pattern": HeadPattern.to_dict()}`); the mask
+of a layer depends on the layout only, so it is built once per (layout, device, layer) and reused at every step.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -57,10 +58,6 @@ _PARAMETERS = ("radius", "spatial_radius", "frame_stride", "key_frames")
 #: H200, FA4 block-sparse: time ~= 1.05 x density x dense time (benchmarks/results/attention-h200-2026-11-28.md,
 #: `per density` column 1.04-1.13 on Wan and HunyuanVideo): the cost model of the search, dense = 1.
 SPARSE_TIME_PER_DENSITY = 1.05
-
-PROFILE_FORMAT = "dit-sparse/vdit-profile"
-PROFILE_VERSION = 1
-
 
 def _is_int(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
@@ -161,6 +158,11 @@ class HeadPattern:
         if unknown:
             raise ValueError(f"head pattern of kind {kind!r} has unknown field(s) {unknown}; it takes {wanted}")
         return cls(kind, **{name: data[name] for name in wanted})
+
+
+#: The pattern of every head when no profile gives one: +-3 tile frames and +-1 tile in space, at the default tile
+#: (1, 8, 16) the window of `neighborhood`'s default (7, 24, 48) tokens (kept whole at the borders, not shifted).
+DEFAULT_PATTERN = HeadPattern.diagonal((3, 1, 1))
 
 
 def default_tile(block_size: int) -> tuple[int, int, int]:
@@ -380,6 +382,16 @@ def combine_errors(errors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([e.float() for e in errors]).mean(dim=0)
 
 
+def check_search_settings(max_error, cost_weight) -> None:
+    """Raise ValueError unless `max_error` is a number >= 0 or None and `cost_weight` a number >= 0."""
+    if max_error is not None and (
+        not isinstance(max_error, (int, float)) or isinstance(max_error, bool) or not max_error >= 0
+    ):
+        raise ValueError(f"max_error must be a number >= 0 or None, got {max_error!r}")
+    if not isinstance(cost_weight, (int, float)) or isinstance(cost_weight, bool) or not cost_weight >= 0:
+        raise ValueError(f"cost_weight must be a number >= 0, got {cost_weight!r}")
+
+
 def choose_head_patterns(
     errors: torch.Tensor,
     candidates: Sequence[HeadPattern],
@@ -399,12 +411,7 @@ def choose_head_patterns(
         )
     if not isinstance(costs, torch.Tensor) or tuple(costs.shape) != (len(candidates),):
         raise ValueError(f"costs must be a ({len(candidates)},) tensor, got {getattr(costs, 'shape', costs)!r}")
-    if max_error is not None and (
-        not isinstance(max_error, (int, float)) or isinstance(max_error, bool) or not max_error >= 0
-    ):
-        raise ValueError(f"max_error must be a number >= 0 or None, got {max_error!r}")
-    if not isinstance(cost_weight, (int, float)) or isinstance(cost_weight, bool) or not cost_weight >= 0:
-        raise ValueError(f"cost_weight must be a number >= 0, got {cost_weight!r}")
+    check_search_settings(max_error, cost_weight)
 
     heads = errors.shape[1]
     options = candidates + [HeadPattern.dense()]
@@ -442,29 +449,12 @@ def search_head_patterns(
     return choose_head_patterns(errors, candidates, costs, max_error=max_error, cost_weight=cost_weight)
 
 
-# ---- the profile -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VditProfile:
-    """A searched profile: `layers[layer][head]` patterns, the `block_size` and `tile` their radii are counted in,
-    and free-form JSON `meta` (model, layout, prompts, search settings)."""
-
-    layers: tuple[tuple[HeadPattern, ...], ...]
-    block_size: int = 128
-    tile: tuple[int, int, int] = (1, 8, 16)
-    meta: dict = field(default_factory=dict)
-
-    def mask(self, layer: int, layout: VideoLayout) -> BlockMask:
-        """The block mask of `layer` on `layout`."""
-        if not _is_int(layer, 0) or layer >= len(self.layers):
-            raise ValueError(f"layer must be an int in [0, {len(self.layers)}), got {layer!r}")
-        return vdit_mask(layout, self.layers[layer], self.block_size, self.tile)
+# ---- per-layer patterns (profiles, configs) -------------------------------------------------------------------------
 
 
 def check_profile_layers(layers, where: str) -> tuple[tuple[HeadPattern, ...], ...]:
     """Per-layer head patterns as tuples of HeadPattern (dicts are parsed), every layer with as many heads; errors
-    start with `where`."""
+    start with `where`. `VditConfig.layer_pattern` takes them so (a profile's entries `{"pattern": {...}}`)."""
     if isinstance(layers, (str, dict)) or not isinstance(layers, Sequence) or len(layers) == 0:
         raise ValueError(f"{where}: layers must be a non-empty list of per-layer head lists, got {layers!r}")
     checked = []
@@ -473,82 +463,17 @@ def check_profile_layers(layers, where: str) -> tuple[tuple[HeadPattern, ...], .
             raise ValueError(f"{where}: layer {i} must be a non-empty list of head patterns, got {heads!r}")
         if len(heads) != len(layers[0]):
             raise ValueError(f"{where}: layer {i} has {len(heads)} heads, layer 0 has {len(layers[0])}")
-        row = []
-        for h, pattern in enumerate(heads):
-            if isinstance(pattern, HeadPattern):
-                row.append(pattern)
-                continue
-            try:
-                row.append(HeadPattern.from_dict(pattern))
-            except ValueError as error:
-                raise ValueError(f"{where}: layer {i} head {h}: {error}") from None
-        checked.append(tuple(row))
+        checked.append(
+            tuple(as_head_pattern(pattern, f"{where}: layer {i} head {h}") for h, pattern in enumerate(heads))
+        )
     return tuple(checked)
 
 
-def save_vdit_profile(
-    path: str | os.PathLike,
-    patterns_per_layer: Sequence[Sequence[HeadPattern]],
-    meta: dict | None = None,
-    *,
-    block_size: int = 128,
-    tile=None,
-) -> None:
-    """Write a profile as JSON, atomically (a temporary file in the same folder, then a rename)."""
-    tile = resolve_tile(block_size, tile)
-    layers = check_profile_layers(patterns_per_layer, "save_vdit_profile")
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict):
-        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
-    document = {
-        "format": PROFILE_FORMAT,
-        "version": PROFILE_VERSION,
-        "block_size": block_size,
-        "tile": list(tile),
-        "layers": [[p.to_dict() for p in heads] for heads in layers],
-        "meta": meta,
-    }
+def as_head_pattern(pattern, where: str) -> HeadPattern:
+    """`pattern` as a HeadPattern (its `to_dict` form is parsed); errors start with `where`."""
+    if isinstance(pattern, HeadPattern):
+        return pattern
     try:
-        text = json.dumps(document, indent=1)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"meta must be JSON-serialisable: {error}") from None
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def load_vdit_profile(path: str | os.PathLike) -> VditProfile:
-    """Read and validate a profile written by `save_vdit_profile`; a ValueError names what is wrong."""
-    where = f"vdit profile {os.fspath(path)}"
-    try:
-        with open(path) as file:
-            document = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where} is not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{where}: the top level must be an object, got {type(document).__name__}")
-    missing = [key for key in ("format", "version", "block_size", "tile", "layers", "meta") if key not in document]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-    if document["format"] != PROFILE_FORMAT:
-        raise ValueError(f"{where}: format must be {PROFILE_FORMAT!r}, got {document['format']!r}")
-    if document["version"] != PROFILE_VERSION:
-        raise ValueError(f"{where}: version must be {PROFILE_VERSION}, got {document['version']!r}")
-    try:
-        tile = resolve_tile(document["block_size"], document["tile"])
+        return HeadPattern.from_dict(pattern)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    if not isinstance(document["meta"], dict):
-        raise ValueError(f"{where}: meta must be an object, got {type(document['meta']).__name__}")
-    layers = check_profile_layers(document["layers"], where)
-    return VditProfile(layers, document["block_size"], tile, document["meta"])
