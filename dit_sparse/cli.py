@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse.config import make_config
+from dit_sparse.config import CONFIGS, make_config
 from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
@@ -73,7 +73,7 @@ def load_model(model: str | None, device: str, dtype: str):
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
         except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError ... for a bad model
             raise ValueError(f"cannot load model {model!r}: {type(exc).__name__}: {exc}") from exc
     return pipe.to(device)
@@ -518,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", metavar="FILE", help='a .txt (one prompt a line) or .jsonl ({"prompt": ..., overrides}) file'
     )
     render.add_argument("--model", default=None, help=f"local folder or hub id (default: {TINY_RANDOM_LABEL})")
-    render.add_argument("--method", default=DEFAULT_METHOD, help=f"dense, radial or random (default {DEFAULT_METHOD})")
+    render.add_argument(
+        "--method", default=DEFAULT_METHOD, help=f"one of {', '.join(CONFIGS)} (default {DEFAULT_METHOD})"
+    )
     render.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)"
     )

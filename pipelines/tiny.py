@@ -39,5 +39,5 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*", category=FutureWarning)
-        pipe = WanPipeline.from_pretrained(os.fspath(folder), torch_dtype=dtype)
+        pipe = WanPipeline.from_pretrained(os.fspath(folder), dtype=dtype)
     return pipe.to(device)
