@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dit_sparse.config import CONFIGS, MethodConfig, make_config
+from dit_sparse.files import write_atomic
 
 PROFILE_VERSION = 1
 
@@ -78,16 +78,7 @@ class Profile:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the profile as JSON atomically (a temporary file in the same folder, then a rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomic(path, json.dumps(self.to_json(), indent=1))
         return path
 
     @classmethod

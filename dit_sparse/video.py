@@ -7,9 +7,10 @@ A video in memory is a numpy array `(T, H, W, 3)`: either uint8 in [0, 255] or f
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from dit_sparse.files import atomic_path
 
 #: imageio-ffmpeg's quality scale (0-10); 9 maps to x264 CRF 5, visually lossless, so files can be compared.
 MP4_QUALITY = 9
@@ -58,10 +59,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, quality: 
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part.mp4")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".part.mp4") as tmp_path:
         writer = imageio_ffmpeg.write_frames(
             tmp_path,
             (width, height),
@@ -78,11 +76,6 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, quality: 
                 writer.send(np.ascontiguousarray(frame))
         finally:
             writer.close()  # waits for ffmpeg; raises if it failed
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
     return path
 
 

@@ -16,11 +16,11 @@ import json
 import math
 import os
 import platform
-import tempfile
 
 import numpy as np
 
 from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
+from dit_sparse.files import write_atomic
 
 #: The side-by-side videos' third column shows |method - baseline| times a gain: a power of two chosen per prompt so
 #: that the 99.9th percentile of the largest difference reaches full brightness, at most `MAX_DIFF_GAIN` (shown in
@@ -31,8 +31,6 @@ SIDE_BY_SIDE_QUALITY = 4
 LABEL_HEIGHT = 14
 #: JPEG quality of the side-by-side stills (noise-like frames make PNGs large)
 STILL_QUALITY = 85
-#: report files are for reading and publishing: rw-r--r-- (mkstemp's default is owner-only)
-PUBLIC_MODE = 0o644
 
 METRIC_NOTES = [
     ("baseline", "the pipeline as diffusers runs it (no dit-sparse): the reference of every fidelity and speed figure"),
@@ -50,26 +48,6 @@ METRIC_NOTES = [
     ("dynamic", "VBench dynamic degree on Farneback flow instead of RAFT: the fraction of videos that move"),
     ("flow px", "mean Farneback flow magnitude between consecutive frames, pixels per frame"),
 ]
-
-
-# ---- atomic files ------------------------------------------------------------------------------------------------
-def write_atomic(path: str, data: bytes | str) -> str:
-    """Write `data` to `path` through a temporary file renamed over it; returns `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, PUBLIC_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def _json_safe(value):
@@ -321,7 +299,6 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
         stem = f"{index:02d}-{cli.slugify(prompt.prompt)}"
         os.makedirs(folder, exist_ok=True)
         video_path = write_mp4(grid, os.path.join(folder, f"{stem}.mp4"), plan.fps, quality=SIDE_BY_SIDE_QUALITY)
-        os.chmod(video_path, PUBLIC_MODE)
         middle = cv2.cvtColor(grid[len(grid) // 2], cv2.COLOR_RGB2BGR)
         _, jpeg = cv2.imencode(".jpg", middle, [cv2.IMWRITE_JPEG_QUALITY, STILL_QUALITY])
         still_path = write_atomic(os.path.join(folder, f"{stem}.jpg"), jpeg.tobytes())

@@ -28,7 +28,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 
 from dit_sparse import cli
 from dit_sparse.config import CONFIGS, make_config
+from dit_sparse.files import atomic_path
 from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
 
 BASELINE = "baseline"
@@ -466,17 +466,11 @@ def render_timed(pipe, job: cli.RenderJob, device: str) -> tuple[np.ndarray, dic
 # ---- files -------------------------------------------------------------------------------------------------------
 def save_frames(frames: np.ndarray, path: str) -> None:
     """Write uint8 frames as .npy atomically (a temporary file renamed over `path`)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as file:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
             np.save(file, np.ascontiguousarray(frames))
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_frames(plan: EvalPlan, row: dict) -> np.ndarray:

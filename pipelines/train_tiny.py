@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dit_sparse.files import atomic_path
+
 from .shapes_dataset import (
     BACKGROUND_COLOURS,
     DIRECTIONS,
@@ -587,11 +589,8 @@ def _compact(optimizer_state: dict) -> dict:
 
 def save_checkpoint(trainer: Trainer, path: str) -> None:
     """Write the checkpoint atomically (a temporary file renamed over `path`)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(trainer.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(trainer.state_dict(), tmp)
 
 
 def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
