@@ -56,7 +56,8 @@ def _radial_decay(layout, target: float) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     import dit_sparse
-    from dit_sparse.video import psnr, ssim
+    from dit_sparse.eval.metrics import ssim  # the eval suite's SSIM (uint8 frames, luma)
+    from dit_sparse.video import psnr  # on the float frames: finer than uint8 for near-identical videos
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -1,4 +1,4 @@
-"""Videos on disk: frame conversion, atomic H.264 mp4 writing (imageio-ffmpeg), reading back (OpenCV), PSNR, SSIM.
+"""Videos on disk: frame conversion, atomic H.264 mp4 writing (imageio-ffmpeg), reading back (OpenCV), PSNR (SSIM and the other metrics: `dit_sparse.eval.metrics`).
 
 A video in memory is a numpy array `(T, H, W, 3)`: either uint8 in [0, 255] or float in [0, 1]
 (what diffusers pipelines return with `output_type="np"`).
@@ -112,39 +112,3 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"videos must have the same shape, got {a.shape} and {b.shape}")
     mse = float(np.mean((a - b) ** 2))
     return float("inf") if mse == 0.0 else 10.0 * float(np.log10(1.0 / mse))
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    window = np.exp(-(x**2) / (2 * sigma**2))
-    return window / window.sum()
-
-
-def _filter_valid(x: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Separable 'valid' filtering of x (T, H, W, C) over H and W: (T, H - n + 1, W - n + 1, C)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    rows = sliding_window_view(x, window.size, axis=1) @ window  # (T, H', W, C)
-    return sliding_window_view(rows, window.size, axis=2) @ window  # (T, H', W', C)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean structural similarity of video `b` against `a`: per frame and channel, averaged (Wang, Bovik, Sheikh and
-    Simoncelli, 2004, "Image quality assessment: from error visibility to structural similarity"): an 11 x 11
-    Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, dynamic range 1 on the [0, 1] scale (uint8 is divided by
-    255), statistics over the 'valid' window positions (as the reference MATLAB code and scikit-image's
-    `structural_similarity(gaussian_weights=True, use_sample_covariance=False, data_range=1)`). Frames need
-    H, W >= 11. Identical videos give 1.0."""
-    a, b = to_float(a), to_float(b)
-    if a.shape != b.shape:
-        raise ValueError(f"videos must have the same shape, got {a.shape} and {b.shape}")
-    if min(a.shape[1:3]) < 11:
-        raise ValueError(f"SSIM's 11 x 11 window needs frames of at least 11 x 11 pixels, got {a.shape[1:3]}")
-    window = _gaussian_window()
-    c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = _filter_valid(a, window), _filter_valid(b, window)
-    var_a = _filter_valid(a * a, window) - mu_a**2
-    var_b = _filter_valid(b * b, window) - mu_b**2
-    cov = _filter_valid(a * b, window) - mu_a * mu_b
-    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(index.mean())
