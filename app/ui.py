@@ -181,7 +181,8 @@ class Renderer:
                 pipe, job, self.device, self.dtype, self.cache_dir, self.warmup_steps)  # fmt: skip
         return {
             "job": job, "model_note": note, "dense_video": self.mp4(dense_job, dense),
-            "sparse_video": self.mp4(job, sparse), "dense": dense_row, "sparse": sparse_row, "dense_cached": dense_cached, "sparse_cached": sparse_cached,
+            "sparse_video": self.mp4(job, sparse), "dense": dense_row, "sparse": sparse_row,
+            "dense_cached": dense_cached, "sparse_cached": sparse_cached,
             "speedup": dense_row["seconds"] / sparse_row["seconds"], "psnr": metrics.psnr(dense, sparse),
             "ssim": metrics.ssim(dense, sparse),
         }  # fmt: skip
@@ -209,7 +210,8 @@ def mask_view(state: dict | None, layer, head):
     notes = [f"`{config.method}` at {layout.frames} x {layout.height} x {layout.width} tokens, layer {layer}, head "
              f"{head}" + ("" if is_per_layer(config) else " (the same mask in every sparse layer and head)") + "."]
     if layer < config.dense_layers:
-        notes.append(f"Layer {layer} runs dense (`dense_layers={config.dense_layers}`); this is the sparse layers' mask.")
+        notes.append(f"Layer {layer} runs dense (`dense_layers={config.dense_layers}`); this is the sparse layers' "
+                     "mask.")
     if config.dense_steps:
         notes.append(f"The first {config.dense_steps} step(s) run dense (`dense_steps`).")
     return figure, " ".join(notes)
@@ -259,8 +261,8 @@ def build_app(
     examples = [p.prompt for p in tiny_suite().prompts[:EXAMPLES]]
 
     with gr.Blocks(title="dit-sparse: dense vs sparse attention") as demo:
-        gr.Markdown("## dit-sparse: dense and sparse attention side by side\nOne prompt, one seed: diffusers' own "
-                    "attention (dense) and a dit-sparse method, with timings, fidelity and the block mask.")  # fmt: skip
+        gr.Markdown("## dit-sparse: dense and sparse attention side by side\nOne prompt, one seed: diffusers' "
+                    "own attention (dense) and a dit-sparse method, with timings, fidelity and the block mask.")
         mask_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
@@ -312,7 +314,8 @@ def build_app(
         def generate(*args):
             values = GENERATE_SIGNATURE.bind(*args).arguments
             progress = values.pop("progress")
-            given = {name.removeprefix(OPTION_PREFIX): v for name, v in values.items() if name.startswith(OPTION_PREFIX)}
+            given = {name.removeprefix(OPTION_PREFIX): value for name, value in values.items()
+                     if name.startswith(OPTION_PREFIX)}  # fmt: skip
             settings = {name: values[name] for name in ("frames", "height", "width", "steps", "seed", "guidance")}
             try:
                 result = renderer.compare(values["prompt"], values["model"], values["method"], settings,
