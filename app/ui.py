@@ -130,7 +130,15 @@ def _option_input(option: OptionField, method: str):
     config_cls = CONFIGS[option.methods[0]]
     common = dict(label=option.name, info=option_help(config_cls, option.name), visible=method in option.methods,
                   elem_id=f"option-{option.name}")  # fmt: skip
-    value = default_value(method if method in option.methods else option.methods[0], option)
+    # Hidden inputs start at the default their methods share (an API call for another method passes them as they
+    # are); where the defaults differ (`tile`: vdit's is None), at "" / None: each method's own default.
+    defaults = {repr(default_value(name, option)) for name in option.methods}
+    if method in option.methods:
+        value = default_value(method, option)
+    elif len(defaults) == 1:
+        value = default_value(option.methods[0], option)
+    else:
+        value = "" if option.kind == "text" else None
     if option.kind == "choice":
         return gr.Dropdown(choices=list(option.choices), value=value, **common)
     if option.kind == "bool":

@@ -111,11 +111,24 @@ def test_switching_method_renders_only_the_sparse_video_the_dense_one_is_cached(
     assert read_video(second["sparse_video"]).shape[0] == 9
 
 
-def test_bad_inputs_are_readable_errors_and_the_app_keeps_serving(client):
+def test_every_method_renders_through_the_app_with_its_default_options(client):
+    for method in CONFIGS:  # a method added to CONFIGS appears here with no app change
+        result = _generate(client, method=method, seed=5, **SMALL)
+        assert read_video(result["sparse_video"]).shape[0] == 9, method
+        assert 0 < result["density"] <= 1 and result["speedup"] > 0, method
+        assert (result["mask_plot"] is None) == ("q and k" in result["mask_note"]), method
+
+
+def test_bad_inputs_are_readable_errors_and_the_app_keeps_serving(client, tmp_path):
     with pytest.raises(AppError, match=r"frames=0 cannot be taken by the Wan VAE"):
         _generate(client, method="radial", **{**SMALL, "frames": 0})
     with pytest.raises(AppError, match=r"no model folder '/no/such/model-folder'"):
         _generate(client, method="radial", model="/no/such/model-folder", **SMALL)
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    with pytest.raises(AppError, match=r"cannot load model"):
+        _generate(client, method="radial", model=str(broken), **SMALL)
     with pytest.raises(AppError, match=r"RadialConfig.decay_factor must be a number > 0"):
         _generate(client, method="radial", option_decay_factor=-1, **SMALL)
     with pytest.raises(AppError, match=r"NeighborhoodConfig.window must be three positive ints"):
