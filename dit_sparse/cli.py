@@ -7,6 +7,8 @@
   and the PSNR of radial against dense.
 - `eval`: speed and fidelity of methods against the dense baseline over a prompt suite, with a report
   (`dit_sparse.eval`).
+- `app`: a Gradio app, dense and sparse side by side with timings, fidelity and the mask (`dit_sparse.app`; the
+  `app` extra).
 
 Every input is checked before any model is loaded; a bad one is a one-line error and exit status 2.
 """
@@ -541,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo-out", help="where the two mp4s go (default demo-out/)")
     demo.set_defaults(run=run_demo)
 
+    from dit_sparse.app.command import add_app_command  # the app subcommand lives with the app
     from dit_sparse.eval.command import add_eval_command  # the eval subcommand lives with the eval suite
 
     add_eval_command(commands, common)
+    add_app_command(commands, common)
     return parser
 
 

@@ -9,6 +9,11 @@ from typing import ClassVar
 BACKENDS = ("auto", "fa4", "triton", "reference")
 
 
+def _choice(default: str, choices: tuple[str, ...]):
+    """A field whose value is one of `choices`, listed in its metadata (`metadata["choices"]`) for UIs to offer."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
@@ -26,12 +31,14 @@ class MethodConfig:
     - `dense_steps`: the first N denoising steps run dense (the official Radial Attention runs 12 of 50 dense).
     - `dense_layers`: the first M transformer blocks run dense (the official Radial Attention keeps 1).
     - `backend`: kernel backend, one of `BACKENDS`; `"auto"` picks the fastest one available.
+
+    A field with a fixed set of allowed values lists them in its metadata, `metadata["choices"]` (the app offers them).
     """
 
     method: ClassVar[str] = ""
     dense_steps: int = 0
     dense_layers: int = 0
-    backend: str = "auto"
+    backend: str = _choice("auto", BACKENDS)
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -67,11 +74,11 @@ class RadialConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "radial"
+    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+
     block_size: int = 128
     decay_factor: float = 1.0
-    variant: str = "wan"
-
-    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+    variant: str = _choice("wan", VARIANTS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -272,14 +279,14 @@ class ReorderConfig(DynamicConfig):
     """
 
     method: ClassVar[str] = "reorder"
-    strategy: str = "cluster"
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("axes", "cluster")
+
+    strategy: str = _choice("cluster", STRATEGIES)
     block_size: int = 128
-    axes: str = "fhw"
+    axes: str = _choice("fhw", AXIS_ORDERS)
     layer_axes: tuple[tuple[str, ...], ...] | None = None
     clusters: int | None = None
     kmeans_iters: int = 2
-
-    STRATEGIES: ClassVar[tuple[str, ...]] = ("axes", "cluster")
 
     def __post_init__(self):
         super().__post_init__()

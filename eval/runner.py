@@ -95,14 +95,28 @@ class EvalPlan:
         return jobs
 
     def video_key(self, job: cli.RenderJob) -> dict:
-        """What decides a video's frames: the job's key plus the device type and dtype it runs in."""
-        return {**job.key(), "device": self.device.split(":")[0], "dtype": self.dtype}
+        return video_key(job, self.device, self.dtype)
 
     def video_hash(self, job: cli.RenderJob) -> str:
-        return hashlib.sha256(json.dumps(self.video_key(job), sort_keys=True).encode()).hexdigest()[:12]
+        return video_hash(job, self.device, self.dtype)
 
     def frames_file(self, job: cli.RenderJob) -> str:
-        return f"{cli.slugify(job.prompt)}-seed{job.seed}-{job.method}-{self.video_hash(job)}.npy"
+        return frames_file(job, self.device, self.dtype)
+
+
+def video_key(job: cli.RenderJob, device: str, dtype: str) -> dict:
+    """What decides a video's frames: the job's key plus the device type and dtype it runs in."""
+    return {**job.key(), "device": device.split(":")[0], "dtype": dtype}
+
+
+def video_hash(job: cli.RenderJob, device: str, dtype: str) -> str:
+    """A short stable hash of `video_key`: a video's name in the cache."""
+    return hashlib.sha256(json.dumps(video_key(job, device, dtype), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def frames_file(job: cli.RenderJob, device: str, dtype: str) -> str:
+    """The cache's file name of a video's lossless frames."""
+    return f"{cli.slugify(job.prompt)}-seed{job.seed}-{job.method}-{video_hash(job, device, dtype)}.npy"
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -141,7 +155,13 @@ def parse_seeds(text) -> tuple[int, ...]:
 
 
 def parse_option_value(text: str):
-    """An option value: `cli.parse_value`, and "a,b,c" as a tuple of such values (neighborhood's window, tile)."""
+    """An option value: `cli.parse_value`, "a,b,c" as a tuple of such values (neighborhood's window, tile), and a
+    JSON object or list as it reads (vdit's `pattern`)."""
+    if text.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"option value {text!r} is not valid JSON: {exc.msg}") from exc
     if "," in text:
         return tuple(cli.parse_value(item.strip()) for item in text.strip("()[] ").split(","))
     return cli.parse_value(text)
@@ -265,20 +285,27 @@ def make_plan(
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
-def load_eval_model(plan: EvalPlan):
-    """The pipeline of `plan.model` on its device and dtype (the tiny trained model, else the random one)."""
+def load_pipeline(model: str | None, device: str, dtype: str, progress_bar: bool = False):
+    """The pipeline of a `check_model`-checked `model` on `device` in `dtype`: None / "tiny" the tiny trained model
+    (the random one while it is absent; `resolve_model_label` gives the note), "tiny-random", a folder or a hub id.
+    A model that fails to load is a ValueError naming it. The pipeline's own progress bar shows only if asked."""
     import torch
 
     from dit_sparse.pipelines import tiny
 
-    if plan.model in (None, TINY) and tiny.available():
-        pipe = tiny.load(plan.device, getattr(torch, plan.dtype))
-    elif plan.model in (None, TINY, TINY_RANDOM):
-        pipe = cli.load_model(None, plan.device, plan.dtype)
+    if model in (None, TINY) and tiny.available():
+        pipe = tiny.load(device, getattr(torch, dtype))
+    elif model in (None, TINY, TINY_RANDOM):
+        pipe = cli.load_model(None, device, dtype)
     else:
-        pipe = cli.load_model(plan.model, plan.device, plan.dtype)
-    pipe.set_progress_bar_config(disable=True)
+        pipe = cli.load_model(model, device, dtype)
+    pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe
+
+
+def load_eval_model(plan: EvalPlan):
+    """The pipeline of `plan.model` on its device and dtype, progress bar off."""
+    return load_pipeline(plan.model, plan.device, plan.dtype)
 
 
 def transformers_of(pipe) -> list:
@@ -477,15 +504,51 @@ def load_frames(plan: EvalPlan, row: dict) -> np.ndarray:
     return np.load(os.path.join(plan.cache_dir, row["file"]))
 
 
-def finished_rows(plan: EvalPlan) -> dict[str, dict]:
+def cached_rows(cache_dir: str) -> dict[str, dict]:
     """Video hash -> manifest row, for the rows of the cache whose frames file is there (the last row wins)."""
     finished = {}
-    for row in cli.read_manifest(os.path.join(plan.cache_dir, MANIFEST_NAME)):
+    for row in cli.read_manifest(os.path.join(cache_dir, MANIFEST_NAME)):
         name = row.get("file")
         if isinstance(row.get("hash"), str) and isinstance(name, str):
-            if os.path.isfile(os.path.join(plan.cache_dir, name)):
+            if os.path.isfile(os.path.join(cache_dir, name)):
                 finished[row["hash"]] = row
     return finished
+
+
+def finished_rows(plan: EvalPlan) -> dict[str, dict]:
+    return cached_rows(plan.cache_dir)
+
+
+def render_into_cache(pipe, job: cli.RenderJob, device: str, dtype: str, cache_dir: str) -> tuple[np.ndarray, dict]:
+    """Render and measure `job` (`render_timed`), then store its frames and append its manifest row to the cache;
+    returns the uint8 frames and the row."""
+    frames, stats = render_timed(pipe, job, device)
+    row = {
+        **video_key(job, device, dtype),
+        "hash": video_hash(job, device, dtype),
+        **stats,
+        "file": frames_file(job, device, dtype),
+        "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    os.makedirs(cache_dir, exist_ok=True)
+    save_frames(frames, os.path.join(cache_dir, row["file"]))
+    cli.append_row(os.path.join(cache_dir, MANIFEST_NAME), row)
+    return frames, row
+
+
+def render_cached(
+    pipe, job: cli.RenderJob, device: str, dtype: str, cache_dir: str, warmup_steps: int = 0
+) -> tuple[np.ndarray, dict, bool]:
+    """`job`'s uint8 frames, manifest row and whether they came from the cache: a video already in `cache_dir` is
+    loaded (its row keeps the seconds measured when it was rendered), else it is rendered into it, after an untimed
+    warm-up call of `warmup_steps` steps (0: none). The app's dense video is the `BASELINE` job, cached this way."""
+    row = cached_rows(cache_dir).get(video_hash(job, device, dtype))
+    if row is not None:
+        return np.load(os.path.join(cache_dir, row["file"])), row, True
+    if warmup_steps > 0:
+        render_timed(pipe, dataclasses.replace(job, steps=warmup_steps), device)
+    frames, row = render_into_cache(pipe, job, device, dtype, cache_dir)
+    return frames, row, False
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -496,7 +559,6 @@ def render_all(plan: EvalPlan, pipe=None, log=print) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
     os.makedirs(plan.cache_dir, exist_ok=True)
-    manifest = os.path.join(plan.cache_dir, MANIFEST_NAME)
     finished = finished_rows(plan)
     jobs = plan.jobs()
     pending = list({plan.video_hash(job): job for job in jobs if plan.video_hash(job) not in finished}.values())
@@ -513,16 +575,7 @@ def render_all(plan: EvalPlan, pipe=None, log=print) -> dict[str, dict]:
             warm = dataclasses.replace(job, steps=plan.warmup_steps)
             render_timed(pipe, warm, plan.device)
             warmed.add(job.method)
-        frames, stats = render_timed(pipe, job, plan.device)
-        row = {
-            **plan.video_key(job),
-            "hash": plan.video_hash(job),
-            **stats,
-            "file": plan.frames_file(job),
-            "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        save_frames(frames, os.path.join(plan.cache_dir, row["file"]))
-        cli.append_row(manifest, row)
+        _, row = render_into_cache(pipe, job, plan.device, plan.dtype, plan.cache_dir)
         finished[row["hash"]] = row
     return finished
 

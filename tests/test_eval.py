@@ -5,10 +5,9 @@ import csv
 import json
 import math
 import os
-import shutil
-import subprocess
 
 import pytest
+from headless_chromium import screenshot
 
 from dit_sparse import cli
 from dit_sparse.config import CONFIGS
@@ -159,20 +158,6 @@ def render_calls(monkeypatch):
     return counting
 
 
-def _screenshot(html_path: str, png_path: str) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium): the report was not rendered")
-    os.makedirs(os.path.dirname(png_path), exist_ok=True)
-    if os.path.exists(png_path):
-        os.remove(png_path)
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000",
-               f"--screenshot={png_path}", "file://" + os.path.abspath(html_path)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert os.path.getsize(png_path) > 10_000  # a rendered page, not a blank one
-
-
 def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_chromium(tmp_path, render_calls):
     prompts = tmp_path / "two.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -231,7 +216,7 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     assert str(tmp_path) not in report.replace(str(prompts), "")  # links are relative
     assert "pareto.png" in (out / "report.md").read_text()
 
-    _screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
+    screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
 
 
 def test_eval_runs_a_random_wan_folder_built_by_the_script(tmp_path):
