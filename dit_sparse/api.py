@@ -141,7 +141,7 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     if not sessions:
         raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
     calls = sum(session.attention_calls for session in sessions)
-    kept = sum(session.kept_fraction_sum for session in sessions)
+    kept = sum(float(session.kept_fraction_sum) for session in sessions)  # dynamic masks add device tensors
     stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
     if not is_static(sessions[0].config):
         stats["mask_builds"] = sum(session.mask_builds for session in sessions)

@@ -207,10 +207,15 @@ class BlockMask:
 
         With in-block masking, partial blocks count whole: this is the fraction of pairs the kernel visits (its work);
         the allowed fraction, `to_dense().double().mean()`, is smaller."""
+        return float(self.kept_fraction)
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """`density` as a 0-dim fp64 tensor on the mask's device, with no host sync (per-call statistics)."""
         q_sizes = _block_sizes(self.seq_len, self.q_block_size, self.device)
         k_sizes = _block_sizes(self.seq_len, self.kv_block_size, self.device)
         pairs = (self.to_block_dense().double() * q_sizes[:, None] * k_sizes[None, :]).sum(dim=(-1, -2))
-        return float(pairs.mean() / (self.seq_len**2))
+        return pairs.mean() / (self.seq_len**2)
 
     def check_fits(self, batch: int, heads: int, seq_len: int) -> None:
         """Raise ValueError unless this mask serves a call of `batch` x `heads` over `seq_len` tokens."""
@@ -260,13 +265,13 @@ class BlockMask:
         if self.per_head_order:
             q_order, k_order = self.orders()
             lead = torch.broadcast_shapes(dense.shape[:2], q_order.shape[:2], k_order.shape[:2])
-            q_inverse = torch.argsort(q_order, dim=-1).expand(*lead, -1)  # (B*, H*, S)
-            k_inverse = torch.argsort(k_order, dim=-1).expand(*lead, -1)
+            q_inverse = inverse_order(q_order).expand(*lead, -1)  # (B*, H*, S)
+            k_inverse = inverse_order(k_order).expand(*lead, -1)
             dense = dense.expand(*lead, -1, -1)
             dense = dense.gather(2, q_inverse[..., :, None].expand(-1, -1, -1, self.seq_len))
             return dense.gather(3, k_inverse[..., None, :].expand(-1, -1, self.seq_len, -1))
         if self.permutation is not None:
-            inverse = torch.argsort(self.permutation.to(self.device))
+            inverse = inverse_order(self.permutation.to(self.device))
             dense = dense[..., inverse, :][..., inverse]
         return dense
 
@@ -354,6 +359,12 @@ class BlockMask:
             + (f", token_boxes={self.token_boxes.axes} axes" if self.token_boxes is not None else "")
             + ")"
         )
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The inverse of token orders (..., S) int64 (`inverse[..., order[..., i]] = i`): one scatter, not a sort."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def _block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:

@@ -273,8 +273,8 @@ class ReorderConfig(DynamicConfig):
       order are pooled and selected as `draft` does.
     - `strategy="cluster"` (Sparse VideoGen2, Yang et al., 2025, semantic-aware permutation): k-means of q and of k
       per head (`clusters` centroids each, default one per block; centroids reused across refreshes as warm starts
-      of `kmeans_iters` Lloyd steps, SVG2's 2 per step; cold starts run 8 x as many), tokens sorted by cluster,
-      blocks chosen from the centroid-level attention.
+      of `kmeans_iters` Lloyd steps, SVG2's 2 per step; cold starts seed with random tokens and run 8 x as many,
+      with centroid relocations), tokens sorted by cluster, blocks chosen from the centroid-level attention.
     - `block_size`: tokens per kernel block (power of two >= 16).
     """
 

@@ -96,7 +96,7 @@ class SparseSession:
     step: int = 0
     last_timestep: float | None = None
     attention_calls: int = 0
-    kept_fraction_sum: float = 0.0
+    kept_fraction_sum: float | torch.Tensor = 0.0  # a device tensor once a dynamic mask is counted
     branch: object = 0
     mask_builds: int = 0
     dynamic_masks: dict = field(default_factory=dict)
@@ -133,7 +133,7 @@ class SparseSession:
         self.step, self.last_timestep = 0, None
 
     def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
-                 site=None) -> tuple[BlockMask, float]:
+                 site=None) -> tuple[BlockMask, float | torch.Tensor]:
         """The mask over `layout`'s video tokens and its density; static masks are built once per (layout, device),
         per-layer ones per (layout, device, layer), dynamic ones cached per (site, branch, layout, device) and
         re-estimated from q, k on the `refresh` schedule."""
@@ -148,7 +148,7 @@ class SparseSession:
             self.masks[key] = (mask, mask.density)
         return self.masks[key]
 
-    def _dynamic_mask(self, layout, device, q, k, layer, site) -> tuple[BlockMask, float]:
+    def _dynamic_mask(self, layout, device, q, k, layer, site) -> tuple[BlockMask, torch.Tensor]:
         key = (site, self.branch, layout, str(device))
         cached = self.dynamic_masks.get(key)
         if cached is not None and not self.config.refreshes_at(self.step, cached[2]):
@@ -156,8 +156,9 @@ class SparseSession:
         state = self.pattern_state.setdefault((site, self.branch), {})
         mask = build_mask(layout, self.config, q=q, k=k, state=state, device=device, layer=layer)
         self.mask_builds += 1
-        self.dynamic_masks[key] = (mask, mask.density, self.step)
-        return mask, mask.density
+        fraction = mask.kept_fraction  # a device tensor: no host sync per estimate (`stats` reads it)
+        self.dynamic_masks[key] = (mask, fraction, self.step)
+        return mask, fraction
 
     def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:
         """The plan of a forward over `layout` at `step`: the same object as long as nothing in it changes."""
@@ -172,7 +173,7 @@ class SparseSession:
             )
         return self.plans[key]
 
-    def record(self, kept_fraction: float, calls: int = 1) -> None:
+    def record(self, kept_fraction: float | torch.Tensor, calls: int = 1) -> None:
         self.attention_calls += calls
         self.kept_fraction_sum += kept_fraction * calls
 
@@ -185,7 +186,7 @@ class SparseSession:
                 self.record(plan.density)
 
     def stats(self) -> dict:
-        density = self.kept_fraction_sum / self.attention_calls if self.attention_calls else None
+        density = float(self.kept_fraction_sum) / self.attention_calls if self.attention_calls else None
         return {"method": self.config.method, "density": density, "attention_calls": self.attention_calls}
 
     def reset_stats(self) -> None:

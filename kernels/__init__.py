@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, inverse_order
 
 from . import reference
 
@@ -244,7 +244,7 @@ def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, e
         q_in, k_in, v_in, mask.in_blocked_order(), scale=scale, backend=backend, extra_k=extra_k, extra_v=extra_v,
         extra_key_valid=extra_key_valid,
     )
-    inverse = torch.argsort(q_order, dim=-1).expand(batch, heads, -1)  # (B, H, S)
+    inverse = inverse_order(q_order).expand(batch, heads, -1)  # (B, H, S)
     lse = lse.gather(2, inverse)
     return _into(out, gather(result, inverse)), lse
 
@@ -286,7 +286,7 @@ def _fa4_attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
 def _inverse_permutation(mask: BlockMask) -> torch.Tensor:
     cached = mask.__dict__.get("_dit_sparse_inverse_perm")
     if cached is None:
-        cached = torch.argsort(mask.permutation)
+        cached = inverse_order(mask.permutation)
         object.__setattr__(mask, "_dit_sparse_inverse_perm", cached)
     return cached
 

@@ -136,9 +136,9 @@ def test_per_head_orders_are_checked():
 
 def test_selection_keeps_top_k_and_stops_at_top_p():
     scores = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]).view(1, 1, 2, 4)
-    kept = select_blocks(scores, torch.tensor([3]))
+    kept = select_blocks(scores, [3])
     assert kept.tolist() == [[[[True, True, True, False], [False, True, True, True]]]]
-    kept = select_blocks(scores, torch.tensor([3]), top_p=0.7)  # 0.5 + 0.3 reaches 0.7: two blocks
+    kept = select_blocks(scores, [3], top_p=0.7)  # 0.5 + 0.3 reaches 0.7: two blocks
     assert kept.tolist() == [[[[True, True, False, False], [False, False, True, True]]]]
     # Mass 0.5, 0.3, 0.15, 0.05 in the score order: recall 0.8 needs 2 of 4 blocks, 0.95 needs 3.
     assert density_for_recall(scores, scores, 0.8).tolist() == [0.5]
@@ -196,3 +196,50 @@ def test_refresh_schedule_rule():
     assert [at_steps.refreshes_at(step, 0) for step in range(5)] == [False, False, False, True, False]
     with pytest.raises(ValueError, match="layer_density covers 1 layers; layer 3 has none"):
         make_config("draft", layer_density=((0.5,),)).densities(3, 1)
+
+
+def _refuse(name):
+    def call(*args, **kwargs):
+        raise AssertionError(f"host sync on the estimate path: {name}")
+    return call
+
+
+def _no_bool_index(original):
+    def call(self, index, *rest):
+        for part in index if isinstance(index, tuple) else (index,):
+            if isinstance(part, torch.Tensor) and part.dtype in (torch.bool, torch.uint8):
+                raise AssertionError("host sync on the estimate path: boolean-mask indexing")
+        return original(self, index, *rest)
+    return call
+
+
+def test_estimates_make_no_host_sync_on_the_hot_path():
+    # Every call that makes the host wait for the device (a value read back, a shape that depends on data) raises
+    # while the estimates run: no .item() / .tolist() / bool(t) / int(t) / float(t), nonzero, unique,
+    # masked_select, boolean-mask indexing. Constants (orders, sizes) are built on a first call, then memoised.
+    group_of = torch.randperm(LAYOUT.video_len, generator=torch.Generator().manual_seed(1)) // GROUP
+    q, k, _ = _planted(group_of, heads=3, seed=1)
+    mixed_axes = ["hwf", "fhw", "whf"]
+
+    def estimate(state):
+        masks = [draft(LAYOUT, q, k, density=[0.25, 0.5, 0.125], tile=(1, 4, 8)),
+                 draft(LAYOUT, q, k, density=0.25, tile=(1, 4, 8), top_p=0.9),
+                 reorder_axes(LAYOUT, q, k, axes=mixed_axes, density=0.25, block_size=GROUP)]
+        cold, fitted = reorder_cluster(LAYOUT, q, k, density=0.25, block_size=GROUP)
+        warm, _ = reorder_cluster(LAYOUT, q, k, density=[0.25, 0.5, 0.25], block_size=GROUP, state=state, top_p=0.9)
+        return masks + [cold, warm], fitted
+
+    expected, state = estimate(None)  # memoises the constants
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+                     "masked_select"):
+            patch.setattr(torch.Tensor, name, _refuse(f"Tensor.{name}"))
+        for name in ("nonzero", "unique", "masked_select", "argwhere"):
+            patch.setattr(torch, name, _refuse(f"torch.{name}"))
+        patch.setattr(torch.Tensor, "__getitem__", _no_bool_index(torch.Tensor.__getitem__))
+        patch.setattr(torch.Tensor, "__setitem__", _no_bool_index(torch.Tensor.__setitem__))
+        masks, _ = estimate(state)
+        fractions = [mask.kept_fraction for mask in masks]  # the hooks' per-call statistic
+    for mask, again, fraction in zip(expected, masks, fractions):
+        assert torch.equal(mask.to_dense(), again.to_dense())
+        assert float(fraction) == pytest.approx(again.density)

@@ -11,7 +11,7 @@ import torch
 from dit_sparse.blockmask import BlockMask
 from dit_sparse.layout import VideoLayout
 
-from .estimate import block_attention_mass, density_for_recall, draft_map, keep_counts, select_blocks
+from .estimate import block_attention_mass, density_for_recall, draft_map, keep_counts, top_blocks
 from .neighborhood import tiled_order
 
 
@@ -22,10 +22,16 @@ def tile_order(layout: VideoLayout, tile: tuple[int, int, int]) -> torch.Tensor 
     return tiled_order(layout, tile)[0]
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_order_on(layout: VideoLayout, tile: tuple[int, int, int], device: torch.device) -> torch.Tensor | None:
+    """`tile_order` on `device`, copied there once (memoised: no host-to-device copy per estimate)."""
+    perm = tile_order(layout, tile)
+    return None if perm is None else perm.to(device)
+
+
 def _tile_map(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, tile) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(the tile order on q's device or None, the draft map (B, H, n, n))."""
-    perm = tile_order(layout, tuple(tile))
-    perm = None if perm is None else perm.to(q.device)
+    perm = _tile_order_on(layout, tuple(tile), q.device)
     return perm, draft_map(q, k, math.prod(tile), None if perm is None else perm.view(1, 1, -1))
 
 
@@ -49,10 +55,11 @@ def draft(
     keep only the fewest of those reaching `top_p` of the row's draft mass. Tokens are reordered tile by tile
     (`tiled_order`, the official `reorg_idx`), so each kept tile is one contiguous kernel block.
     """
-    perm, probs = _tile_map(layout, q, k, tile)
+    perm, probs = _tile_map(layout, q, k, tile)  # probs (B, H, n, n)
     densities = [density] * q.shape[1] if isinstance(density, (int, float)) else list(density)
-    kept = select_blocks(probs, keep_counts(densities, probs.shape[-1], q.device), top_p)  # (B, H, n, n)
-    return BlockMask.from_block_dense(kept, layout.video_len, math.prod(tile), permutation=perm)
+    indices, counts = top_blocks(probs, keep_counts(densities, probs.shape[-1]), top_p)
+    block = math.prod(tile)
+    return BlockMask(indices, counts, layout.video_len, block, block, permutation=perm)
 
 
 def draft_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, tile, target_recall: float,

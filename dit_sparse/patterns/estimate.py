@@ -3,11 +3,16 @@ top-k / top-p block selection, and the exact per-block attention mass (calibrati
 
 Every function works on whole tensors over (batch, head, block): no Python loop over tokens or blocks. A token
 `order` is (Pb, Ph, S) int64 (Pb in (1, B), Ph in (1, H)) as `BlockMask.orders()` gives it, or None (natural).
+
+The estimate path (`draft_map`, `top_blocks`) makes no host sync: shapes come from the layout and the densities on
+the host, never from tensor values, and the few constant tensors it needs are built once per device (memoised).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -20,24 +25,39 @@ def in_order(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     if order is None:
         return x
     batch, heads, seq_len, dim = x.shape
+    if order.shape[0] == order.shape[1] == 1:  # one order for all: a plain index_select
+        return x.index_select(2, order.view(-1))
     index = order.expand(batch, heads, seq_len)  # (B, H, S)
     return x.gather(2, index[..., None].expand(-1, -1, -1, dim))
 
 
-def block_sizes(seq_len: int, block_size: int, device=None) -> torch.Tensor:
-    """Tokens in each block, fp32 (n,), the last one short when seq_len is not a multiple."""
+@functools.lru_cache(maxsize=64)
+def _block_sizes(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     n = math.ceil(seq_len / block_size)
     sizes = torch.full((n,), float(block_size), device=device)
     sizes[-1] = seq_len - (n - 1) * block_size
     return sizes
 
 
+def block_sizes(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """Tokens in each block, fp32 (n,), the last one short when seq_len is not a multiple. Built once per device
+    (memoised: a constant; do not write to it)."""
+    return _block_sizes(seq_len, block_size, torch.device("cpu" if device is None else device))
+
+
+@functools.lru_cache(maxsize=64)
+def _int_constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of each run of `block_size` tokens of x (B, H, S, D) in fp32: (B, H, n_blocks, D)."""
+    """Mean of each run of `block_size` tokens of x (B, H, S, D), summed in fp32 (no fp32 copy of x, no padding):
+    (B, H, n_blocks, D) fp32."""
     batch, heads, seq_len, dim = x.shape
-    n = math.ceil(seq_len / block_size)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - seq_len))
-    sums = padded.view(batch, heads, n, block_size, dim).sum(dim=3)
+    whole = seq_len // block_size
+    sums = x[:, :, : whole * block_size].reshape(batch, heads, whole, block_size, dim).sum(3, dtype=torch.float32)
+    if whole * block_size < seq_len:  # the short tail block
+        sums = torch.cat([sums, x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
     return sums / block_sizes(seq_len, block_size, x.device)[:, None]
 
 
@@ -55,22 +75,43 @@ def draft_map(q: torch.Tensor, k: torch.Tensor, block_size: int, order: torch.Te
     return pooled_attention(q_pooled, k_pooled, block_sizes(q.shape[2], block_size, q.device), q.shape[-1] ** -0.5)
 
 
-def keep_counts(densities, n_kv_blocks: int, device=None) -> torch.Tensor:
-    """Per head (H,) int64: key blocks each query block keeps at that density, round(d * n), at least 1."""
-    d = torch.as_tensor(densities, dtype=torch.float64, device=device)
-    return (d * n_kv_blocks).round().clamp(1, n_kv_blocks).long()
+def keep_counts(densities: Sequence[float], n_kv_blocks: int) -> tuple[int, ...]:
+    """Per head, on the host: key blocks each query block keeps at that density, round(d * n), at least 1 (Python's
+    round, half to even, as torch.round)."""
+    return tuple(min(n_kv_blocks, max(1, round(float(d) * n_kv_blocks))) for d in densities)
 
 
-def select_blocks(scores: torch.Tensor, keep: torch.Tensor, top_p: float | None = None) -> torch.Tensor:
-    """Bool (B, H, n_q, n_k): per row the `keep[h]` best-scored key blocks (keep (H,) or (1,)); with `top_p`, only
-    the fewest of those whose scores (a distribution per row) reach `top_p` (SVG2's top-p budget)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # (B, H, n_q, n_k)
-    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < keep.view(1, -1, 1, 1)
+def top_blocks(scores: torch.Tensor, keep: Sequence[int], top_p: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`BlockMask` index lists of the best-scored key blocks: per row of scores (B, H, n_q, n_k) the `keep[h]` best
+    (`keep`: one int per head, or one for all), with `top_p` only the fewest of those whose scores (a distribution
+    per row) reach `top_p` (SVG2's top-p budget). Returns (kv_block_indices (B, H, n_q, max(keep)) int32 ascending,
+    padded with 0; kv_block_counts (B, H, n_q) int32). One `topk` and one small sort; shapes from `keep` alone, no
+    host sync."""
+    batch, heads, n_q, n_k = scores.shape
+    kept_max = max(keep)
+    values, indices = scores.topk(kept_max, dim=-1)  # (B, H, n_q, kept_max), best first
+    rank = torch.arange(kept_max, device=scores.device)
+    kept = None
+    if len(set(keep)) > 1:
+        kept = rank < _int_constant(tuple(keep), scores.device).view(1, -1, 1, 1)
     if top_p is not None:
-        sorted_scores = scores.gather(-1, order)
-        mass_before = sorted_scores.cumsum(-1) - sorted_scores
-        rank_kept = rank_kept & (mass_before < top_p)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_kept.expand_as(order))
+        within = (values.cumsum(-1) - values) < top_p  # the mass before each rank is under the budget
+        kept = within if kept is None else kept & within
+    if kept is None:  # every row keeps kept_max blocks
+        counts = torch.full((batch, heads, n_q), kept_max, dtype=torch.int32, device=scores.device)
+        return indices.sort(dim=-1).values.int(), counts
+    counts = kept.sum(-1, dtype=torch.int32).expand(batch, heads, n_q).contiguous()  # kept ranks: a prefix
+    ascending = torch.where(kept, indices, n_k).sort(dim=-1).values  # dropped ones sort last
+    return torch.where(rank < counts[..., None], ascending, 0).int(), counts
+
+
+def select_blocks(scores: torch.Tensor, keep: Sequence[int], top_p: float | None = None) -> torch.Tensor:
+    """Bool (B, H, n_q, n_k): `top_blocks` as a block map (calibration, tests)."""
+    indices, counts = top_blocks(scores, keep, top_p)
+    valid = torch.arange(indices.shape[-1], device=scores.device) < counts[..., None]
+    dense = torch.zeros(*scores.shape[:3], scores.shape[-1] + 1, dtype=torch.bool, device=scores.device)
+    return dense.scatter_(-1, torch.where(valid, indices.long(), scores.shape[-1]), True)[..., :-1]
 
 
 def block_attention_mass(

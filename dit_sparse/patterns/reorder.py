@@ -16,7 +16,8 @@ from dit_sparse.blockmask import BlockMask
 from dit_sparse.config import AXIS_ORDERS
 from dit_sparse.layout import VideoLayout
 
-from .estimate import block_attention_mass, block_sizes, density_for_recall, draft_map, keep_counts, select_blocks
+from .estimate import (block_attention_mass, block_sizes, density_for_recall, draft_map, keep_counts, select_blocks,
+                       top_blocks)
 
 # ---- axes (PAROAttention) -----------------------------------------------------------------------------------------
 
@@ -31,8 +32,10 @@ def axis_order(layout: VideoLayout, axes: str) -> torch.Tensor:
     return grid.permute(*("fhw".index(axis) for axis in axes)).reshape(-1)
 
 
-def _head_orders(layout: VideoLayout, axes: Sequence[str], device) -> torch.Tensor | None:
-    """(1, H, S) orders of the heads, (S,) when every head shares one, None when that one is natural."""
+@functools.lru_cache(maxsize=64)
+def _head_orders(layout: VideoLayout, axes: tuple[str, ...], device: torch.device) -> torch.Tensor | None:
+    """(1, H, S) orders of the heads, (S,) when every head shares one, None when that one is natural; on `device`,
+    copied there once (memoised: no host-to-device copy per estimate)."""
     if len(set(axes)) == 1:
         return None if axes[0] == "fhw" else axis_order(layout, axes[0]).to(device)
     return torch.stack([axis_order(layout, a) for a in axes]).to(device)[None]
@@ -60,11 +63,11 @@ def reorder_axes(
     """
     heads = q.shape[1]
     axes = [axes] * heads if isinstance(axes, str) else list(axes)
-    order = _head_orders(layout, axes, q.device)
+    order = _head_orders(layout, tuple(axes), q.device)
     probs = draft_map(q, k, block_size, None if order is None else order.view(1, -1, layout.video_len))
     densities = [density] * heads if isinstance(density, (int, float)) else list(density)
-    kept = select_blocks(probs, keep_counts(densities, probs.shape[-1], q.device), top_p)
-    return BlockMask.from_block_dense(kept, layout.video_len, block_size, permutation=order)
+    indices, counts = top_blocks(probs, keep_counts(densities, probs.shape[-1]), top_p)
+    return BlockMask(indices, counts, layout.video_len, block_size, block_size, permutation=order)
 
 
 def axes_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, block_size: int, density: float,
@@ -72,7 +75,7 @@ def axes_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, b
     """Per head, for every axis order: {"concentration": {order: the exact attention mass the best
     `density` share of blocks holds}, "density": {order: density the pooled estimate needs for `target_recall`}}."""
     heads = q.shape[1]
-    keep = keep_counts([density] * heads, math.ceil(layout.video_len / block_size), q.device)
+    keep = keep_counts([density] * heads, math.ceil(layout.video_len / block_size))
     concentration, needed = {}, {}
     for axes in AXIS_ORDERS:  # six orders, each a whole-tensor pass
         order = axis_order(layout, axes).to(q.device).view(1, 1, -1)
@@ -86,92 +89,136 @@ def axes_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, b
 
 # ---- clusters (Sparse VideoGen2) ----------------------------------------------------------------------------------
 
-#: Lloyd steps of a cold start, as a multiple of `kmeans_iters` (the warm-start count)
-COLD_START_ITERS = 8
+#: Lloyd steps of a cold start after its relocation passes, as a multiple of `kmeans_iters` (the warm-start count;
+#: `kmeans_iters` steps come before them): enough that a warm start from the result finds the same clusters
+COLD_START_ITERS = 4
+#: relocation passes of a cold start (`_cold_start`), each one move per (batch, head) and one Lloyd step
+COLD_START_RELOCATIONS = 6
 
 
-def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Label (B, H, S) of each point's nearest centroid; x (B, H, S, D), centroids (B, H, K, D), fp32."""
-    distance = centroids.square().sum(-1)[..., None, :] - 2 * torch.matmul(x, centroids.transpose(-1, -2))
-    return distance.argmin(-1)
+def _centered(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The point sets `xs` (each (B, H, S, D)) as one batch of k-means problems, centred per (batch, head):
+    (x (n * B, H, S, D) fp32, x in the inputs' dtype for the distance matmuls (x itself when that is fp32), means
+    (n * B, H, 1, D) fp32). Centring removes the common offset, so 16-bit distance scores keep their precision."""
+    batch = xs[0].shape[0]
+    x = torch.empty((len(xs) * batch, *xs[0].shape[1:]), dtype=torch.float32, device=xs[0].device)
+    for i, part in enumerate(xs):
+        x[i * batch:(i + 1) * batch].copy_(part)
+    mean = x.mean(2, keepdim=True)
+    x.sub_(mean)
+    return x, x.to(xs[0].dtype), mean
 
 
-def _kmeans_plus_plus(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
-    """Greedy k-means++ seeding (Arthur and Vassilvitskii, 2007; scikit-learn's default: each step draws
-    2 + ln K candidates by squared distance and keeps the one that lowers the potential most), every (batch, head)
-    at once: (B, H, K, D) fp32, drawn from every `S // 16K`-th token. A loop over the K centroids, on cold starts
-    only (later refreshes warm-start from the previous centroids)."""
-    stride = max(1, x.shape[2] // (16 * clusters))  # seed from at most ~16 points per cluster: K steps stay cheap
-    x = x[:, :, ::stride]
-    batch, heads, seq_len, dim = x.shape
-    flat = x.reshape(batch * heads, seq_len, dim)
-    candidates = 2 + int(math.log(clusters))
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    rows = torch.arange(batch * heads, device=x.device)
-    first = torch.randint(seq_len, (batch * heads,), generator=generator, device=x.device)
-    centroids = [flat[rows, first]]  # each (BH, D)
-    closest = (flat - centroids[0][:, None]).square().sum(-1)  # (BH, S): squared distance to the nearest centroid
-    for _ in range(clusters - 1):
-        picks = torch.multinomial(closest.clamp_min(0) + 1e-12, candidates, replacement=True, generator=generator)
-        points = flat[rows[:, None], picks]  # (BH, L, D)
-        potential = torch.minimum(closest[:, None], torch.cdist(points, flat).square())  # (BH, L, S)
-        best = potential.sum(-1).argmin(-1)  # (BH,)
-        centroids.append(points[rows, best])
-        closest = potential[rows, best]
-    return torch.stack(centroids, dim=1).view(batch, heads, clusters, dim)
+def _assign(x_low: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each point, from x.c - |c|^2 / 2 (the squared distance less |x|^2, halved): (labels
+    (B, H, S) int64, that score (B, H, S) fp32). x_low (B, H, S, D) in its dtype (bf16 on GPU: a tensor-core matmul),
+    centroids (B, H, K, D) fp32. One matmul, one in-place bias, one max."""
+    half_norms = (0.5 * centroids.square().sum(-1)).to(x_low.dtype)  # (B, H, K)
+    scores = torch.matmul(x_low, centroids.to(x_low.dtype).transpose(-1, -2)).sub_(half_norms[..., None, :])
+    best, labels = scores.max(-1)  # scores (B, H, S, K)
+    return labels, best.float()
 
 
-def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means from `centroids` (B, H, K, D) on x (B, H, S, D), batched over (batch, head): (labels (B, H, S),
-    centroids (B, H, K, D) fp32, sizes (B, H, K)). An empty cluster keeps its centroid."""
-    x = x.float()
-    centroids = centroids.float()
+def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's update: (centroids (B, H, K, D) fp32, each the mean of its points, an empty one unchanged; sizes
+    (B, H, K) fp32); x (B, H, S, D) fp32. Two scatter_add_ (sums, counts) over every head at once."""
+    sums = torch.zeros_like(centroids).scatter_add_(2, labels[..., None].expand_as(x), x)
+    sizes = torch.zeros(centroids.shape[:3], device=x.device).scatter_add_(2, labels, x.new_ones(()).expand(labels.shape))
+    return torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids), sizes
+
+
+def _lloyd(x: torch.Tensor, x_low: torch.Tensor, centroids: torch.Tensor, iters: int):
+    """`iters` >= 1 Lloyd steps (assign, update) on centred x: (labels (B, H, S), centroids (B, H, K, D) fp32, the
+    means of those labels' clusters, sizes (B, H, K) fp32)."""
     for _ in range(iters):
-        labels = _nearest(x, centroids)
-        sums = torch.zeros_like(centroids).scatter_add_(2, labels[..., None].expand_as(x), x)
-        sizes = torch.zeros(centroids.shape[:3], device=x.device).scatter_add_(2, labels, torch.ones_like(labels,
-                                                                                                        dtype=x.dtype))
-        centroids = torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids)
-    labels = _nearest(x, centroids)
-    sizes = torch.zeros(centroids.shape[:3], device=x.device).scatter_add_(2, labels, torch.ones_like(labels,
-                                                                                                    dtype=x.dtype))
+        labels, _ = _assign(x_low, centroids)
+        centroids, sizes = _update(x, labels, centroids)
     return labels, centroids, sizes
 
 
-def _cluster_blocks(labels: torch.Tensor, clusters: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens sorted by cluster: (order (B, H, S), tokens of each cluster in each block (B, H, n_blocks, K) fp32)."""
-    batch, heads, seq_len = labels.shape
-    order = torch.argsort(labels, dim=-1, stable=True)  # (B, H, S)
-    sorted_labels = labels.gather(-1, order)
+def _seeds(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
+    """Initial centroids (B, H, K, D): K distinct points of each (batch, head) drawn at random (the init of SVG2's
+    flash-kmeans), one `rand` and one `topk` for every head."""
+    batch, heads, seq_len, dim = x.shape
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    draws = torch.rand(batch, heads, seq_len, generator=generator, device=x.device)
+    picks = draws.topk(clusters, dim=-1).indices  # (B, H, K)
+    return x.gather(2, picks[..., None].expand(-1, -1, -1, dim))
+
+
+def _cold_start(x: torch.Tensor, x_low: torch.Tensor, clusters: int, iters: int, seed: int):
+    """k-means of centred x from random seeds, with relocation passes, fixed work for every head at once:
+    (labels, centroids, sizes) as `_lloyd`.
+
+    Random seeds leave some clusters of the data without a centroid and give others two, a local optimum Lloyd
+    steps keep. `iters` Lloyd steps, then `COLD_START_RELOCATIONS` passes, each moving, per
+    (batch, head), one centroid of the closest pair onto the point farthest from its centroid, running one Lloyd
+    step, and keeping the move where the k-means cost (sum of squared distances) drops, then `COLD_START_ITERS` x
+    `iters` Lloyd steps more (a warm start from the result finds the same clusters). Replaces a k-means++ seeding
+    whose loop over the K centroids launched ~10 kernels per centroid; recovers planted clusters better."""
+    _, centroids, _ = _lloyd(x, x_low, _seeds(x, clusters, seed), iters)
+    sq_norms = x.square().sum(-1)  # (B, H, S)
+    distance = sq_norms - 2 * _assign(x_low, centroids)[1]  # (B, H, S): squared distance of each point to its centroid
+    dim = x.shape[-1]
+    for _ in range(COLD_START_RELOCATIONS):
+        norms = centroids.square().sum(-1)  # (B, H, K)
+        gap = norms[..., :, None] + norms[..., None, :] - 2 * torch.matmul(centroids, centroids.transpose(-1, -2))
+        gap.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # (B, H, K, K) squared distances between centroids
+        donor = gap.amin(-1).argmin(-1)  # (B, H): a centroid of the closest pair
+        farthest = distance.argmax(-1)  # (B, H): the point worst served
+        moved = centroids.scatter(2, donor[..., None, None].expand(-1, -1, 1, dim),
+                                  x.gather(2, farthest[..., None, None].expand(-1, -1, 1, dim)))
+        moved = _update(x, _assign(x_low, moved)[0], moved)[0]
+        moved_distance = sq_norms - 2 * _assign(x_low, moved)[1]
+        better = moved_distance.sum(-1) < distance.sum(-1)  # (B, H)
+        centroids = torch.where(better[..., None, None], moved, centroids)
+        distance = torch.where(better[..., None], moved_distance, distance)
+    return _lloyd(x, x_low, centroids, COLD_START_ITERS * iters)
+
+
+def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`iters` >= 1 steps of Lloyd's k-means from `centroids` (B, H, K, D) on x (B, H, S, D), batched over (batch,
+    head): (labels (B, H, S) of the last assignment, centroids (B, H, K) fp32 updated from it (each the mean of its
+    cluster; an empty one unchanged), sizes (B, H, K) fp32). Distances in x's dtype, sums in fp32; no host sync."""
+    x32, x_low, mean = _centered([x])
+    labels, centroids, sizes = _lloyd(x32, x_low, centroids.float() - mean, iters)
+    return labels, centroids + mean, sizes
+
+
+def _cluster_blocks(sorted_labels: torch.Tensor, clusters: int, block_size: int) -> torch.Tensor:
+    """Tokens of each cluster in each block (B, H, n_blocks, K) fp32, from the labels in sorted order (B, H, S)."""
+    batch, heads, seq_len = sorted_labels.shape
     n = math.ceil(seq_len / block_size)
-    cell = torch.arange(seq_len, device=labels.device) // block_size * clusters + sorted_labels  # block * K + label
-    counts = torch.zeros(batch, heads, n * clusters, device=labels.device)
-    counts.scatter_add_(-1, cell, torch.ones_like(cell, dtype=counts.dtype))
-    return order, counts.view(batch, heads, n, clusters)
+    cell = torch.arange(seq_len, device=sorted_labels.device) // block_size * clusters + sorted_labels  # block*K+label
+    counts = torch.zeros(batch, heads, n * clusters, device=sorted_labels.device)
+    counts.scatter_add_(-1, cell, counts.new_ones(()).expand(cell.shape))
+    return counts.view(batch, heads, n, clusters)
 
 
 def _cluster_map(q, k, clusters: int, block_size: int, state: dict | None, iters: int, seed: int):
-    """k-means of q and k, the token orders and the centroid-level attention spread over the blocks:
-    (q order, k order (B, H, S), block map (B, H, n, n) with rows summing to 1, new state)."""
-    seq_len = q.shape[2]
+    """k-means of q and k (one batch of problems), the token orders and the centroid-level attention spread over
+    the blocks: (q order, k order (B, H, S), block map (B, H, n, n) with rows summing to 1, new state)."""
+    batch, heads, seq_len, _ = q.shape
     clusters = min(clusters, seq_len)
-    fitted = {}
-    for name, x in (("q", q), ("k", k)):
-        previous = None if state is None else state.get(name)
-        if previous is not None and previous.shape[:3] == (*x.shape[:2], clusters) and previous.device == x.device:
-            fitted[name] = kmeans(x, previous, iters)  # SVG2: centroids reused across steps
-        else:
-            fitted[name] = kmeans(x, _kmeans_plus_plus(x.float(), clusters, seed), COLD_START_ITERS * iters)
-    (q_labels, q_centroids, _), (k_labels, k_centroids, k_sizes) = fitted["q"], fitted["k"]
-    q_order, q_counts = _cluster_blocks(q_labels, clusters, block_size)  # q_counts (B, H, n, Kq)
-    k_order, k_counts = _cluster_blocks(k_labels, clusters, block_size)  # k_counts (B, H, n, Kk)
+    x, x_low, mean = _centered([q, k])  # (2B, H, S, D): q's problems, then k's
+    previous = [None if state is None else state.get(name) for name in ("q", "k")]
+    if all(p is not None and p.shape[:3] == (batch, heads, clusters) and p.device == q.device for p in previous):
+        start = torch.cat(previous).float() - mean  # SVG2: centroids reused across steps
+        labels, centroids, sizes = _lloyd(x, x_low, start, iters)
+    else:
+        labels, centroids, sizes = _cold_start(x, x_low, clusters, iters, seed)
+    centroids = centroids + mean
+    order = torch.argsort(labels, dim=-1, stable=True)  # (2B, H, S): tokens by cluster, q and k in one sort
+    counts = _cluster_blocks(labels.gather(-1, order), clusters, block_size)  # (2B, H, n, K)
+    q_counts, k_counts, k_sizes = counts[:batch], counts[batch:], sizes[batch:]
+    q_centroids, k_centroids = centroids[:batch], centroids[batch:]
     # Centroid-level attention: each key centroid stands for its cluster's tokens (log size bias; empty ones none).
     scores = torch.matmul(q_centroids, k_centroids.transpose(-1, -2)) * q.shape[-1] ** -0.5 + k_sizes.log()[..., None, :]
     cluster_probs = torch.softmax(scores, dim=-1)  # (B, H, Kq, Kk)
     share = k_counts.transpose(-1, -2) / k_sizes.clamp_min(1)[..., None]  # (B, H, Kk, n): where each cluster lies
     block_map = torch.matmul(torch.matmul(q_counts, cluster_probs), share)  # (B, H, n, n) token-weighted
     block_map = block_map / block_sizes(seq_len, block_size, q.device)[:, None]
-    return q_order, k_order, block_map, {"q": q_centroids, "k": k_centroids}
+    return order[:batch], order[batch:], block_map, {"q": q_centroids, "k": k_centroids}
 
 
 def reorder_cluster(
@@ -193,22 +240,22 @@ def reorder_cluster(
     Yang et al., 2025, "Sparse VideoGen2: Accelerate Video Generation with Sparse Attention via Semantic-Aware
     Permutation" (arXiv 2505.18875; github.com/svg-project/Sparse-VideoGen, `svg/kmeans_utils.py`). As SVG2: q and
     k clustered separately (queries and keys get their own order: `BlockMask.kv_permutation`), centroids reused
-    across steps (`state`, warm starts run `kmeans_iters` Lloyd steps; a cold start seeds with k-means++ and runs
-    `COLD_START_ITERS` x `kmeans_iters`), the attention of query
+    across steps (`state`, warm starts run `kmeans_iters` Lloyd steps; a cold start seeds with random tokens, as
+    SVG2's flash-kmeans, and adds relocation passes: `_cold_start`), the attention of query
     centroids over key centroids (each weighted by its cluster's size) estimates the attention, and kept blocks
     follow its mass (`density` top-k per row, `top_p` SVG2's cumulative budget). SVG2 runs variable-size blocks, one
     per cluster; our kernels cut the sorted tokens into fixed `block_size` blocks, each block's estimate is the mass
     of the clusters it holds (a block straddling two clusters gets both). `clusters` defaults to one per block.
     q, k (B, H, video_len, D).
     """
+    if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 1:
+        raise ValueError(f"kmeans_iters must be an int >= 1, got {kmeans_iters!r}")
     seq_len, heads = layout.video_len, q.shape[1]
     clusters = clusters or math.ceil(seq_len / block_size)
     q_order, k_order, block_map, new_state = _cluster_map(q, k, clusters, block_size, state, kmeans_iters, seed)
     densities = [density] * heads if isinstance(density, (int, float)) else list(density)
-    kept = select_blocks(block_map, keep_counts(densities, block_map.shape[-1], q.device), top_p)
-    mask = BlockMask.from_block_dense(kept, seq_len, block_size, permutation=q_order)
-    return BlockMask(mask.kv_block_indices, mask.kv_block_counts, seq_len, block_size, block_size, q_order,
-                     kv_permutation=k_order), new_state
+    indices, counts = top_blocks(block_map, keep_counts(densities, block_map.shape[-1]), top_p)
+    return BlockMask(indices, counts, seq_len, block_size, block_size, q_order, kv_permutation=k_order), new_state
 
 
 def cluster_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, block_size: int,
