@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ DEFAULT_METHOD = "radial"
 DEMO_PROMPT = "a red fox runs through the snow at sunset"
 DEMO_BLOCK_SIZE = 64  # one latent frame per block: 21 x 21 blocks
 MANIFEST_NAME = "manifest.jsonl"
+PROCESS_WAIT = datetime.timedelta(hours=24)  # how long a process may wait for the others (shares are uneven)
 SHARD_PATTERN = re.compile(r"manifest\.rank(\d+)\.jsonl")  # one process's rows before the merge
 
 # ---- the Wan geometry the checks follow: the VAE compresses time 4x and space 8x; the transformer's patch is 2x2.
@@ -515,12 +517,13 @@ def run_render(args: argparse.Namespace) -> int:
 
 def process_state(device: str):
     """accelerate's `PartialState` when this process is one of several (`accelerate launch`, torchrun), else None.
-    CPU processes talk over gloo; GPU processes each take their own GPU (`state.device`)."""
+    CPU processes talk over gloo; GPU processes each take their own GPU (`state.device`). The collective timeout is
+    `PROCESS_WAIT`: a process that finished its share waits at the final barrier for the others' last videos."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
 
-    return PartialState(cpu=not device.startswith("cuda"))
+    return PartialState(cpu=not device.startswith("cuda"), timeout=PROCESS_WAIT)
 
 
 def launch_command(num_processes: int, argv: list[str]) -> list[str]:
