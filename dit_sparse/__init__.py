@@ -22,6 +22,7 @@ from dit_sparse.config import (
     make_config,
 )
 from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import enable_context_parallel
 from dit_sparse.plot import plot_mask
 from dit_sparse.profile import Profile
 
@@ -40,6 +41,7 @@ __all__ = [
     "VditConfig",
     "VideoLayout",
     "calibrate",
+    "enable_context_parallel",
     "make_config",
     "sparse_attention",
     "sparsify",

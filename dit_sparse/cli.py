@@ -2,7 +2,10 @@
 
 - `render`: a batch of prompts to H.264 mp4s plus a `manifest.jsonl` row per video. Resumable: a video
   whose settings are already in the manifest and whose mp4 exists is skipped. Atomic: an mp4 appears
-  only complete, and its manifest row only after it.
+  only complete, and its manifest row only after it. Several processes (`accelerate launch -m dit_sparse.cli
+  render ...`, or `render --num-processes N`, which launches that) split the unfinished videos between them
+  (`PartialState.split_between_processes`), one device each; each appends to its own `manifest.rank<r>.jsonl`,
+  which the main process merges into `manifest.jsonl` at the end (or, after a run that died, at the next start).
 - `demo`: one prompt with the default model, dense then radial (same seed); prints seconds, density
   and the PSNR of radial against dense.
 - `eval`: speed and fidelity of methods against the dense baseline over a prompt suite, with a report
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -46,6 +50,8 @@ DEFAULT_METHOD = "radial"
 DEMO_PROMPT = "a red fox runs through the snow at sunset"
 DEMO_BLOCK_SIZE = 64  # one latent frame per block: 21 x 21 blocks
 MANIFEST_NAME = "manifest.jsonl"
+PROCESS_WAIT = datetime.timedelta(hours=24)  # how long a process may wait for the others (shares are uneven)
+SHARD_PATTERN = re.compile(r"manifest\.rank(\d+)\.jsonl")  # one process's rows before the merge
 
 # ---- the Wan geometry the checks follow: the VAE compresses time 4x and space 8x; the transformer's patch is 2x2.
 WAN_TEMPORAL_FACTOR = 4
@@ -344,6 +350,51 @@ def append_row(path: str, row: dict) -> None:
         os.fsync(file.fileno())
 
 
+def shard_name(rank: int) -> str:
+    """The manifest file process `rank` appends to while several processes render into one folder."""
+    return f"manifest.rank{rank}.jsonl"
+
+
+def merge_manifest_shards(output_dir: str) -> int:
+    """Fold every `manifest.rank<r>.jsonl` into `manifest.jsonl` (rank order, rows already there skipped), then
+    delete the shards; returns the number of rows added. Atomic: the merged manifest is written to a temporary file
+    and renamed over the old one, so a crash leaves either the old manifest and the shards or the merged one (and
+    maybe stale shards, whose rows a later merge skips). Only one process may call it at a time."""
+    if not os.path.isdir(output_dir):
+        return 0
+    shards = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := SHARD_PATTERN.fullmatch(name))
+    )
+    if not shards:
+        return 0
+    manifest = os.path.join(output_dir, MANIFEST_NAME)
+    rows = read_manifest(manifest)
+    seen = {json.dumps(row, sort_keys=True) for row in rows}
+    added = 0
+    for _, name in shards:
+        for row in read_manifest(os.path.join(output_dir, name)):
+            text = json.dumps(row, sort_keys=True)
+            if text not in seen:
+                seen.add(text)
+                rows.append(row)
+                added += 1
+    temporary = f"{manifest}.merging"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, manifest)
+    for _, name in shards:
+        os.remove(os.path.join(output_dir, name))
+    return added
+
+
+def pending_jobs(jobs: list[RenderJob], finished: dict[str, dict]) -> list[RenderJob]:
+    """The jobs not finished yet, one per key, in prompt-list order: what a run (or its processes, split in order)
+    renders. A pure function of the prompt list and the manifest, so every process computes the same list."""
+    return list({job.key_hash(): job for job in jobs if job.key_hash() not in finished}.values())
+
+
 # ---- rendering ---------------------------------------------------------------------------------------------------
 def render_video(pipe, job: RenderJob) -> tuple[np.ndarray, float | None]:
     """One video `(T, H, W, 3)` float in [0, 1] with `job`'s method applied, and the attention density it ran at."""
@@ -395,29 +446,49 @@ def render_jobs(
     dtype: str,
     fps: float,
     rendered: dict[str, np.ndarray] | None = None,
+    state=None,
 ) -> list[dict]:
     """Render the jobs not finished yet into `output_dir`; returns every job's manifest row, in order.
 
     `rendered`, if given, receives key hash -> uint8 frames of each video rendered by this call (not the skipped).
+    `state`: accelerate's `PartialState` when several processes render (each its share of the unfinished jobs, on
+    `device`, rows into its own manifest shard, merged by the main process after a barrier); None for one process.
     """
     from tqdm.auto import tqdm
 
+    processes = 1 if state is None else state.num_processes
+    rank = 0 if state is None else state.process_index
     os.makedirs(output_dir, exist_ok=True)
     manifest = os.path.join(output_dir, MANIFEST_NAME)
+    if rank == 0:
+        merge_manifest_shards(output_dir)  # rows a run that died before its merge left behind
+    if processes > 1:
+        state.wait_for_everyone()
     finished = finished_videos(output_dir)
-    pending = list({job.key_hash(): job for job in jobs if job.key_hash() not in finished}.values())
+    pending = pending_jobs(jobs, finished)
     skipped = len({job.key_hash() for job in jobs}) - len(pending)
-    if skipped:
+    if skipped and rank == 0:
         print(f"skipping {skipped} video(s) already in {manifest}")
-    if pending:
+    rows_file = manifest if processes == 1 else os.path.join(output_dir, shard_name(rank))
+    mine = pending
+    if processes > 1:
+        with state.split_between_processes(pending) as share:  # contiguous shares, the same cut on every process
+            mine = list(share)
+    if mine:
         pipe = load_model(model, device, dtype)
-        pipe.set_progress_bar_config(desc="denoising", leave=False)
-        for job in tqdm(pending, desc="videos", unit="video"):
+        pipe.set_progress_bar_config(desc="denoising", leave=False, disable=rank != 0)
+        for job in tqdm(mine, desc="videos" if processes == 1 else f"videos (process {rank})", unit="video"):
             row, frames = render_to_file(pipe, job, output_dir, fps)
-            append_row(manifest, row)
+            append_row(rows_file, row)
             finished[job.key_hash()] = row
             if rendered is not None:
                 rendered[job.key_hash()] = frames
+    if processes > 1:
+        state.wait_for_everyone()
+        if rank == 0:
+            merge_manifest_shards(output_dir)
+        state.wait_for_everyone()
+        finished = finished_videos(output_dir)
     return [finished[job.key_hash()] for job in jobs]
 
 
@@ -429,11 +500,58 @@ def print_model_label(label: str) -> None:
 
 def run_render(args: argparse.Namespace) -> int:
     _check_fps(args.fps)
+    _check_int("num_processes", args.num_processes, 1)
     jobs = jobs_from_args(args)
-    print_model_label(model_label(args.model))
-    rows = render_jobs(jobs, args.output_dir, args.model, args.device, args.dtype, args.fps)
-    print(f"{len(rows)} video(s) in {args.output_dir} (manifest: {os.path.join(args.output_dir, MANIFEST_NAME)})")
+    if args.num_processes > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--num-processes is for a plain run; under `accelerate launch` or torchrun leave it out")
+        return launch_processes(args.num_processes, args.argv)
+    state = process_state(args.device)
+    device = args.device if state is None or not args.device.startswith("cuda") else str(state.device)
+    if state is None or state.is_main_process:
+        print_model_label(model_label(args.model))
+    rows = render_jobs(jobs, args.output_dir, args.model, device, args.dtype, args.fps, state=state)
+    if state is None or state.is_main_process:
+        manifest = os.path.join(args.output_dir, MANIFEST_NAME)
+        print(f"{len(rows)} video(s) in {args.output_dir} (manifest: {manifest})")
     return 0
+
+
+def process_state(device: str):
+    """accelerate's `PartialState` when this process is one of several (`accelerate launch`, torchrun), else None.
+    CPU processes talk over gloo; GPU processes each take their own GPU (`state.device`). The collective timeout is
+    `PROCESS_WAIT`: a process that finished its share waits at the final barrier for the others' last videos."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not device.startswith("cuda"), timeout=PROCESS_WAIT)
+
+
+def launch_command(num_processes: int, argv: list[str]) -> list[str]:
+    """`accelerate launch` of this `render` call on `num_processes` processes, `--num-processes` left out."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_sparse.cli", *rest]
+
+
+def launch_processes(num_processes: int, argv: list[str]) -> int:
+    """Run this `render` call as `accelerate launch --num_processes N -m dit_sparse.cli render ...`; its status."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError("--num-processes needs accelerate (pip install accelerate)")
+    command = launch_command(num_processes, argv)
+    print("launching: " + " ".join(command[2:]), flush=True)
+    return subprocess.call(command)
 
 
 def demo_jobs() -> list[RenderJob]:
@@ -537,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed (default {DEFAULT_SEED})")
     render.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
     render.add_argument("--output-dir", default="renders", help="where mp4s and manifest.jsonl go (default renders/)")
+    render.add_argument(
+        "--num-processes", type=int, default=1, metavar="N",
+        help="render on N processes, one GPU each (launches `accelerate launch --num_processes N`; default 1)",
+    )
     render.set_defaults(run=run_render)
 
     demo = commands.add_parser("demo", parents=[common], help="dense vs radial on the default model, with PSNR")
@@ -553,8 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `dit-sparse` command line; returns the exit status (2 for bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         args.device = args.device or _default_device()
         args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         return args.run(args)

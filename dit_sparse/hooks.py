@@ -18,6 +18,11 @@ Dynamic masks are cached per (attention site, CFG branch, layout, device) and re
 `refresh` schedule (`DynamicConfig.refreshes_at`); per-layer masks (`vdit`) are built once per (layout, device, layer)
 and taken from the session in the call the same way (eager under torch.compile); `SparseSession.mask_builds` counts
 every mask built or estimated.
+
+Under diffusers' Ulysses context parallelism (`dit_sparse.parallel`) the intercepted call holds the full sequence
+for this rank's heads: the interceptor puts the tokens in the natural order when joint text makes the gathered order
+differ, takes this rank's rows of a per-head mask (and its entries of per-head settings), and restores the gathered
+order on the way out.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dit_sparse.attention import sparse_attention
 from dit_sparse.blockmask import BlockMask, TokenBoxes
 from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import UlyssesShard, config_for_heads, gathered_order, mask_for_heads, ulysses_shard
 from dit_sparse.patterns import build_mask, is_per_layer, is_static
 from dit_sparse.pipelines.adapters import AttentionSite, TransformerAdapter
 
@@ -102,6 +108,7 @@ class SparseSession:
     dynamic_masks: dict = field(default_factory=dict)
     pattern_state: dict = field(default_factory=dict)
     observer: object = None
+    token_orders: dict = field(default_factory=dict)
 
     def observe_call(self, timestep, step_index: int | None, branch_name: str | None = None) -> int:
         """Advance the step counter for one transformer call; CFG's second call of a step repeats the timestep.
@@ -133,12 +140,13 @@ class SparseSession:
         self.step, self.last_timestep = 0, None
 
     def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
-                 site=None) -> tuple[BlockMask, float | torch.Tensor]:
+                 site=None, heads: tuple[int, int] | None = None) -> tuple[BlockMask, float | torch.Tensor]:
         """The mask over `layout`'s video tokens and its density; static masks are built once per (layout, device),
         per-layer ones per (layout, device, layer), dynamic ones cached per (site, branch, layout, device) and
-        re-estimated from q, k on the `refresh` schedule."""
+        re-estimated from q, k on the `refresh` schedule. `heads` (offset, count): the heads q and k hold when they
+        are one rank's share under context parallelism (dynamic masks then use those heads' per-head settings)."""
         if isinstance(self.config, DynamicConfig):
-            return self._dynamic_mask(layout, device, q, k, layer, site)
+            return self._dynamic_mask(layout, device, q, k, layer, site, heads)
         video = VideoLayout(layout.frames, layout.height, layout.width)  # the mask spans the video tokens only
         key = (video, str(device), layer) if is_per_layer(self.config) else (video, str(device))
         if key not in self.masks:
@@ -148,17 +156,27 @@ class SparseSession:
             self.masks[key] = (mask, mask.density)
         return self.masks[key]
 
-    def _dynamic_mask(self, layout, device, q, k, layer, site) -> tuple[BlockMask, torch.Tensor]:
+    def _dynamic_mask(self, layout, device, q, k, layer, site, heads=None) -> tuple[BlockMask, torch.Tensor]:
         key = (site, self.branch, layout, str(device))
         cached = self.dynamic_masks.get(key)
         if cached is not None and not self.config.refreshes_at(self.step, cached[2]):
             return cached[0], cached[1]
         state = self.pattern_state.setdefault((site, self.branch), {})
-        mask = build_mask(layout, self.config, q=q, k=k, state=state, device=device, layer=layer)
+        config = self.config if heads is None else config_for_heads(self.config, *heads)
+        mask = build_mask(layout, config, q=q, k=k, state=state, device=device, layer=layer)
         self.mask_builds += 1
         fraction = mask.kept_fraction  # a device tensor: no host sync per estimate (`stats` reads it)
         self.dynamic_masks[key] = (mask, fraction, self.step)
         return mask, fraction
+
+    def token_order(self, layout: VideoLayout, world: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(natural -> gathered, gathered -> natural) token indices of a call Ulysses gathered from `world` ranks, or
+        None when the orders agree; built once per (layout, world, device)."""
+        key = (layout, world, str(device))
+        if key not in self.token_orders:
+            order = gathered_order(layout, world)
+            self.token_orders[key] = None if order is None else (order.to(device), torch.argsort(order).to(device))
+        return self.token_orders[key]
 
     def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:
         """The plan of a forward over `layout` at `step`: the same object as long as nothing in it changes."""
@@ -247,10 +265,12 @@ def _sdpa_arguments(
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
 
-    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int, site_key=None):
+    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int, site_key=None,
+                 shard: UlyssesShard | None = None):
         super().__init__()
         self.session, self.plan, self.site_name, self.layer = session, plan, site_name, layer
         self.site_key = site_name if site_key is None else site_key
+        self.shard = shard  # this rank's place under Ulysses context parallelism, None without it
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -277,6 +297,12 @@ class _AttentionInterceptor(TorchFunctionMode):
             )
         plan = self.plan
         layout = plan.call_layout(query.shape[2], self.site_name)
+        local_heads = query.shape[1]
+        heads = None if self.shard is None else (self.shard.head_offset(local_heads), local_heads)
+        orders = None if self.shard is None else self.session.token_order(layout, self.shard.world, query.device)
+        if orders is not None:  # Ulysses gathered [video_0; text_0; video_1; text_1; ...]: into [video; text]
+            query, key, value = (x[:, :, orders[0]] for x in (query, key, value))
+            attn_mask = _mask_in_order(attn_mask, orders[0], query.shape[2])
         text_padding_mask = self._text_padding_mask(attn_mask, layout, query.shape[0])
         if self.session.observer is not None:  # calibration: sees every call's q, k, v (B, H, S, D)
             _observe(self.session, self.layer, layout, query, key, value)
@@ -284,7 +310,9 @@ class _AttentionInterceptor(TorchFunctionMode):
             return sdpa(*args, **kwargs)  # the original call, mask and all
         mask = plan.mask
         if mask is None:  # a pattern that reads q and k or the layer: taken here, counted here
-            mask = _call_mask(self.session, layout, query, key, self.layer, self.site_key)
+            mask = _call_mask(self.session, layout, query, key, self.layer, self.site_key, heads)
+        if heads is not None:  # this rank's rows of a per-head mask
+            mask = mask_for_heads(mask, heads[0], local_heads, local_heads * self.shard.world)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
         if torch.compiler.is_compiling():
             boxes = mask.token_boxes
@@ -300,7 +328,8 @@ class _AttentionInterceptor(TorchFunctionMode):
             out = sparse_attention(
                 q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=plan.backend
             )
-        return out.transpose(1, 2)
+        out = out.transpose(1, 2)  # (B, H, S, D)
+        return out if orders is None else out[:, :, orders[1]]
 
     def _text_padding_mask(self, attn_mask, layout: VideoLayout, batch: int) -> torch.Tensor | None:
         """(B, text_len) bool, True for real text tokens, from the call's key-padding mask; None without one."""
@@ -330,11 +359,20 @@ class _AttentionInterceptor(TorchFunctionMode):
         return attn_mask[:, 0, row, layout.text_slice].expand(batch, -1).contiguous()  # (B, text_len)
 
 
+def _mask_in_order(attn_mask, order: torch.Tensor, seq_len: int):
+    """A (B or 1, 1, 1 or S, S) attention mask with its S axes put in `order`; None stays None."""
+    if attn_mask is None or attn_mask.dim() != 4 or attn_mask.shape[-1] != seq_len:
+        return attn_mask
+    attn_mask = attn_mask[..., order]
+    return attn_mask[:, :, order] if attn_mask.shape[2] == seq_len else attn_mask
+
+
 @torch.compiler.disable
-def _call_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site) -> BlockMask:
+def _call_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site,
+               heads: tuple[int, int] | None = None) -> BlockMask:
     """The mask of this call, counted in the statistics: a dynamic pattern's (estimated or reused per `refresh`) or
     a per-layer one (built once per layout and layer); eager under torch.compile (dynamo skips this function)."""
-    mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=layer, site=site)
+    mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=layer, site=site, heads=heads)
     session.record(density)
     _remember_mask(mask)
     return mask
@@ -356,7 +394,9 @@ class AttentionHook(ModelHook):
         plan = self.session.active
         if plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer, site_key=id(self))
+        shard = ulysses_shard(module, self.site_name)
+        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer, site_key=id(self),
+                                            shard=shard)
         with interceptor:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if interceptor.calls == 0:
