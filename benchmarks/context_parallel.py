@@ -35,7 +35,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformer_step import MODELS, SMOKE_MODELS, build, step  # noqa: E402  (the same specs, weights and calls)
+from transformer_step import MODELS, SMOKE_MODELS, _fmt, build, step  # noqa: E402  (the same specs, weights and calls)
 
 CP_SPEEDUP_TARGET = 1.7
 
@@ -136,10 +136,6 @@ def findings(rows: list[dict]) -> list[str]:
             + ("" if noise is None else f" (dense diffusers across GPUs: {noise:.2e})")
         )
     return lines
-
-
-def _fmt(x, digits=2):
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
