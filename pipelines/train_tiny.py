@@ -203,8 +203,9 @@ FLAG_FIELDS = (
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
-def build_components(config: ModelConfig, seed: int = 0) -> dict:
-    """Freshly initialised pipeline components (weights from `seed`; the global RNG is left as it was)."""
+def build_components(config: ModelConfig, seed: int = 0, vae_init: bool = True) -> dict:
+    """Freshly initialised pipeline components (weights from `seed`; the global RNG is left as it was). `vae_init`:
+    apply `init_vae` (False: PyTorch's default init, for A/B experiments)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -252,7 +253,8 @@ def build_components(config: ModelConfig, seed: int = 0) -> dict:
             latents_mean=[0.0] * config.latent_channels,  # measured after the VAE phase
             latents_std=[1.0] * config.latent_channels,
         )
-        init_vae(vae)
+        if vae_init:
+            init_vae(vae)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=config.flow_shift
     )
