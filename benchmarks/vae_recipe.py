@@ -4,8 +4,9 @@
     python benchmarks/vae_recipe.py --probe   # the plain-colour collapse probe
 
 Trains the real tiny `AutoencoderKLWan` config (ModelConfig's VAE dims) on small videos of the shapes dataset with one
-torch thread, from PyTorch's default init plus the variant's `init_vae` parts, and reports on 8 held-out videos (the caption evaluation seed): L1 of the mode reconstruction, the
-constant-mean-colour L1, and the shape's visibility through `caption_score.score` (blob colour and motion).
+torch thread, from PyTorch's default init plus the variant's `init_vae` parts, and reports on 8 held-out videos (the
+caption evaluation seed): L1 of the mode reconstruction, the constant-mean-colour L1, and the shape's visibility
+through `caption_score.score` (blob colour and motion).
 """
 
 from __future__ import annotations
