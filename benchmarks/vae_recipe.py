@@ -100,7 +100,8 @@ def run(name: str, steps: int, size: int, frames: int, evals: list[int], seed: i
             torch.nn.utils.clip_grad_norm_(vae.parameters(), options["clip"])
         optimizer.step()
         if step in evals:
-            result = dict(step=step, loss=round(loss.item(), 4), s_per_step=round((time.monotonic() - started) / step, 2))
+            seconds = (time.monotonic() - started) / step
+            result = dict(step=step, loss=round(loss.item(), 4), s_per_step=round(seconds, 2))
             result.update(evaluate(vae, *held_out))
             results.append(result)
             print(name, result, flush=True)
