@@ -9,6 +9,11 @@ the way Wan is trained, in two phases:
 1. `AutoencoderKLWan`: reconstruction (L1, the first frame weighted as a whole latent frame) + a small KL, on
    whole videos. Not on short clips: the VAE is causal, its temporal receptive field spans most of a video, and
    trained on 9-frame clips it reconstructs frames 1-8 and falls apart after them (seen on the "mini" preset).
+   Spatially it trains on 64-px crops (`vae_crop`). It starts from `init_vae` (a unit-gain signal path, zeroed
+   residual branches, a small posterior variance: with PyTorch's default init the decoder's output stopped
+   depending on its input within a few steps) at lr 1e-4, and trains through `vae_encode` / `vae_decode` (the
+   same function as diffusers' encode / decode, in 2 causal chunks instead of one per latent frame, and without
+   the output clamp, which would stop the gradient of an overshooting pixel). See pipelines/TRAINING_NOTES.md.
    Then the latents' per-channel mean and std are measured and written into the VAE's config (`latents_mean`,
    `latents_std`), which is how `WanPipeline` un-normalises latents before decoding.
 2. `WanTransformer3DModel` with a tiny `UMT5EncoderModel` (word-level tokenizer), jointly, by rectified flow on the
@@ -106,12 +111,12 @@ class TrainConfig:
     """How to train: may be changed between chunks with flags (the change is recorded in the history)."""
 
     vae_steps: int = 6000
-    vae_max_minutes: float = 7.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
+    vae_max_minutes: float = 4.0  # the VAE phase also ends after this much training (vae_steps becomes its step)
     dit_steps: int = 100000  # an upper bound: chunks end by time, and the EMA is exported whenever they stop
     vae_batch_size: int = 4
     vae_clip_frames: int = 81  # frames of the VAE's training clips (cut from the full videos): whole videos, see above
     vae_crop: int = 64  # side of the VAE's square training crops, in pixels (0: whole frames), see Trainer.crop
-    vae_lr: float = 5e-4
+    vae_lr: float = 1e-4  # with init_vae; 5e-4 and up collapse the decoder to a constant (TRAINING_NOTES.md)
     kl_weight: float = 1e-4  # on the mean KL per latent element, against the mean L1 per pixel value
     batch_size: int = 32
     lr: float = 3e-4
@@ -121,7 +126,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     pool_size: int = 2048  # encoded videos the transformer samples from; 0: encode each batch afresh
-    pool_refresh: int = 8  # new videos encoded into the pool per step (the oldest are replaced)
+    pool_refresh: int = 2  # new videos encoded into the pool per step (the oldest are replaced); 8 cost 77% of a step
     stats_videos: int = 256  # videos encoded to measure the latents' mean and std
     log_every: int = 50
 
@@ -194,14 +199,15 @@ PRESETS = {
 
 #: The `TrainConfig` fields a flag may set, for a new run or between chunks of one.
 FLAG_FIELDS = (
-    "vae_steps", "vae_max_minutes", "dit_steps", "batch_size", "vae_batch_size", "vae_crop", "lr", "pool_size",
-    "pool_refresh", "log_every",
+    "vae_steps", "vae_max_minutes", "dit_steps", "batch_size", "vae_batch_size", "vae_crop", "vae_lr", "lr",
+    "pool_size", "pool_refresh", "log_every",
 )  # fmt: skip
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
-def build_components(config: ModelConfig, seed: int = 0) -> dict:
-    """Freshly initialised pipeline components (weights from `seed`; the global RNG is left as it was)."""
+def build_components(config: ModelConfig, seed: int = 0, vae_init: bool = True) -> dict:
+    """Freshly initialised pipeline components (weights from `seed`; the global RNG is left as it was). `vae_init`:
+    apply `init_vae` (False: PyTorch's default init, for A/B experiments)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -249,6 +255,8 @@ def build_components(config: ModelConfig, seed: int = 0) -> dict:
             latents_mean=[0.0] * config.latent_channels,  # measured after the VAE phase
             latents_std=[1.0] * config.latent_channels,
         )
+        if vae_init:
+            init_vae(vae)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=config.flow_shift
     )
@@ -259,6 +267,83 @@ def build_components(config: ModelConfig, seed: int = 0) -> dict:
         "vae": vae,
         "scheduler": scheduler,
     }
+
+
+def init_vae(vae, zero_residuals: bool = True, logvar_bias: float | None = -6.0, unit_gain: bool = True) -> None:
+    """Training-friendly init of a fresh `AutoencoderKLWan` (weights only; the architecture stays diffusers'). See
+    pipelines/TRAINING_NOTES.md for the experiments behind it.
+
+    - `unit_gain`: the convolutions on the signal path (conv_in/out, the resamplers, the shortcuts; not the residual
+      branches) get a variance-preserving init (Kaiming normal, linear gain, zero bias) and `quant_conv` /
+      `post_quant_conv` start as the identity. PyTorch's default conv init shrinks activations by about sqrt(3) per
+      layer, so the latent reached the decoder's residual stream at an RMS of ~0.09 while the residual branches (which
+      RMS-normalise their input, so see only its direction) add O(1), input-independent terms: within ~15 steps the
+      decoder's output stopped depending on its input at all (a constant colour) and stayed there.
+    - `zero_residuals`: zero the last conv of every residual block (and the middle blocks' attention output
+      projection), so each block starts as its shortcut and the latent's signal is not swamped at the start.
+    - `logvar_bias`: the posterior's log-variance bias (the second half of `quant_conv`'s outputs): a posterior that
+      starts at unit variance buries the latent means in noise (the H200 run's logvar never left ~0 in 346 steps).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock
+
+    with torch.no_grad():
+        if unit_gain:
+            branch = set()
+            for module in vae.modules():
+                if isinstance(module, WanResidualBlock):
+                    branch |= {module.conv1, module.conv2}
+                elif isinstance(module, WanAttentionBlock):
+                    branch |= {module.to_qkv, module.proj}
+            for module in vae.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and module not in branch:
+                    if module in (vae.quant_conv, vae.post_quant_conv):
+                        torch.nn.init.dirac_(module.weight)
+                    else:
+                        torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+                    torch.nn.init.zeros_(module.bias)
+        if zero_residuals:
+            for module in vae.modules():
+                if isinstance(module, WanResidualBlock):
+                    torch.nn.init.zeros_(module.conv2.weight)
+                    torch.nn.init.zeros_(module.conv2.bias)
+                elif isinstance(module, WanAttentionBlock):
+                    torch.nn.init.zeros_(module.proj.weight)
+                    torch.nn.init.zeros_(module.proj.bias)
+        if logvar_bias is not None:
+            z_dim = vae.config.z_dim
+            vae.quant_conv.bias[z_dim:] = logvar_bias
+
+
+def vae_encode(vae, videos: torch.Tensor):
+    """`vae.encode(videos).latent_dist` computed in two causal chunks (the first frame, then all the others) instead
+    of diffusers' 1 + 4 + 4 + ... frame chunks: the same outputs (the causal convolutions' caches carry the previous
+    frames across the chunk boundary exactly as between diffusers' chunks) and the same gradients, in 2 encoder calls
+    instead of 1 + (T - 1) / 4 (GPU kernel launches, not FLOPs, dominate at training sizes). (B, 3, T, H, W) with
+    T = 4k + 1."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    cache = [None] * vae._cached_conv_counts["encoder"]
+    chunks = [vae.encoder(videos[:, :, :1], feat_cache=cache, feat_idx=[0])]
+    if videos.shape[2] > 1:
+        chunks.append(vae.encoder(videos[:, :, 1:], feat_cache=cache, feat_idx=[0]))
+    return DiagonalGaussianDistribution(vae.quant_conv(torch.cat(chunks, dim=2)))
+
+
+def vae_decode(vae, latents: torch.Tensor, clamp: bool = False, chunked: bool = False) -> torch.Tensor:
+    """`vae.decode(latents).sample` without its final clamp to [-1, 1] (for training: a clamp gives no gradient to an
+    output that overshoots, and the data's saturated colours sit at exactly -1 or 1), in two causal chunks (the first
+    latent frame, then the others; the same outputs as diffusers' one-latent-frame chunks) unless `chunked`."""
+    cache = [None] * vae._cached_conv_counts["decoder"]
+    x = vae.post_quant_conv(latents)
+    if chunked:
+        pieces = [x[:, :, i : i + 1] for i in range(x.shape[2])]
+    else:
+        pieces = [x[:, :, :1]] + ([x[:, :, 1:]] if x.shape[2] > 1 else [])
+    out = torch.cat(
+        [vae.decoder(piece, feat_cache=cache, feat_idx=[0], first_chunk=i == 0) for i, piece in enumerate(pieces)],
+        dim=2,
+    )
+    return out.clamp(-1.0, 1.0) if clamp else out
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -416,7 +501,7 @@ class Trainer:
         latents = []
         for start in range(0, videos.shape[0], chunk):
             with self.autocast():
-                latents.append(self.vae.encode(videos[start : start + chunk]).latent_dist.mode().float())
+                latents.append(vae_encode(self.vae, videos[start : start + chunk]).mode().float())
         mean, std = (
             torch.tensor(self.vae.config[name], device=self.device).view(1, -1, 1, 1, 1)
             for name in ("latents_mean", "latents_std")
@@ -433,8 +518,8 @@ class Trainer:
         start = int(torch.randint(videos.shape[2] - clip + 1, (1,), generator=self.generator, device=self.device))
         videos = self.crop(videos[:, :, start : start + clip], indices, config.vae_crop)
         with self.autocast():
-            posterior = self.vae.encode(videos).latent_dist
-            reconstruction = self.vae.decode(posterior.sample(generator=self.generator)).sample
+            posterior = vae_encode(self.vae, videos)  # = vae.encode(videos).latent_dist, in 2 chunks, see there
+            reconstruction = vae_decode(self.vae, posterior.sample(generator=self.generator))  # unclamped
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         per_frame = (reconstruction.float() - videos).abs().mean(dim=(0, 1, 3, 4))  # (T,)
         weights = torch.ones_like(per_frame)
@@ -891,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch size")
     parser.add_argument("--vae-crop", type=int, default=None, help="VAE training crop side in pixels (0: whole frames)")
     parser.add_argument("--lr", type=float, default=None, help="transformer + text encoder learning rate")
+    parser.add_argument("--vae-lr", type=float, default=None, help="VAE learning rate")
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps in all")
     parser.add_argument("--vae-max-minutes", type=float, default=None, help="VAE training time that ends its phase")
     parser.add_argument("--dit-steps", type=int, default=None, help="transformer steps in all")
@@ -916,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest conv3d kernels
     trainer = open_trainer(args, device)
     config = trainer.model_config
     print(

@@ -104,6 +104,42 @@ def test_vae_crops_are_stride_aligned_windows_of_every_frame_and_half_follow_the
     assert torch.equal(trainer.crop(videos, indices, 0), videos) and torch.equal(trainer.crop(videos, indices, 64), videos)
 
 
+def test_the_vae_starts_with_a_unit_gain_signal_path_zero_residual_branches_and_a_small_posterior_variance():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+
+    vae = tt.build_components(tt.ModelConfig(frames=9, height=32, width=32))["vae"]  # the shipped VAE's dims
+    blocks = [m for m in vae.modules() if isinstance(m, WanResidualBlock)]
+    assert blocks and not any(block.conv2.weight.any() or block.conv2.bias.any() for block in blocks)
+    z = vae.config.z_dim
+    assert torch.equal(vae.post_quant_conv.weight.flatten(1), torch.eye(z))
+    assert torch.equal(vae.quant_conv.weight.flatten(1), torch.eye(2 * z))
+    assert torch.all(vae.quant_conv.bias[:z] == 0) and torch.all(vae.quant_conv.bias[z:] == -6.0)
+    weight = vae.encoder.conv_in.weight
+    assert weight.std().item() == pytest.approx(weight[0].numel() ** -0.5, rel=0.2)  # not PyTorch's 1 / sqrt(3 fan_in)
+    plain = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]]).view(2, 3, 1, 1, 1).expand(2, 3, 9, 32, 32)
+    with torch.no_grad():
+        out = tt.vae_decode(vae, tt.vae_encode(vae, plain).mode())
+    means = out.mean(dim=(2, 3, 4))
+    assert (means[0] - means[1]).abs().max() > 0.05  # a red and a blue video decode differently from the start
+
+
+def test_two_chunk_vae_encode_and_unclamped_decode_equal_diffusers_and_reach_every_weight():
+    vae = tt.build_components(SMOKE_MODEL)["vae"]
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for param in vae.parameters():  # away from the init (zeroed branches would make the check trivial)
+            param.add_(0.2 * torch.randn_like(param))
+    videos = torch.rand(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    posterior, reference = tt.vae_encode(vae, videos), vae.encode(videos).latent_dist
+    assert torch.allclose(posterior.mean, reference.mean, atol=1e-5)
+    assert torch.allclose(posterior.logvar, reference.logvar, atol=1e-5)
+    decoded = tt.vae_decode(vae, reference.mode())
+    assert torch.allclose(decoded.clamp(-1.0, 1.0), vae.decode(reference.mode()).sample, atol=1e-5)
+    assert torch.equal(tt.vae_decode(vae, reference.mode(), clamp=True), decoded.clamp(-1.0, 1.0))
+    (decoded - videos).abs().mean().backward()
+    assert all(param.grad is not None and param.grad.any() for param in vae.parameters())  # time convs included
+
+
 def test_a_checkpoint_of_another_preset_is_refused(tmp_path):
     assert _train(tmp_path / "c.pt", "--preset", "smoke", "--chunk-steps", "1") == 0
     with pytest.raises(ValueError, match="not of preset 'default'"):
