@@ -16,7 +16,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dit_sparse.pipelines import train_tiny as tt
 from dit_sparse.pipelines.caption_score import EVALUATION_SEED, score
