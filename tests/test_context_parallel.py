@@ -68,7 +68,7 @@ def test_config_for_heads_cuts_per_head_profile_entries_to_this_ranks_heads():
 def test_two_gloo_ranks_ulysses_match_one_process_for_wan_and_hunyuan_video(tmp_path):
     out = tmp_path / "cp.json"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-4000:]

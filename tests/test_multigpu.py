@@ -48,7 +48,7 @@ def test_four_prompts_on_two_gpus_render_the_same_videos_as_on_one(tmp_path):
 
 def test_tiny_wan_and_hunyuan_video_under_ulysses_on_two_gpus_match_one_gpu(tmp_path):
     out = tmp_path / "cp.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "context_parallel_worker.py"), str(out), "--device", "cuda"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -62,7 +62,7 @@ def wan13_rows(tmp_path_factory):
     """benchmarks/context_parallel.py on Wan2.1-1.3B 480p 81f, radial, 2 GPUs (into a temporary folder; the
     committed results come from running the benchmark itself)."""
     out = tmp_path_factory.mktemp("cp-bench")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "benchmarks" / "context_parallel.py"), "--out", str(out), "--repeats", "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
