@@ -222,6 +222,19 @@ def fa4_text_as_blocks(q, k, v, mask, layout):
 # ---- one shape ---------------------------------------------------------------------------------------------------
 
 
+def random_inputs(layout, heads: int, head_dim: int, valid_text: int, device, dtype=torch.bfloat16):
+    """q, k, v `(1, S, H, D)` of `layout` (seed 0) and the text padding mask `(1, text_len)` bool, True for the first
+    `valid_text` text tokens; None when every text token is valid (CogVideoX attends to all of its 226)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, heads, head_dim, device=device, dtype=dtype, generator=generator)
+               for _ in range(3))
+    padding = None
+    if layout.text_len and valid_text < layout.text_len:
+        padding = torch.zeros(1, layout.text_len, dtype=torch.bool, device=device)
+        padding[:, :valid_text] = True
+    return q, k, v, padding
+
+
 def run_shape(name: str, densities, backends, args, rows: list, notes: list):
     from dit_sparse import kernels
     from dit_sparse.attention import sparse_attention
@@ -232,15 +245,7 @@ def run_shape(name: str, densities, backends, args, rows: list, notes: list):
     layout = VideoLayout(frames, height, width, text_len, text_position)
     seq, video_len = layout.seq_len, layout.video_len
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
-               for _ in range(3))
-    padding = None
-    if text_len:
-        padding = torch.zeros(1, text_len, dtype=torch.bool, device=device)
-        padding[:, :valid_text] = True
-        if valid_text == text_len:
-            padding = None  # CogVideoX attends to all 226 text tokens
+    q, k, v, padding = random_inputs(layout, heads, head_dim, valid_text, device)
     video = layout.video_slice
     qv, kv, vv = q[:, video], k[:, video], v[:, video]
     errors: list[str] = []

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 try:  # run as `python -m benchmarks.estimation` or as a file
-    from benchmarks.attention import _fmt, _try, bench_ms, cudnn_dense, ensure_importable, report_tail
+    from benchmarks.attention import _fmt, _try, bench_ms, cudnn_dense, ensure_importable, random_inputs, report_tail
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.attention import _fmt, _try, bench_ms, cudnn_dense, ensure_importable, report_tail
+    from benchmarks.attention import _fmt, _try, bench_ms, cudnn_dense, ensure_importable, random_inputs, report_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,13 +128,7 @@ def run_shape(name: str, args, rows: list, notes: list) -> None:
     video_layout = VideoLayout(frames, height, width)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, layout.seq_len, heads, head_dim, device=device, dtype=dtype, generator=generator)
-               for _ in range(3))
-    padding = None
-    if text_len:
-        padding = torch.zeros(1, text_len, dtype=torch.bool, device=device)
-        padding[:, :valid_text] = True
+    q, k, v, padding = random_inputs(layout, heads, head_dim, valid_text, device, dtype)
     video = layout.video_slice
     qh, kh = (x[:, video].transpose(1, 2) for x in (q, k))  # (B, H, S_video, D), as the hooks pass them
     errors: list[str] = []

@@ -144,13 +144,7 @@ def run_shape(name: str, args, rows: list, notes: list) -> None:
     layout = VideoLayout(frames, height, width, text_len, text_position)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, layout.seq_len, heads, head_dim, device=device, dtype=dtype, generator=generator)
-               for _ in range(3))
-    padding = None
-    if text_len and valid_text < text_len:
-        padding = torch.zeros(1, text_len, dtype=torch.bool, device=device)
-        padding[:, :valid_text] = True
+    q, k, v, padding = bench.random_inputs(layout, heads, head_dim, valid_text, device, dtype)
     video = layout.video_slice
     errors: list[str] = []
     ms_cudnn = None
