@@ -37,7 +37,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from dit_sparse.attention import sparse_attention
-from dit_sparse.blockmask import BlockMask, TokenBoxes
+from dit_sparse.blockmask import BlockMask, TokenBoxes, inverse_order
 from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import UlyssesShard, config_for_heads, gathered_order, mask_for_heads, ulysses_shard
@@ -175,7 +175,7 @@ class SparseSession:
         key = (layout, world, str(device))
         if key not in self.token_orders:
             order = gathered_order(layout, world)
-            self.token_orders[key] = None if order is None else (order.to(device), torch.argsort(order).to(device))
+            self.token_orders[key] = None if order is None else (order.to(device), inverse_order(order).to(device))
         return self.token_orders[key]
 
     def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, inverse_order
 
 
 def block_sparse_attention(
@@ -58,7 +58,7 @@ def block_sparse_attention(
         lse[:, :, rows] = row_lse
     out = out.transpose(1, 2)  # (B, S, H, D)
     if mask.permutation is not None:
-        inverse = torch.argsort(mask.permutation.to(q.device))
+        inverse = inverse_order(mask.permutation.to(q.device))
         out, lse = out.index_select(1, inverse), lse.index_select(2, inverse)
     return out, lse
 

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, inverse_order
 from dit_sparse.layout import VideoLayout
 
 from .neighborhood import tiled_order
@@ -342,7 +342,7 @@ def candidate_errors(
     mask = vdit_mask(layout, candidates, block_size, tile)
     block_dense = mask.to_block_dense()[0]  # (C, n_blocks, n_blocks)
     seq_len = layout.video_len
-    position = torch.arange(seq_len) if mask.permutation is None else torch.argsort(mask.permutation)
+    position = torch.arange(seq_len) if mask.permutation is None else inverse_order(mask.permutation)
     token_block = (position // block_size).to(q.device)  # (S,) each natural token's block
     if query_rows is None or query_rows >= seq_len:
         rows = torch.arange(seq_len)
