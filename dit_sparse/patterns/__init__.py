@@ -1,4 +1,4 @@
-"""Sparsity patterns: pure functions `(layout, config, q=None, k=None, state=None) -> BlockMask`.
+"""Sparsity patterns: pure functions `(layout, config, q=None, k=None, state=None, device, layer=None) -> BlockMask`.
 
 `PATTERNS` maps a method name to its builder and what its mask depends on beyond the config: `"layout"` (static:
 q, k, state and layer ignored), `"layer"` (`vdit`: the hooked `layer` too, one pattern per head from a profile) or
@@ -34,24 +34,26 @@ from .vdit import vdit_mask
 PatternBuilder = Callable[..., BlockMask]
 
 
-def _build_dense(layout: VideoLayout, config: DenseConfig, q=None, k=None, state=None, device="cpu") -> BlockMask:
+def _build_dense(layout: VideoLayout, config: DenseConfig, q=None, k=None, state=None, device="cpu",
+                 layer=None) -> BlockMask:
     return BlockMask.full(layout.video_len, config.block_size, device=device)
 
 
-def _build_radial(layout: VideoLayout, config: RadialConfig, q=None, k=None, state=None, device="cpu") -> BlockMask:
+def _build_radial(layout: VideoLayout, config: RadialConfig, q=None, k=None, state=None, device="cpu",
+                  layer=None) -> BlockMask:
     return radial(
         layout, block_size=config.block_size, decay_factor=config.decay_factor, variant=config.variant
     ).to(device)
 
 
 def _build_random(
-    layout: VideoLayout, config: RandomBlocksConfig, q=None, k=None, state=None, device="cpu"
+    layout: VideoLayout, config: RandomBlocksConfig, q=None, k=None, state=None, device="cpu", layer=None
 ) -> BlockMask:
     return random_blocks(layout, density=config.density, block_size=config.block_size, seed=config.seed).to(device)
 
 
 def _build_neighborhood(
-    layout: VideoLayout, config: NeighborhoodConfig, q=None, k=None, state=None, device="cpu"
+    layout: VideoLayout, config: NeighborhoodConfig, q=None, k=None, state=None, device="cpu", layer=None
 ) -> BlockMask:
     return neighborhood(
         layout, window=config.window, stride=config.stride, dilation=config.dilation, tile=config.tile,
@@ -107,9 +109,7 @@ def build_mask(layout: VideoLayout, config: MethodConfig, q=None, k=None, state=
                layer: int | None = None) -> BlockMask:
     """The mask of `config`'s method for `layout`; per-layer methods also read `layer`, dynamic ones q, k
     (B, H, S, D), `layer` and `state`."""
-    builder, depends_on = PATTERNS[config.method]
-    if depends_on == "layout":
-        return builder(layout, config, q=q, k=k, state=state, device=device)
+    builder, _ = PATTERNS[config.method]
     return builder(layout, config, q=q, k=k, state=state, device=device, layer=layer)
 
 
