@@ -35,7 +35,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformer_step import MODELS, SMOKE_MODELS, _fmt, build, step  # noqa: E402  (the same specs, weights and calls)
+from transformer_step import MODELS, SMOKE_MODELS, _fmt, build, earlier_rows, step  # noqa: E402  (the same specs, weights and calls)
 
 CP_SPEEDUP_TARGET = 1.7
 
@@ -164,14 +164,9 @@ def markdown(result: dict) -> str:
 
 def _merge(path: Path, result: dict) -> dict:
     """The same day's file with this run's rows replacing those it ran again (same model and method)."""
-    if not path.exists():
+    earlier, rows = earlier_rows(path, result["rows"], lambda r: (r["model_key"], r["method"]))
+    if earlier is None:
         return result
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return result
-    ran = {(r["model_key"], r["method"]) for r in result["rows"]}
-    rows = [r for r in earlier.get("rows", []) if (r["model_key"], r["method"]) not in ran] + result["rows"]
     commands = [c for c in earlier.get("commands", []) if c not in result["commands"]] + result["commands"]
     return dict(result, rows=rows, commands=commands, findings=findings(rows))
 

@@ -397,16 +397,24 @@ def relate_to_eager_diffusers(rows: list[dict]) -> None:
             r["speedup_vs_eager_diffusers"] = eager[r["model_key"]] / r["ms_sparse"]
 
 
+def earlier_rows(path: Path, rows: list, key) -> tuple[dict | None, list]:
+    """The same day's earlier results file (None when absent or unreadable) and its rows, those this run made again
+    (same `key(row)`) replaced by `rows`."""
+    try:
+        earlier = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        earlier = None
+    if earlier is None:
+        return None, rows
+    ran = {key(r) for r in rows}
+    return earlier, [r for r in earlier.get("rows", []) if key(r) not in ran] + rows
+
+
 def _merge(path: Path, result: dict) -> dict:
     """The same day's earlier file with this run's rows replacing those it ran again (same model, mode and method)."""
-    if not path.exists():
+    earlier, rows = earlier_rows(path, result["rows"], _row_key)
+    if earlier is None:
         return result
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return result
-    ran = {_row_key(r) for r in result["rows"]}
-    rows = [r for r in earlier.get("rows", []) if _row_key(r) not in ran] + result["rows"]
     relate_to_eager_diffusers(rows)
     models = {r["model_key"] for r in result["rows"]}
     notes = [n for n in earlier.get("notes", []) if not any(n.startswith(MODELS_ALL[m].label) for m in models)]
