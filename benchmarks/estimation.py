@@ -11,7 +11,9 @@ HunyuanVideo 720p 129f (24 heads, 33 x 45 x 80 = 118,800 + 256 text suffix, 120 
 - `estimate ms`: building the BlockMask from q, k (pooling, draft map, selection; k-means and centroid map for
   cluster: `cold` = random seeds, relocation passes and Lloyd steps (`reorder._cold_start`), the first refresh of a
   generation; `warm` = kmeans_iters steps from the previous centroids, every later refresh). `share` = estimate / cuDNN dense (target
-  <= 5%). `amortized` divides it by `--refresh` (the mask reused in between).
+  <= 5%). `amortized` divides it by `--refresh` (the mask reused in between). The cluster rows run the k-means
+  engine `auto` picks (the fused Triton kernels on CUDA) unless DIT_SPARSE_KMEANS is set; the rows marked `torch
+  k-means` force the PyTorch engine (the reference), so one run compares the two.
 - `attention ms`: `sparse_attention` with that mask (per-head orders gathered and scattered in the dispatch);
   `total vs dense` = cuDNN dense / (estimate / refresh + attention).
 - `syncs`: host syncs one estimate makes (CUDA: warnings of `torch.cuda.set_sync_debug_mode("warn")` around one
@@ -26,9 +28,11 @@ Writes estimation-<gpu>-<date>.json and .md. Imports `dit_sparse` as `benchmarks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -66,7 +70,26 @@ def _methods(heads: int, smoke: bool):
         ("reorder axes (per-head orders)", dict(kind="axes", axes=mixed_axes, block_size=block)),
         ("reorder cluster (cold)", dict(kind="cluster", block_size=block, warm=False)),
         ("reorder cluster (warm)", dict(kind="cluster", block_size=block, warm=True)),
+        ("reorder cluster (cold, torch k-means)", dict(kind="cluster", block_size=block, warm=False, kmeans="torch")),
+        ("reorder cluster (warm, torch k-means)", dict(kind="cluster", block_size=block, warm=True, kmeans="torch")),
     ]
+
+
+@contextlib.contextmanager
+def _kmeans_engine(engine: str | None):
+    """DIT_SPARSE_KMEANS=engine inside the block (None: left as it is)."""
+    from dit_sparse.patterns.reorder import KMEANS_ENV_VAR
+
+    before = os.environ.get(KMEANS_ENV_VAR)
+    if engine is not None:
+        os.environ[KMEANS_ENV_VAR] = engine
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(KMEANS_ENV_VAR, None)
+        else:
+            os.environ[KMEANS_ENV_VAR] = before
 
 
 def _estimator(layout, q, k, density: float, options: dict):
@@ -81,12 +104,16 @@ def _estimator(layout, q, k, density: float, options: dict):
         def estimate():
             return reorder_axes(layout, q, k, axes=options["axes"], density=density, block_size=options["block_size"])
     else:
+        engine = options.get("kmeans")
         state = None
         if options["warm"]:
-            state = reorder_cluster(layout, q, k, density=density, block_size=options["block_size"])[1]
+            with _kmeans_engine(engine):
+                state = reorder_cluster(layout, q, k, density=density, block_size=options["block_size"])[1]
 
         def estimate():
-            return reorder_cluster(layout, q, k, density=density, block_size=options["block_size"], state=state)[0]
+            with _kmeans_engine(engine):
+                return reorder_cluster(layout, q, k, density=density, block_size=options["block_size"],
+                                       state=state)[0]
     return estimate, estimate()
 
 

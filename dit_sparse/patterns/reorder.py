@@ -2,18 +2,26 @@
 
 Two ways to choose the order: `reorder_axes` (PAROAttention: one of the six orders of the frame, row and column
 axes per head, chosen at calibration) and `reorder_cluster` (Sparse VideoGen2: k-means of q and k per head).
+
+The k-means runs on one of two engines: "triton", the fused kernels of `dit_sparse.kernels.kmeans` (no score
+matrix, no per-token atomics), or "torch", the plain PyTorch code here, the reference. `kmeans_engine` picks
+triton for CUDA tensors when Triton imports and D is one its kernels support, torch otherwise; the environment
+variable `DIT_SPARSE_KMEANS` = "torch" | "triton" | "auto" (the default) forces one (benchmarks time both; "triton"
+also runs on CPU under TRITON_INTERPRET=1, for tests).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 
 from dit_sparse.blockmask import BlockMask
 from dit_sparse.config import AXIS_ORDERS
+from dit_sparse.kernels import unavailable_reason
 from dit_sparse.layout import VideoLayout
 
 from .estimate import (block_attention_mass, block_sizes, density_for_recall, draft_map, keep_counts, select_blocks,
@@ -94,6 +102,25 @@ def axes_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, b
 COLD_START_ITERS = 4
 #: relocation passes of a cold start (`_cold_start`), each one move per (batch, head) and one Lloyd step
 COLD_START_RELOCATIONS = 6
+KMEANS_ENV_VAR = "DIT_SPARSE_KMEANS"
+KMEANS_ENGINES = ("auto", "torch", "triton")
+
+
+def kmeans_engine(x: torch.Tensor) -> str:
+    """The k-means code that runs on points x (..., S, D), "triton" or "torch", as `DIT_SPARSE_KMEANS` asks.
+    "auto" (unset or empty too) takes triton for CUDA tensors that its kernels take (Triton imports, dtype, D in
+    16/32/64/128), torch otherwise; "triton" raises a ValueError saying what is missing when it cannot run."""
+    requested = os.environ.get(KMEANS_ENV_VAR, "").strip() or "auto"
+    if requested not in KMEANS_ENGINES:
+        raise ValueError(f"{KMEANS_ENV_VAR}={requested!r} is not a k-means engine; choose one of {KMEANS_ENGINES}")
+    if requested == "torch":
+        return "torch"
+    reason = unavailable_reason("triton", x.device, x.dtype, x.shape[-1])
+    if requested == "triton":
+        if reason is not None:
+            raise ValueError(f"{KMEANS_ENV_VAR}=triton cannot run here: {reason}")
+        return "triton"
+    return "triton" if reason is None and x.device.type == "cuda" else "torch"
 
 
 def _centered(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,31 +136,43 @@ def _centered(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, t
     return x, x.to(xs[0].dtype), mean
 
 
-def _assign(x_low: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _assign(x_low: torch.Tensor, centroids: torch.Tensor, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each point, from x.c - |c|^2 / 2 (the squared distance less |x|^2, halved): (labels
     (B, H, S) int64, that score (B, H, S) fp32). x_low (B, H, S, D) in its dtype (bf16 on GPU: a tensor-core matmul),
-    centroids (B, H, K, D) fp32. One matmul, one in-place bias, one max."""
+    centroids (B, H, K, D) fp32. torch: one matmul, one in-place bias, one max (the (B, H, S, K) scores in x_low's
+    dtype); triton: `kmeans.assign`, the scores in fp32 registers only."""
+    if engine == "triton":
+        from dit_sparse.kernels import kmeans as fused
+
+        return fused.assign(x_low, centroids)
     half_norms = (0.5 * centroids.square().sum(-1)).to(x_low.dtype)  # (B, H, K)
     scores = torch.matmul(x_low, centroids.to(x_low.dtype).transpose(-1, -2)).sub_(half_norms[..., None, :])
     best, labels = scores.max(-1)  # scores (B, H, S, K)
     return labels, best.float()
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, engine: str):
     """Lloyd's update: (centroids (B, H, K, D) fp32, each the mean of its points, an empty one unchanged; sizes
-    (B, H, K) fp32); x (B, H, S, D) fp32. Two scatter_add_ (sums, counts) over every head at once."""
+    (B, H, K) fp32; order (B, H, S) int64, the tokens sorted by label, stable); x (B, H, S, D) fp32. torch: two
+    scatter_add_ (sums, counts) over every head at once and an argsort; triton: `kmeans.update`, a counting sort
+    and one sum per cluster's run of sorted tokens (the sort is the order)."""
+    if engine == "triton":
+        from dit_sparse.kernels import kmeans as fused
+
+        return fused.update(x, labels, centroids)
     sums = torch.zeros_like(centroids).scatter_add_(2, labels[..., None].expand_as(x), x)
     sizes = torch.zeros(centroids.shape[:3], device=x.device).scatter_add_(2, labels, x.new_ones(()).expand(labels.shape))
-    return torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids), sizes
+    order = torch.argsort(labels, dim=-1, stable=True)
+    return torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids), sizes, order
 
 
-def _lloyd(x: torch.Tensor, x_low: torch.Tensor, centroids: torch.Tensor, iters: int):
+def _lloyd(x: torch.Tensor, x_low: torch.Tensor, centroids: torch.Tensor, iters: int, engine: str):
     """`iters` >= 1 Lloyd steps (assign, update) on centred x: (labels (B, H, S), centroids (B, H, K, D) fp32, the
-    means of those labels' clusters, sizes (B, H, K) fp32)."""
+    means of those labels' clusters, sizes (B, H, K) fp32, order (B, H, S): the tokens sorted by those labels)."""
     for _ in range(iters):
-        labels, _ = _assign(x_low, centroids)
-        centroids, sizes = _update(x, labels, centroids)
-    return labels, centroids, sizes
+        labels, _ = _assign(x_low, centroids, engine)
+        centroids, sizes, order = _update(x, labels, centroids, engine)
+    return labels, centroids, sizes, order
 
 
 def _seeds(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
@@ -146,9 +185,9 @@ def _seeds(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
     return x.gather(2, picks[..., None].expand(-1, -1, -1, dim))
 
 
-def _cold_start(x: torch.Tensor, x_low: torch.Tensor, clusters: int, iters: int, seed: int):
+def _cold_start(x: torch.Tensor, x_low: torch.Tensor, clusters: int, iters: int, seed: int, engine: str):
     """k-means of centred x from random seeds, with relocation passes, fixed work for every head at once:
-    (labels, centroids, sizes) as `_lloyd`.
+    (labels, centroids, sizes, order) as `_lloyd`.
 
     Random seeds leave some clusters of the data without a centroid and give others two, a local optimum Lloyd
     steps keep. `iters` Lloyd steps, then `COLD_START_RELOCATIONS` passes, each moving, per
@@ -156,9 +195,10 @@ def _cold_start(x: torch.Tensor, x_low: torch.Tensor, clusters: int, iters: int,
     step, and keeping the move where the k-means cost (sum of squared distances) drops, then `COLD_START_ITERS` x
     `iters` Lloyd steps more (a warm start from the result finds the same clusters). Replaces a k-means++ seeding
     whose loop over the K centroids launched ~10 kernels per centroid; recovers planted clusters better."""
-    _, centroids, _ = _lloyd(x, x_low, _seeds(x, clusters, seed), iters)
+    centroids = _lloyd(x, x_low, _seeds(x, clusters, seed), iters, engine)[1]
     sq_norms = x.square().sum(-1)  # (B, H, S)
-    distance = sq_norms - 2 * _assign(x_low, centroids)[1]  # (B, H, S): squared distance of each point to its centroid
+    # (B, H, S): squared distance of each point to its centroid
+    distance = sq_norms - 2 * _assign(x_low, centroids, engine)[1]
     dim = x.shape[-1]
     for _ in range(COLD_START_RELOCATIONS):
         norms = centroids.square().sum(-1)  # (B, H, K)
@@ -168,12 +208,12 @@ def _cold_start(x: torch.Tensor, x_low: torch.Tensor, clusters: int, iters: int,
         farthest = distance.argmax(-1)  # (B, H): the point worst served
         moved = centroids.scatter(2, donor[..., None, None].expand(-1, -1, 1, dim),
                                   x.gather(2, farthest[..., None, None].expand(-1, -1, 1, dim)))
-        moved = _update(x, _assign(x_low, moved)[0], moved)[0]
-        moved_distance = sq_norms - 2 * _assign(x_low, moved)[1]
+        moved = _update(x, _assign(x_low, moved, engine)[0], moved, engine)[0]
+        moved_distance = sq_norms - 2 * _assign(x_low, moved, engine)[1]
         better = moved_distance.sum(-1) < distance.sum(-1)  # (B, H)
         centroids = torch.where(better[..., None, None], moved, centroids)
         distance = torch.where(better[..., None], moved_distance, distance)
-    return _lloyd(x, x_low, centroids, COLD_START_ITERS * iters)
+    return _lloyd(x, x_low, centroids, COLD_START_ITERS * iters, engine)
 
 
 def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +221,7 @@ def kmeans(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.
     head): (labels (B, H, S) of the last assignment, centroids (B, H, K) fp32 updated from it (each the mean of its
     cluster; an empty one unchanged), sizes (B, H, K) fp32). Distances in x's dtype, sums in fp32; no host sync."""
     x32, x_low, mean = _centered([x])
-    labels, centroids, sizes = _lloyd(x32, x_low, centroids.float() - mean, iters)
+    labels, centroids, sizes, _ = _lloyd(x32, x_low, centroids.float() - mean, iters, kmeans_engine(x_low))
     return labels, centroids + mean, sizes
 
 
@@ -201,14 +241,14 @@ def _cluster_map(q, k, clusters: int, block_size: int, state: dict | None, iters
     batch, heads, seq_len, _ = q.shape
     clusters = min(clusters, seq_len)
     x, x_low, mean = _centered([q, k])  # (2B, H, S, D): q's problems, then k's
+    engine = kmeans_engine(x_low)
     previous = [None if state is None else state.get(name) for name in ("q", "k")]
     if all(p is not None and p.shape[:3] == (batch, heads, clusters) and p.device == q.device for p in previous):
         start = torch.cat(previous).float() - mean  # SVG2: centroids reused across steps
-        labels, centroids, sizes = _lloyd(x, x_low, start, iters)
+        labels, centroids, sizes, order = _lloyd(x, x_low, start, iters, engine)
     else:
-        labels, centroids, sizes = _cold_start(x, x_low, clusters, iters, seed)
-    centroids = centroids + mean
-    order = torch.argsort(labels, dim=-1, stable=True)  # (2B, H, S): tokens by cluster, q and k in one sort
+        labels, centroids, sizes, order = _cold_start(x, x_low, clusters, iters, seed, engine)
+    centroids = centroids + mean  # order (2B, H, S): tokens by cluster, q and k in one sort (the last update's)
     counts = _cluster_blocks(labels.gather(-1, order), clusters, block_size)  # (2B, H, n, K)
     q_counts, k_counts, k_sizes = counts[:batch], counts[batch:], sizes[batch:]
     q_centroids, k_centroids = centroids[:batch], centroids[batch:]
