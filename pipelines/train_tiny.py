@@ -377,12 +377,18 @@ def flow_matching_inputs(
 class Trainer:
     """The training state (models, EMA, optimisers, generator, data position, history) and the two phases' steps."""
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, device: torch.device, seed: int):
+    def __init__(
+        self, model_config: ModelConfig, train_config: TrainConfig, device: torch.device, seed: int,
+        compile_transformer: bool = False,
+    ):  # fmt: skip
         self.model_config, self.train_config, self.device, self.seed = model_config, train_config, device, seed
         components = build_components(model_config, seed)
         self.tokenizer, self.scheduler = components["tokenizer"], components["scheduler"]
         self.vae = components["vae"].to(device)
         self.transformer = components["transformer"].to(device)
+        # The transformer's training forward: torch.compile'd on request (same parameters; checkpoints and exports
+        # keep using `self.transformer`, so their keys are unchanged). The tiny model's step is launch-bound.
+        self.transformer_forward = torch.compile(self.transformer) if compile_transformer else self.transformer
         self.text_encoder = components["text_encoder"].to(device)
         self.ema = [p.detach().clone() for p in self._dit_parameters()]
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, betas=(0.9, 0.99))
@@ -624,7 +630,7 @@ class Trainer:
             group["lr"] = lr
         with self.autocast():
             text = encode_text(self.tokenizer, self.text_encoder, captions, self.device)
-            velocity = self.transformer(
+            velocity = self.transformer_forward(
                 hidden_states=noisy, timestep=timestep, encoder_hidden_states=text, return_dict=False
             )[0]
         loss = F.mse_loss(velocity.float(), target)
@@ -700,7 +706,7 @@ def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         model_config, train_config = PRESETS[args.preset or "default"]
         seed = args.seed
     overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
-    trainer = Trainer(model_config, train_config, device, seed)
+    trainer = Trainer(model_config, train_config, device, seed, compile_transformer=args.compile)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step}")
@@ -738,8 +744,11 @@ def train(
             trainer.history.append({"phase": phase, "step": step, "loss": mean, "seconds": trainer.seconds[phase]})
             memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
             data = f", data {trainer.data_seconds / elapsed:.0%}" if phase == "dit" else ""
+            batch = config.vae_batch_size if phase == "vae" else config.batch_size
+            rate = len(window) / elapsed
             print(
-                f"[{phase}] step {step}/{total} loss {mean:.4f} ({len(window) / elapsed:.2f} steps/s{data}{memory}; "
+                f"[{phase}] step {step}/{total} loss {mean:.4f} ({rate:.2f} steps/s, {rate * batch:.0f} samples/s"
+                f"{data}{memory}; "
                 f"{trainer.seconds[phase] / 60:.1f} min in this phase)",
                 flush=True,
             )
@@ -990,6 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-steps", type=int, default=8, help="denoising steps of the scored renders (default 8)")
     parser.add_argument("--score-guidance", type=float, default=5.0, help="CFG scale of the scored renders (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer's training forward (this chunk only)"
+    )
     return parser
 
 

@@ -76,6 +76,23 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_a_compiled_transformer_trains_as_the_eager_one_and_saves_the_same_keys(tmp_path):
+    """`--compile` changes how the transformer's forward runs, not what it computes: same losses and weights to
+    rounding, and a checkpoint with the plain module's keys (no torch.compile wrapper prefix)."""
+    from torch._dynamo.utils import counters
+
+    assert _train(tmp_path / "eager.pt", "--preset", "smoke") == 0
+    counters.clear()
+    assert _train(tmp_path / "compiled.pt", "--preset", "smoke", "--compile") == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward did go through dynamo
+    eager, compiled = (torch.load(tmp_path / name, weights_only=False) for name in ("eager.pt", "compiled.pt"))
+    assert eager["transformer"].keys() == compiled["transformer"].keys()
+    for key, value in eager["transformer"].items():
+        assert torch.allclose(value, compiled["transformer"][key], rtol=1e-3, atol=1e-5), key
+    losses = [[e["loss"] for e in run["history"] if e.get("phase") == "dit" and "loss" in e] for run in (eager, compiled)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_the_vae_phase_ends_at_its_time_budget_and_records_the_step(tmp_path):
     assert _train(tmp_path / "c.pt", "--preset", "smoke", "--vae-steps", "50", "--vae-max-minutes", "1e-6") == 0
     state = torch.load(tmp_path / "c.pt", weights_only=False)
