@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from dit_sparse.eval.runner import DEFAULT_WARMUP_STEPS, TINY, TINY_RANDOM
+from dit_sparse.eval.runner import DEFAULT_WARMUP_STEPS
+from dit_sparse.models import MODEL_HELP, check_model
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -14,11 +15,7 @@ DEFAULT_PORT = 7860
 def add_app_command(commands, common: argparse.ArgumentParser) -> None:
     """Add the `app` subcommand to `dit-sparse`'s subparsers (`common`: --device, --dtype, --fps)."""
     app = commands.add_parser("app", parents=[common], help="Gradio app: dense and sparse side by side, with timings")
-    app.add_argument(
-        "--model", default=None,
-        help=f"the model box's initial value: {TINY!r} (default: the tiny trained model, the random one while it is "
-        f"absent), {TINY_RANDOM!r}, a local diffusers folder, or a hub id",
-    )  # fmt: skip
+    app.add_argument("--model", default=None, help=f"the model box's initial value: {MODEL_HELP}")
     app.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}; 0.0.0.0: all)")
     app.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     app.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -35,8 +32,6 @@ def add_app_command(commands, common: argparse.ArgumentParser) -> None:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    from dit_sparse.eval.runner import check_model
-
     check_model(args.model)
     if args.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {args.warmup_steps}")

@@ -1,8 +1,8 @@
 """The Gradio app (`dit-sparse app`): one prompt rendered dense and sparse from the same seed, side by side.
 
 Layout only: every step is a library function the CLI uses too. The settings are checked by `cli.make_job` (through
-`make_config`: a bad value is its ValueError, shown in the page); the model is checked by `runner.check_model` and
-loaded by `runner.load_pipeline` (the tiny trained model, the random one with a visible note while it is absent); the
+`make_config`: a bad value is its ValueError, shown in the page); the model is checked by `models.check_model` and
+loaded by `models.load_pipeline` (the tiny trained model, the random one with a visible note while it is absent); the
 videos are rendered, timed and cached by `runner.render_cached` (the dense one, `runner.BASELINE`, is diffusers'
 own attention with no dit-sparse hooks: the reference, as in `dit-sparse eval`); fidelity is `eval.metrics` (PSNR,
 SSIM on the lossless frames); the mask is `patterns.build_mask` at the sparse render's layout, drawn by `plot_mask`.
@@ -31,7 +31,7 @@ import threading
 
 import gradio as gr
 
-from dit_sparse import cli
+from dit_sparse import cli, models
 from dit_sparse.config import CONFIGS, make_config
 from dit_sparse.eval import metrics, runner
 from dit_sparse.eval.suites import tiny_suite
@@ -40,11 +40,7 @@ from dit_sparse.patterns import build_mask, is_per_layer, is_static
 from dit_sparse.plot import plot_mask
 from dit_sparse.video import write_mp4
 
-# ---- defaults: sized for a CPU and the tiny model: 33 frames at 128 x 128 px are 9 latent frames of 8 x 8 tokens
-# (576 video tokens); at 64 tokens a block (one latent frame) the mask is 9 x 9 blocks and radial keeps about 0.7.
-DEFAULT_FRAMES = 33
-DEFAULT_SIZE = 128
-DEFAULT_STEPS = 8
+# ---- defaults: the demo's (cli.DEFAULT_*, cli.DEMO_PROMPT): the tiny trained model's size and steps.
 DEFAULT_METHOD = cli.DEFAULT_METHOD
 BLOCK_SIZE = cli.DEMO_BLOCK_SIZE  # the app's default for every method with a `block_size` option
 EXAMPLES = 6  # example prompts: the first captions of the `tiny` suite (the tiny model's vocabulary)
@@ -162,7 +158,7 @@ class Renderer:
     def pipeline(self, model: str | None):
         if self._pipe is None or self._model != model:
             self._pipe, self._model = None, None  # free the old one first
-            self._pipe = runner.load_pipeline(model, self.device, self.dtype, progress_bar=True)
+            self._pipe = models.load_pipeline(model, self.device, self.dtype, progress_bar=True)
             self._model = model
         return self._pipe
 
@@ -175,8 +171,8 @@ class Renderer:
 
     def compare(self, prompt, model_name, method, settings: dict, options: dict, progress=None) -> dict:
         """Dense (cached) and `method` from the same seed: their mp4s, rows, and the fidelity of sparse to dense."""
-        model = runner.check_model(None if model_name in (None, "") else model_name.strip())
-        label, note = runner.resolve_model_label(model)
+        model = models.check_model(None if model_name in (None, "") else model_name.strip())
+        label, note = models.resolve_model_label(model)
         job = cli.make_job(prompt, {**settings, "method": method, "options": options}, label)
         dense_job = dataclasses.replace(job, method=runner.BASELINE, options={})
         with self._lock:
@@ -274,22 +270,23 @@ def build_app(
         mask_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
-                prompt = gr.Textbox(label="prompt", value=examples[0], lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="prompt", value=cli.DEMO_PROMPT, lines=2, elem_id="prompt")
                 gr.Examples(examples=[[p] for p in examples], inputs=[prompt], label="tiny-model captions")
                 with gr.Row():
-                    model_box = gr.Textbox(label="model", value=model or runner.TINY, elem_id="model", min_width=120,
+                    model_box = gr.Textbox(label="model", value=model or models.TINY, elem_id="model", min_width=120,
                                            info="tiny, tiny-random, a diffusers folder or a hub id")
                     method = gr.Dropdown(choices=list(CONFIGS), value=DEFAULT_METHOD, label="method", elem_id="method",
                                          info="dit-sparse's attention for the sparse video", min_width=120)
                 with gr.Row():
-                    frames = gr.Number(value=DEFAULT_FRAMES, precision=0, label="frames", info="4k+1", min_width=70,
-                                       elem_id="frames")
-                    height = gr.Number(value=DEFAULT_SIZE, precision=0, label="height", info="x16 px", min_width=70,
-                                       elem_id="height")
-                    width = gr.Number(value=DEFAULT_SIZE, precision=0, label="width", info="x16 px", min_width=70,
-                                      elem_id="width")
+                    frames = gr.Number(value=cli.DEFAULT_FRAMES, precision=0, label="frames", info="4k+1",
+                                       min_width=70, elem_id="frames")
+                    height = gr.Number(value=cli.DEFAULT_HEIGHT, precision=0, label="height", info="x16 px",
+                                       min_width=70, elem_id="height")
+                    width = gr.Number(value=cli.DEFAULT_WIDTH, precision=0, label="width", info="x16 px",
+                                      min_width=70, elem_id="width")
                 with gr.Row():
-                    steps = gr.Number(value=DEFAULT_STEPS, precision=0, label="steps", min_width=70, elem_id="steps")
+                    steps = gr.Number(value=cli.DEFAULT_STEPS, precision=0, label="steps", min_width=70,
+                                      elem_id="steps")
                     seed = gr.Number(value=cli.DEFAULT_SEED, precision=0, label="seed", min_width=70, elem_id="seed")
                     guidance = gr.Number(value=cli.DEFAULT_GUIDANCE, label="guidance", min_width=70,
                                          elem_id="guidance")

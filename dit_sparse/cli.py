@@ -13,6 +13,9 @@
 - `app`: a Gradio app, dense and sparse side by side with timings, fidelity and the mask (`dit_sparse.app`; the
   `app` extra).
 
+The model (`render --model`; `demo` takes the default) is resolved by `dit_sparse.models`: the tiny trained model
+while its folder is there, else the tiny random pipeline with a note; "tiny-random", a local folder or a hub id.
+
 Every input is checked before any model is loaded; a bad one is a one-line error and exit status 2.
 """
 
@@ -31,24 +34,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dit_sparse import models
 from dit_sparse.config import CONFIGS, make_config
-from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
+from dit_sparse.pipelines import tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
-# ---- defaults: sized for the default (tiny) model so that radial attention is sparse yet a CPU render is quick.
-# 81 frames (Wan's own count) at 128 x 128 px: 21 latent frames of 8 x 8 tokens = 1,344 video tokens. Radial's
-# sparsity comes from the frame distance, so many short frames beat few large ones: radial keeps 0.42 of the blocks
-# here at block size 64 (0.86 at 33 frames of 192 x 192 px, 1,296 tokens).
+# ---- defaults: the tiny trained model's own size and steps (`render`'s, the demo's and the app's).
+# 81 frames (Wan's own count) at 160 x 160 px: 21 latent frames of 10 x 10 tokens = 2,100 video tokens. Radial's
+# sparsity comes from the frame distance, so many short frames beat few large ones.
 DEFAULT_FRAMES = 81
-DEFAULT_HEIGHT = 128
-DEFAULT_WIDTH = 128
-DEFAULT_STEPS = 8
+DEFAULT_HEIGHT = 160
+DEFAULT_WIDTH = 160
+DEFAULT_STEPS = tiny.DEFAULT_STEPS
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 0
 DEFAULT_FPS = 16
 DEFAULT_METHOD = "radial"
-DEMO_PROMPT = "a red fox runs through the snow at sunset"
-DEMO_BLOCK_SIZE = 64  # one latent frame per block: 21 x 21 blocks
+DEMO_PROMPT = "a red circle moves right on a blue background"  # a caption of the tiny model's shapes dataset
+# Tokens per attention block in the demo (and the app). A latent frame is 100 tokens here: at 64, 33 x 33 blocks of
+# which radial keeps 0.50. A block larger than a frame (128) makes radial's far-frame skip drop even the neighbouring
+# frames (distances 1 to 3), keeping 0.16.
+DEMO_BLOCK_SIZE = 64
 MANIFEST_NAME = "manifest.jsonl"
 PROCESS_WAIT = datetime.timedelta(hours=24)  # how long a process may wait for the others (shares are uneven)
 SHARD_PATTERN = re.compile(r"manifest\.rank(\d+)\.jsonl")  # one process's rows before the merge
@@ -60,31 +66,6 @@ WAN_PATCH = 2
 SIZE_MULTIPLE = WAN_SPATIAL_FACTOR * WAN_PATCH  # 16
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-# ---- the model ---------------------------------------------------------------------------------------------------
-def model_label(model: str | None) -> str:
-    """The name a model is recorded under: the default's label, a local folder's absolute path, or the hub id."""
-    if model is None:
-        return TINY_RANDOM_LABEL
-    return os.path.abspath(model) if os.path.isdir(model) else model
-
-
-def load_model(model: str | None, device: str, dtype: str):
-    """The pipeline to render with: None gives the default (tiny, UNTRAINED) model; else a local folder or hub id."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if model is None:
-        pipe = build_tiny_wan_pipeline(dtype=torch_dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
-        except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError ... for a bad model
-            raise ValueError(f"cannot load model {model!r}: {type(exc).__name__}: {exc}") from exc
-    return pipe.to(device)
 
 
 # ---- checks ------------------------------------------------------------------------------------------------------
@@ -288,7 +269,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[RenderJob]:
         entries += read_prompts_file(args.prompts)
     if not entries:
         raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompts FILE (.txt or .jsonl)")
-    label = model_label(args.model)
+    label, _ = models.resolve_model_label(models.check_model(args.model))
     jobs = []
     for prompt, overrides, where in entries:
         settings = {**defaults, **overrides}
@@ -475,7 +456,7 @@ def render_jobs(
         with state.split_between_processes(pending) as share:  # contiguous shares, the same cut on every process
             mine = list(share)
     if mine:
-        pipe = load_model(model, device, dtype)
+        pipe = models.load_pipeline(model, device, dtype)
         pipe.set_progress_bar_config(desc="denoising", leave=False, disable=rank != 0)
         for job in tqdm(mine, desc="videos" if processes == 1 else f"videos (process {rank})", unit="video"):
             row, frames = render_to_file(pipe, job, output_dir, fps)
@@ -493,9 +474,13 @@ def render_jobs(
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
-def print_model_label(label: str) -> None:
-    note = "  (random weights: the videos are noise; only timing and agreement mean anything)"
-    print(f"model: {label}{note if label == TINY_RANDOM_LABEL else ''}")
+def print_model_label(model: str | None) -> None:
+    """The label `model` renders under and, when the tiny random pipeline stands in for the trained model, the note
+    saying so (the one `eval` and the app show)."""
+    label, note = models.resolve_model_label(model)
+    print(f"model: {label}")
+    if note:
+        print(note)
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -509,7 +494,7 @@ def run_render(args: argparse.Namespace) -> int:
     state = process_state(args.device)
     device = args.device if state is None or not args.device.startswith("cuda") else str(state.device)
     if state is None or state.is_main_process:
-        print_model_label(model_label(args.model))
+        print_model_label(args.model)
     rows = render_jobs(jobs, args.output_dir, args.model, device, args.dtype, args.fps, state=state)
     if state is None or state.is_main_process:
         manifest = os.path.join(args.output_dir, MANIFEST_NAME)
@@ -565,13 +550,14 @@ def demo_jobs() -> list[RenderJob]:
         "steps": DEFAULT_STEPS,
         "guidance": DEFAULT_GUIDANCE,
     }
-    return [make_job(DEMO_PROMPT, {**settings, "method": method}, model_label(None)) for method in ("dense", "radial")]
+    label, _ = models.resolve_model_label(None)
+    return [make_job(DEMO_PROMPT, {**settings, "method": method}, label) for method in ("dense", "radial")]
 
 
 def run_demo(args: argparse.Namespace) -> int:
     _check_fps(args.fps)
     dense, radial = demo_jobs()
-    print_model_label(dense.model)
+    print_model_label(None)
     tokens = wan_video_tokens(dense.frames, dense.height, dense.width)
     print(
         f"prompt: {dense.prompt!r}; {dense.frames} frames at {dense.width}x{dense.height} px "
@@ -637,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--prompts", metavar="FILE", help='a .txt (one prompt a line) or .jsonl ({"prompt": ..., overrides}) file'
     )
-    render.add_argument("--model", default=None, help=f"local folder or hub id (default: {TINY_RANDOM_LABEL})")
+    render.add_argument("--model", default=None, help=models.MODEL_HELP)
     render.add_argument(
         "--method", default=DEFAULT_METHOD, help=f"one of {', '.join(CONFIGS)} (default {DEFAULT_METHOD})"
     )

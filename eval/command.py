@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from dit_sparse.eval.runner import DEFAULT_WARMUP_STEPS, TINY, TINY_RANDOM
-
-DEFAULT_FRAMES = 17
-DEFAULT_SIZE = 128
-DEFAULT_STEPS = 8
+from dit_sparse.eval.runner import DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
+from dit_sparse.models import MODEL_HELP
 
 
 def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
@@ -17,11 +14,7 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
     evaluate = commands.add_parser(
         "eval", parents=[common], help="speed and fidelity of methods against the dense baseline, with a report"
     )
-    evaluate.add_argument(
-        "--model", default=None,
-        help=f"{TINY!r} (default: the tiny trained model, the random one while it is absent), {TINY_RANDOM!r}, "
-        "a local diffusers folder, or a hub id",
-    )  # fmt: skip
+    evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
     evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
@@ -51,7 +44,8 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from dit_sparse.eval import metrics
     from dit_sparse.eval.report import write_report
-    from dit_sparse.eval.runner import make_plan, method_means, render_all, resolve_model_label, score_videos
+    from dit_sparse.eval.runner import make_plan, method_means, render_all, score_videos
+    from dit_sparse.models import resolve_model_label
 
     plan = make_plan(
         suite=args.suite, methods=args.methods, options=args.option, block_size=args.block_size, model=args.model,

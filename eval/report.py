@@ -21,6 +21,7 @@ import numpy as np
 
 from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
 from dit_sparse.files import write_atomic
+from dit_sparse.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM
 
 #: The side-by-side videos' third column shows |method - baseline| times a gain: a power of two chosen per prompt so
 #: that the 99.9th percentile of the largest difference reaches full brightness, at most `MAX_DIFF_GAIN` (shown in
@@ -94,8 +95,7 @@ def describe_run(plan: EvalPlan, notes: list[str]) -> dict:
         dit_sparse_version = "unknown"
     model_note = None
     if plan.model_label == TINY_RANDOM_LABEL:
-        model_note = ("random weights (UNTRAINED): its videos are noise, so only timing and agreement with the "
-                      "baseline mean anything; the VBench-style dimensions describe noise")  # fmt: skip
+        model_note = f"random weights (UNTRAINED): {RANDOM_WEIGHTS}; the VBench-style dimensions describe noise"
     return {
         "model": plan.model_label,
         "model_note": model_note,
@@ -128,9 +128,9 @@ def reproduce_command(plan: EvalPlan) -> str:
     suite = name if name in BUILT_IN or name.startswith("vbench") else plan.suite.source
     from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
 
-    model = plan.model or "tiny"
-    if model == "tiny" and plan.model_label == TINY_RANDOM_LABEL:
-        model = "tiny-random"  # what ran: the trained model was not there
+    model = plan.model or TINY
+    if model == TINY and plan.model_label == TINY_RANDOM_LABEL:
+        model = TINY_RANDOM  # what ran: the trained model was not there
     words = ["dit-sparse", "eval", "--model", model, "--methods", ",".join(m.name for m in plan.methods),
              "--suite", suite, "--seeds", ",".join(map(str, plan.seeds)), "--frames", plan.frames, "--height",
              plan.height, "--width", plan.width, "--steps", plan.steps, "--guidance", plan.guidance, "--fps", plan.fps,

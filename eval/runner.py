@@ -34,16 +34,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse import cli
+from dit_sparse import cli, models
 from dit_sparse.config import CONFIGS, make_config
 from dit_sparse.files import atomic_path
 from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
 
 BASELINE = "baseline"
 MANIFEST_NAME = "manifest.jsonl"
-#: model names besides a folder or hub id: the tiny trained model (random fallback while absent), the random one.
-TINY, TINY_RANDOM = "tiny", "tiny-random"
 DEFAULT_WARMUP_STEPS = 1
+# Eval's defaults are smaller and fewer steps than `render`'s (cli.DEFAULT_*): a suite is tens of prompts times every
+# method, and these keep a CPU run to minutes.
+DEFAULT_FRAMES = 17
+DEFAULT_SIZE = 128
+DEFAULT_STEPS = 8
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------------
@@ -194,44 +197,6 @@ def parse_method_options(pairs: list[str], methods: list[str], block_size: int |
     return options
 
 
-def check_model(model: str | None) -> str | None:
-    """A model name, a diffusers folder (it must hold model_index.json) or a hub id; ValueError naming it otherwise."""
-    if model is None or model in (TINY, TINY_RANDOM):
-        return model
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"--model must be {TINY!r}, {TINY_RANDOM!r}, a diffusers folder or a hub id, got {model!r}")
-    if os.path.exists(model):
-        if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ValueError(f"model folder {model!r} is not a diffusers pipeline folder (no model_index.json)")
-        return model
-    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.sep in model.split("/", 1)[1]
-    if looks_like_path:
-        raise ValueError(
-            f"no model folder {model!r}; --model takes {TINY!r}, {TINY_RANDOM!r}, a diffusers folder with "
-            "model_index.json, or a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-        )
-    return model  # a hub id: from_pretrained decides (the local cache, or a download)
-
-
-def resolve_model_label(model: str | None) -> tuple[str, str | None]:
-    """The label a model is recorded under, and a note to print (the random fallback), without loading it."""
-    from dit_sparse.pipelines import tiny
-    from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
-
-    if model in (None, TINY):
-        if tiny.available():
-            return tiny.TINY_LABEL, None
-        note = (
-            "note: the tiny trained model (dit_sparse/pipelines/tiny_model) is not there yet; using the tiny RANDOM "
-            f"pipeline ({TINY_RANDOM_LABEL}): its videos are noise, so only timing and agreement with the baseline "
-            "mean anything"
-        )
-        return TINY_RANDOM_LABEL, note
-    if model == TINY_RANDOM:
-        return TINY_RANDOM_LABEL, None
-    return cli.model_label(model), None
-
-
 def make_plan(
     *,
     suite: str,
@@ -240,10 +205,10 @@ def make_plan(
     block_size: int | None = None,
     model: str | None = None,
     seeds="0",
-    frames: int = 17,
-    height: int = 128,
-    width: int = 128,
-    steps: int = 8,
+    frames: int = DEFAULT_FRAMES,
+    height: int = DEFAULT_SIZE,
+    width: int = DEFAULT_SIZE,
+    steps: int = DEFAULT_STEPS,
     guidance: float = cli.DEFAULT_GUIDANCE,
     fps: float = cli.DEFAULT_FPS,
     device: str = "cpu",
@@ -261,8 +226,8 @@ def make_plan(
         raise ValueError(f"fps must be > 0, got {fps!r}")
     if dtype not in cli.DTYPES:
         raise ValueError(f"dtype must be one of {cli.DTYPES}, got {dtype!r}")
-    model = check_model(model)
-    label, _ = resolve_model_label(model)
+    model = models.check_model(model)
+    label, _ = models.resolve_model_label(model)
     output_dir = os.path.abspath(output_dir)
     return EvalPlan(
         model=model,
@@ -285,27 +250,9 @@ def make_plan(
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
-def load_pipeline(model: str | None, device: str, dtype: str, progress_bar: bool = False):
-    """The pipeline of a `check_model`-checked `model` on `device` in `dtype`: None / "tiny" the tiny trained model
-    (the random one while it is absent; `resolve_model_label` gives the note), "tiny-random", a folder or a hub id.
-    A model that fails to load is a ValueError naming it. The pipeline's own progress bar shows only if asked."""
-    import torch
-
-    from dit_sparse.pipelines import tiny
-
-    if model in (None, TINY) and tiny.available():
-        pipe = tiny.load(device, getattr(torch, dtype))
-    elif model in (None, TINY, TINY_RANDOM):
-        pipe = cli.load_model(None, device, dtype)
-    else:
-        pipe = cli.load_model(model, device, dtype)
-    pipe.set_progress_bar_config(disable=not progress_bar)
-    return pipe
-
-
 def load_eval_model(plan: EvalPlan):
     """The pipeline of `plan.model` on its device and dtype, progress bar off."""
-    return load_pipeline(plan.model, plan.device, plan.dtype)
+    return models.load_pipeline(plan.model, plan.device, plan.dtype)
 
 
 def transformers_of(pipe) -> list:

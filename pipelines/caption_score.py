@@ -20,6 +20,7 @@ import numpy as np
 from dit_sparse.video import to_uint8
 
 from .shapes_dataset import DIRECTIONS, SHAPE_COLOURS, parse_caption, video_params
+from .tiny import DEFAULT_STEPS
 
 BORDER = 3  # pixels of each edge the background is fitted to
 FOREGROUND_THRESHOLD = 40  # max channel difference (of 255) from the background estimate that makes a pixel "blob"
@@ -155,7 +156,13 @@ def evaluation_prompts(n: int = 10) -> list[str]:
 
 
 def caption_following(
-    pipe, n: int = 10, frames: int = 81, height: int = 160, width: int = 160, steps: int = 8, guidance: float = 5.0
+    pipe,
+    n: int = 10,
+    frames: int = 81,
+    height: int = 160,
+    width: int = 160,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = 5.0,
 ) -> dict:
     """Render `evaluation_prompts(n)` with `pipe` (prompt i at noise seed i, a CPU generator so any device gives the
     same noise) and score them. Returns n_ok, prompts, details (per video) and videos (uint8)."""

@@ -59,6 +59,7 @@ from .shapes_dataset import (
     render_videos,
     video_params,
 )
+from .tiny import DEFAULT_STEPS
 
 TEXT_LEN = 512  # WanPipeline's default max_sequence_length: text embeddings are zero-padded to it
 CHECKPOINT_FORMAT = 1
@@ -996,7 +997,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", default=None, metavar="DIR", help="write the save_pretrained folder here at the end"
     )
     parser.add_argument("--score-prompts", type=int, default=10, help="caption prompts to score for the card (0: none)")
-    parser.add_argument("--score-steps", type=int, default=8, help="denoising steps of the scored renders (default 8)")
+    parser.add_argument(
+        "--score-steps", type=int, default=DEFAULT_STEPS,
+        help=f"denoising steps of the scored renders (default {DEFAULT_STEPS})",
+    )  # fmt: skip
     parser.add_argument("--score-guidance", type=float, default=5.0, help="CFG scale of the scored renders (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(

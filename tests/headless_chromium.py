@@ -150,11 +150,26 @@ APP_DONE = "(document.querySelector('#summary')?.innerText || '').includes('spee
            "document.querySelector('#summary').innerText : ''"  # fmt: skip
 
 
-def generate_in_app(url: str, png_path: str, timeout: float = 300) -> str:
-    """Open the app at `url`, press Generate with the page's settings, wait for both videos and the mask, save a
-    screenshot of the page; returns the summary text."""
+def set_number_inputs(page: Page, values: dict[str, float]) -> None:
+    """Type values into the app's number inputs, by elem_id (`{"frames": 33}`), as a user would (input events)."""
+    for elem_id, value in values.items():
+        found = page.evaluate(
+            f"(() => {{ const input = document.querySelector('#{elem_id} input'); if (!input) return false; "
+            "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(input, "
+            f"{json.dumps(str(value))}); "
+            "for (const type of ['input', 'change', 'blur']) input.dispatchEvent(new Event(type, {bubbles: true})); "
+            "return true; })()"
+        )
+        if not found:
+            raise RuntimeError(f"the page has no number input #{elem_id}")
+
+
+def generate_in_app(url: str, png_path: str, timeout: float = 300, settings: dict[str, float] | None = None) -> str:
+    """Open the app at `url`, press Generate with the page's settings (`settings`: number inputs to change first, by
+    elem_id), wait for both videos and the mask, save a screenshot of the page; returns the summary text."""
     with Page(url) as page:
         page.wait_for("!!document.querySelector('#generate')", timeout=60, what="the app's Generate button")
+        set_number_inputs(page, settings or {})
         page.evaluate("document.querySelector('#generate').click()")
         summary = page.wait_for(APP_DONE, timeout=timeout, what="the generation's summary")
         page.wait_for("document.querySelectorAll('video').length >= 2", timeout=30, what="both videos")

@@ -1,7 +1,8 @@
 """`dit-sparse app`: served in a subprocess on a free port, called with gradio_client and driven in headless Chromium.
 
 The app runs the tiny random Wan pipeline (the trained tiny model is not there yet) on the CPU, at toy sizes through
-the client (9 frames at 64 x 64 px: 3 latent frames of 4 x 4 tokens, 3 blocks of 16; 2 steps).
+the client (9 frames at 64 x 64 px: 3 latent frames of 4 x 4 tokens, 3 blocks of 16; 2 steps) and CPU-sized ones
+typed into the page in the browser (its defaults are the demo's, 81 frames at 160 px and 25 steps).
 """
 
 import json
@@ -137,6 +138,14 @@ def test_bad_inputs_are_readable_errors_and_the_app_keeps_serving(client, tmp_pa
     assert read_video(result["sparse_video"]).shape[0] == 9 and isinstance(result["speedup"], float)
 
 
+def test_the_page_starts_at_the_demos_settings(app):
+    config = json.load(urllib.request.urlopen(app["url"] + "config", timeout=10))
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
+    assert [values[name] for name in ("prompt", "frames", "height", "width", "steps", "model")] == [
+        cli.DEMO_PROMPT, cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, cli.DEFAULT_STEPS, "tiny",
+    ]  # fmt: skip
+
+
 # ---- in the browser ----------------------------------------------------------------------------------------------
 def test_a_generation_in_headless_chromium_shows_both_videos_and_is_screenshot(app):
     from headless_chromium import generate_in_app
@@ -144,8 +153,11 @@ def test_a_generation_in_headless_chromium_shows_both_videos_and_is_screenshot(a
     png = os.path.join(ARTIFACTS, "app.png")
     if os.path.exists(png):
         os.remove(png)
-    summary = generate_in_app(app["url"], png, timeout=300)  # the page's own (CPU-sized) defaults
+    # The page's defaults are the demo's (81 frames at 160 px, 25 steps); typed in: a CPU-sized video.
+    settings = {"frames": 33, "height": 128, "width": 128, "steps": 8}
+    summary = generate_in_app(app["url"], png, timeout=300, settings=settings)
     assert "speedup" in summary and "radial" in summary
+    assert "33 frames at 128x128 px" in summary and "8 steps" in summary  # the typed settings, not the defaults
     assert os.path.getsize(png) > 50_000
 
 

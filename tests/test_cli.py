@@ -1,4 +1,7 @@
-"""The `dit-sparse` command line, run in-process on the tiny random Wan pipeline at toy sizes."""
+"""The `dit-sparse` command line, run in-process on the tiny random Wan pipeline at toy sizes.
+
+The shipped trained model is hidden from every test (`tiny.MODEL_DIR` points at an empty folder) unless the test puts
+a stand-in there: a saved tiny random pipeline (`trained_model`)."""
 
 import json
 import os
@@ -6,9 +9,12 @@ import os
 import pytest
 import torch
 
-from dit_sparse import cli
+from dit_sparse import cli, models
+from dit_sparse.pipelines import tiny
 from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
 from dit_sparse.video import read_video
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 9 frames at 64 x 64 px: 3 latent frames of 4 x 4 tokens; 2 steps. Seconds per video on a CPU.
 SMALL = ["--frames", "9", "--height", "64", "--width", "64", "--steps", "2", "--block-size", "16", "--device", "cpu"]
@@ -25,6 +31,34 @@ def _rows(folder):
 
 def _files(folder):
     return sorted(os.listdir(folder))
+
+
+@pytest.fixture(autouse=True)
+def trained_model_absent(monkeypatch, tmp_path_factory):
+    """The default model is the random fallback, whether or not the trained model's folder is in the checkout."""
+    monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path_factory.mktemp("no-tiny-model")))
+
+
+@pytest.fixture(scope="module")
+def trained_model_folder(tmp_path_factory):
+    """A stand-in for the trained model's folder: a tiny random pipeline (seed 1) saved with `save_pretrained`."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_wan_pipeline(seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def trained_model(monkeypatch, trained_model_folder):
+    """The stand-in trained model in `tiny.MODEL_DIR`; returns the list of `tiny.load` calls' folders."""
+    monkeypatch.setattr(tiny, "MODEL_DIR", str(trained_model_folder))
+    real, loads = tiny.load, []
+
+    def recording(*args, **kwargs):
+        loads.append(tiny.MODEL_DIR if kwargs.get("folder") is None else kwargs["folder"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "load", recording)
+    return loads
 
 
 @pytest.fixture
@@ -52,7 +86,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(models, "load_pipeline", refuse)
 
 
 def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_each(tmp_path):
@@ -165,6 +199,7 @@ BAD_INPUTS = [
     (["--prompt", "x", "--fps", "0"], ["fps", "0"]),
     (["--prompt", "x", "--frames", "nine"], ["--frames", "nine"]),
     (["--prompt", "x", "--no-such-flag"], ["--no-such-flag"]),
+    (["--prompt", "x", "--model", "./no-such-model"], ["no model folder", "./no-such-model", "tiny-random"]),
     ([], ["no prompt"]),
 ]
 
@@ -207,22 +242,67 @@ def test_bad_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, no_mode
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys):
-    missing = tmp_path / "no-such-model"
-    missing.mkdir()
-    assert _render(tmp_path, "--prompt", "a cat", "--model", str(missing)) == 2
-    assert str(missing) in capsys.readouterr().err
+def test_a_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, no_model):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    assert _render(tmp_path, "--prompt", "a cat", "--model", str(empty)) == 2  # checked before anything is made
+    error = capsys.readouterr().err
+    assert str(empty) in error and "model_index.json" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_that_fails_to_load_exits_2_naming_it(tmp_path, capsys):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    assert _render(tmp_path, "--prompt", "a cat", "--model", str(broken)) == 2
+    error = capsys.readouterr().err
+    assert "cannot load model" in error and str(broken) in error
     assert not any(name.endswith(".mp4") for name in os.listdir(tmp_path / "out"))
 
 
-def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, capsys, monkeypatch):
-    # 17 frames at 96 px: 5 latent frames of 6 x 6 tokens, 180 tokens in 12 blocks of 16: radial drops some.
-    for name, value in [("DEFAULT_FRAMES", 17), ("DEFAULT_HEIGHT", 96), ("DEFAULT_WIDTH", 96), ("DEFAULT_STEPS", 2)]:
+def test_render_without_model_uses_the_trained_model_when_it_is_there(tmp_path, capsys, trained_model):
+    assert _render(tmp_path, "--prompt", "a red circle moves right") == 0
+    printed = capsys.readouterr().out
+    assert f"model: {tiny.TINY_LABEL}\n" in printed and "note:" not in printed
+    assert [row["model"] for row in _rows(tmp_path / "out")] == [tiny.TINY_LABEL]
+    assert trained_model == [tiny.MODEL_DIR]
+    assert _render(tmp_path, "--prompt", "a red circle moves right", "--model", "tiny") == 0  # the same video
+    assert trained_model == [tiny.MODEL_DIR] and "skipping 1 video(s)" in capsys.readouterr().out
+
+
+def test_render_without_model_falls_back_to_the_random_one_with_the_note(tmp_path, capsys):
+    label, note = models.resolve_model_label(None)
+    assert label == TINY_RANDOM_LABEL and "tiny RANDOM pipeline" in note
+    assert _render(tmp_path, "--prompt", "a cat") == 0
+    assert f"model: {TINY_RANDOM_LABEL}\n{note}\n" in capsys.readouterr().out  # the note eval and the app show
+    assert [row["model"] for row in _rows(tmp_path / "out")] == [TINY_RANDOM_LABEL]
+
+
+def test_render_model_tiny_random_is_the_random_pipeline_even_with_the_trained_one_there(
+    tmp_path, capsys, trained_model
+):
+    assert _render(tmp_path, "--prompt", "a cat", "--model", "tiny-random") == 0
+    printed = capsys.readouterr().out
+    assert f"model: {TINY_RANDOM_LABEL}\n" in printed and "note:" not in printed
+    assert [row["model"] for row in _rows(tmp_path / "out")] == [TINY_RANDOM_LABEL]
+    assert trained_model == []
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    """The demo at toy sizes: 17 frames at 96 px are 5 latent frames of 6 x 6 tokens, 180 tokens in 12 blocks of 16
+    (radial drops some); 2 steps."""
+    for name, value in [("DEFAULT_FRAMES", 17), ("DEFAULT_HEIGHT", 96), ("DEFAULT_WIDTH", 96), ("DEFAULT_STEPS", 2),
+                        ("DEMO_BLOCK_SIZE", 16)]:  # fmt: skip
         monkeypatch.setattr(cli, name, value)
-    monkeypatch.setattr(cli, "DEMO_BLOCK_SIZE", 16)
+
+
+def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, capsys, small_demo):
     assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert TINY_RANDOM_LABEL in printed and "180 video tokens" in printed
+    assert f"model: {TINY_RANDOM_LABEL}\n{models.resolve_model_label(None)[1]}\n" in printed  # the fallback's note
+    assert "180 video tokens" in printed and "block size 16" in printed
     lines = {line.split()[0]: line.split() for line in printed.splitlines() if line.strip()}
     assert lines["dense"][2] == "1.000" and 0 < float(lines["radial"][2]) < 1
     psnr_line = next(line for line in printed.splitlines() if line.startswith("PSNR radial vs dense:"))
@@ -241,10 +321,31 @@ def test_tiny_random_pipeline_is_deterministic_in_its_seed():
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
-def test_load_model_none_is_the_tiny_random_pipeline():
-    assert cli.model_label(None) == TINY_RANDOM_LABEL
-    pipe = cli.load_model(None, "cpu", "float32")
-    assert type(pipe).__name__ == "WanPipeline" and pipe.transformer.dtype == torch.float32
+def test_demo_uses_the_trained_model_when_it_is_there(tmp_path, capsys, small_demo, trained_model):
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {tiny.TINY_LABEL}\n" in printed and "note:" not in printed
+    assert [row["model"] for row in _rows(tmp_path / "demo")] == [tiny.TINY_LABEL] * 2
+    assert trained_model == [tiny.MODEL_DIR]
+
+
+def test_the_demo_defaults_are_the_trained_models_size_steps_and_a_shapes_caption_at_a_half_dense_radial():
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.patterns.radial import radial
+    from dit_sparse.pipelines.shapes_dataset import parse_caption
+
+    dense, sparse = cli.demo_jobs()
+    assert (dense.frames, dense.height, dense.width, dense.steps) == (81, 160, 160, tiny.DEFAULT_STEPS)
+    assert cli.wan_video_tokens(dense.frames, dense.height, dense.width) == 2100  # 21 latent frames of 10 x 10
+    assert parse_caption(dense.prompt) == {"colour": "red", "shape": "circle", "direction": "right"}
+    assert (dense.method, sparse.method, sparse.options["block_size"]) == ("dense", "radial", cli.DEMO_BLOCK_SIZE)
+    density = float(radial(VideoLayout(21, 10, 10), block_size=cli.DEMO_BLOCK_SIZE).density)
+    assert 0.4 < density < 0.6  # sparse, yet not the near-empty mask of a block larger than a frame (0.16 at 128)
+
+
+def test_load_pipeline_tiny_random_is_the_tiny_random_pipeline_in_the_dtype_asked():
+    pipe = models.load_pipeline(models.TINY_RANDOM, "cpu", "bfloat16")
+    assert type(pipe).__name__ == "WanPipeline" and pipe.transformer.dtype == torch.bfloat16
 
 
 def test_option_values_are_parsed_as_bool_int_float_or_string():
