@@ -36,10 +36,14 @@ def block_sparse_attention(
 
     out = torch.empty(batch, heads, seq_len, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    on_cpu = q.device.type == "cpu"
     for block in range(mask.n_q_blocks):
         rows = slice(block * qbs, min(seq_len, (block + 1) * qbs))
-        tokens = (indices[:, :, block, :, None] * kbs + slot_offsets).flatten(-2)  # (B, H, max_kept * kbs)
-        slot_kept = torch.arange(max_kept, device=q.device) < counts[:, :, block, None]  # (B, H, max_kept)
+        # On a CPU reading the counts is free: gather only this block's widest kept list, not the mask's (a radial
+        # mask keeps every block in a few rows, so padding each row to max_kept did dense work everywhere).
+        width = int(counts[:, :, block].max()) if on_cpu else max_kept
+        tokens = (indices[:, :, block, :width, None] * kbs + slot_offsets).flatten(-2)  # (B, H, width * kbs)
+        slot_kept = torch.arange(width, device=q.device) < counts[:, :, block, None]  # (B, H, width)
         key_valid = slot_kept.repeat_interleave(kbs, dim=-1) & (tokens < seq_len)
         tokens = tokens.clamp(max=seq_len - 1)
         k_kept = kh.gather(2, tokens[..., None].expand(-1, -1, -1, kh.shape[-1])).float()
@@ -48,7 +52,7 @@ def block_sparse_attention(
         allowed = key_valid[:, :, None, :]  # (B, H, 1 or rows, keys)
         if boxes is not None:
             # Partial blocks keep only the pairs the boxes allow; whole blocks keep every pair.
-            slot_partial = partial[:, :, block].repeat_interleave(kbs, dim=-1)  # (B, H, keys)
+            slot_partial = partial[:, :, block, :width].repeat_interleave(kbs, dim=-1)  # (B, H, keys)
             in_box = boxes.allows(torch.arange(rows.start, rows.stop, device=q.device), tokens)  # (B, H, rows, keys)
             allowed = allowed & (~slot_partial[:, :, None, :] | in_box)
         scores = scores.masked_fill(~allowed, float("-inf"))

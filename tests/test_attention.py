@@ -34,11 +34,39 @@ def _random_block_mask(seq_len, block, heads, generator, density, empty_rows=Fal
 
 
 def test_reference_with_full_mask_equals_dense_sdpa():
+    from dit_sparse.kernels import reference
+
     g = torch.Generator().manual_seed(0)
     for batch, seq_len, heads, head_dim, block in [(1, 256, 2, 32, 64), (2, 200, 3, 16, 32), (1, 77, 1, 64, 16)]:
         q, k, v = _random_qkv(batch, seq_len, heads, head_dim, g)
-        out = sparse_attention(q, k, v, BlockMask.full(seq_len, block), backend="reference")
+        out, _ = reference.block_sparse_attention(q, k, v, BlockMask.full(seq_len, block), head_dim**-0.5)
         torch.testing.assert_close(out, _sdpa(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_mask_on_the_cpu_reference_path_runs_as_fused_dense_attention(monkeypatch):
+    """Every block kept, in token order: sparse_attention hands the call to torch's SDPA instead of the block loop
+    (the same result as the reference kernel); a mask missing one block, or a permuted full mask, still goes through
+    the block-sparse kernel."""
+    from dit_sparse import kernels
+    from dit_sparse.kernels import reference
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = _random_qkv(2, 200, 3, 16, g)
+    full = BlockMask.full(200, 32)
+    expected, _ = reference.block_sparse_attention(q, k, v, full, 0.3)
+    calls = []
+    real = kernels.block_sparse_attention
+    monkeypatch.setattr(kernels, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for backend in ("auto", "reference"):
+        torch.testing.assert_close(sparse_attention(q, k, v, full, scale=0.3, backend=backend), expected,
+                                   atol=1e-5, rtol=1e-5)
+    assert calls == []
+    block_dense = torch.ones(7, 7, dtype=torch.bool)
+    block_dense[3, 5] = False
+    sparse_attention(q, k, v, BlockMask.from_block_dense(block_dense, 200, 32), backend="reference")
+    sparse_attention(q, k, v, BlockMask.from_block_dense(torch.ones(7, 7, dtype=torch.bool), 200, 32,
+                                                         permutation=torch.randperm(200, generator=g)))
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("case", range(12))
