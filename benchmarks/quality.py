@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         for exact, name in ((False, "neighborhood (tile, STA)"), (True, "neighborhood (exact, NATTEN)")):
             window, density = pick_window(windows[exact], target)
             run(target, name, "neighborhood", dict(window=window, tile=TILE, exact=exact),
-                note=f"window {window} (block density {density:.3f}, nearest on the grid)")
+                note=f"window {window} (block density {density:.3f}; the most even window within 15% of the target)")
         run(target, "draft", "draft", dict(density=target, tile=TILE))
         run(target, "reorder (axes, profile)", None, dict(density=target, layer_density=None), axes_profile)
         run(target, "reorder (cluster)", "reorder", dict(strategy="cluster", density=target, block_size=BLOCK))
