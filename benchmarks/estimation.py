@@ -28,11 +28,9 @@ Writes estimation-<gpu>-<date>.json and .md. Imports `dit_sparse` as `benchmarks
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib
 import json
-import os
 import platform
 import sys
 import time
@@ -75,26 +73,10 @@ def _methods(heads: int, smoke: bool):
     ]
 
 
-@contextlib.contextmanager
-def _kmeans_engine(engine: str | None):
-    """DIT_SPARSE_KMEANS=engine inside the block (None: left as it is)."""
-    from dit_sparse.patterns.reorder import KMEANS_ENV_VAR
-
-    before = os.environ.get(KMEANS_ENV_VAR)
-    if engine is not None:
-        os.environ[KMEANS_ENV_VAR] = engine
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(KMEANS_ENV_VAR, None)
-        else:
-            os.environ[KMEANS_ENV_VAR] = before
-
-
 def _estimator(layout, q, k, density: float, options: dict):
     """A no-argument function that builds the mask from q, k (B, H, S, D) video tokens, and the mask it builds."""
     from dit_sparse.patterns import draft, reorder_axes, reorder_cluster
+    from dit_sparse.patterns.reorder import forced_kmeans_engine
 
     kind = options["kind"]
     if kind == "draft":
@@ -107,11 +89,11 @@ def _estimator(layout, q, k, density: float, options: dict):
         engine = options.get("kmeans")
         state = None
         if options["warm"]:
-            with _kmeans_engine(engine):
+            with forced_kmeans_engine(engine):
                 state = reorder_cluster(layout, q, k, density=density, block_size=options["block_size"])[1]
 
         def estimate():
-            with _kmeans_engine(engine):
+            with forced_kmeans_engine(engine):
                 return reorder_cluster(layout, q, k, density=density, block_size=options["block_size"],
                                        state=state)[0]
     return estimate, estimate()

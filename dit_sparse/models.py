@@ -52,7 +52,7 @@ def resolve_model_label(model: str | None) -> tuple[str, str | None]:
             return tiny.TINY_LABEL, None
         note = (
             "note: the tiny trained model (dit_sparse/pipelines/tiny_model) is not there yet; using the tiny RANDOM "
-            f"pipeline ({TINY_RANDOM_LABEL}): {RANDOM_WEIGHTS}"
+            f"pipeline, {TINY_RANDOM_LABEL}: {RANDOM_WEIGHTS}"
         )
         return TINY_RANDOM_LABEL, note
     if model == TINY_RANDOM:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from dit_sparse import cli
 from dit_sparse.eval.runner import DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
 from dit_sparse.models import MODEL_HELP
+from dit_sparse.pipelines import tiny
 
 
 def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
@@ -18,10 +20,13 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
     evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
-    evaluate.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"4k+1 (default {DEFAULT_FRAMES})")
-    evaluate.add_argument("--height", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    evaluate.add_argument("--width", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    evaluate.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    model_size = (f"the tiny trained model's own: {cli.DEFAULT_FRAMES} frames, {cli.DEFAULT_HEIGHT} px, "
+                  f"{tiny.DEFAULT_STEPS} steps; other models: {DEFAULT_FRAMES} frames, {DEFAULT_SIZE} px, "
+                  f"{DEFAULT_STEPS} steps")
+    evaluate.add_argument("--frames", type=int, default=None, help=f"4k+1 (default: {model_size})")
+    evaluate.add_argument("--height", type=int, default=None, help="multiple of 16 (default: as --frames says)")
+    evaluate.add_argument("--width", type=int, default=None, help="multiple of 16 (default: as --frames says)")
+    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: as --frames says)")
     evaluate.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5.0)")
     evaluate.add_argument(
         "--option", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method option (repeatable)"

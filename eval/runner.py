@@ -42,11 +42,22 @@ from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
 BASELINE = "baseline"
 MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_WARMUP_STEPS = 1
-# Eval's defaults are smaller and fewer steps than `render`'s (cli.DEFAULT_*): a suite is tens of prompts times every
-# method, and these keep a CPU run to minutes.
+# Eval's defaults for a model other than the tiny trained one are smaller and fewer steps than `render`'s
+# (cli.DEFAULT_*): a suite is tens of prompts times every method, and these keep a CPU run to minutes. The tiny trained
+# model runs at its training size and the steps it needs (`settings_for`): at 8 steps its shapes vanish.
 DEFAULT_FRAMES = 17
 DEFAULT_SIZE = 128
 DEFAULT_STEPS = 8
+
+
+def settings_for(label: str) -> dict:
+    """Eval's default frames, height, width and steps for the model recorded under `label`."""
+    from dit_sparse.pipelines import tiny
+
+    if label == tiny.TINY_LABEL:
+        return dict(frames=cli.DEFAULT_FRAMES, height=cli.DEFAULT_HEIGHT, width=cli.DEFAULT_WIDTH,
+                    steps=tiny.DEFAULT_STEPS)
+    return dict(frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=DEFAULT_STEPS)
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------------
@@ -205,10 +216,10 @@ def make_plan(
     block_size: int | None = None,
     model: str | None = None,
     seeds="0",
-    frames: int = DEFAULT_FRAMES,
-    height: int = DEFAULT_SIZE,
-    width: int = DEFAULT_SIZE,
-    steps: int = DEFAULT_STEPS,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
     guidance: float = cli.DEFAULT_GUIDANCE,
     fps: float = cli.DEFAULT_FPS,
     device: str = "cpu",
@@ -217,7 +228,8 @@ def make_plan(
     output_dir: str = "eval-out",
     cache_dir: str | None = None,
 ) -> EvalPlan:
-    """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed."""
+    """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed. `frames`,
+    `height`, `width`, `steps` left None take the model's defaults (`settings_for`)."""
     names = parse_methods(methods)
     method_options = parse_method_options(list(options), names, block_size)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not np.isfinite(guidance):
@@ -228,6 +240,9 @@ def make_plan(
         raise ValueError(f"dtype must be one of {cli.DTYPES}, got {dtype!r}")
     model = models.check_model(model)
     label, _ = models.resolve_model_label(model)
+    given = dict(frames=frames, height=height, width=width, steps=steps)
+    frames, height, width, steps = ({**settings_for(label), **{k: v for k, v in given.items() if v is not None}}[k]
+                                    for k in given)
     output_dir = os.path.abspath(output_dir)
     return EvalPlan(
         model=model,

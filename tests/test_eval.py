@@ -140,6 +140,28 @@ def test_methods_default_to_every_config_and_options_fill_in_defaults():
     assert "--option=neighborhood.window=3,4,4" in reproduce_command(plan)
 
 
+def test_eval_sizes_default_to_the_trained_tiny_models_own_and_to_small_ones_for_other_models(tmp_path, monkeypatch):
+    """At 8 steps the trained model's shapes vanish, so eval runs it at its training size and steps; the random
+    pipeline (or any other model) keeps the fast small defaults; flags given always win."""
+    from dit_sparse import cli
+    from dit_sparse.pipelines import tiny
+
+    def sizes(plan):
+        return plan.frames, plan.height, plan.width, plan.steps
+
+    monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path / "absent"))
+    assert sizes(runner.make_plan(suite="tiny")) == (17, 128, 128, 8)  # the random fallback
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path / "model"))
+    trained = runner.make_plan(suite="tiny")
+    assert trained.model_label == tiny.TINY_LABEL
+    assert sizes(trained) == (cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, tiny.DEFAULT_STEPS) == (
+        81, 160, 160, 25)
+    assert sizes(runner.make_plan(suite="tiny", model="tiny-random")) == (17, 128, 128, 8)
+    assert sizes(runner.make_plan(suite="tiny", frames=9, steps=3)) == (9, 160, 160, 3)
+
+
 # ---- end to end --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def render_calls(monkeypatch):

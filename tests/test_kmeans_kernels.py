@@ -6,7 +6,6 @@ On CPU the kernels run under TRITON_INTERPRET=1, which Triton reads when a kerne
 subprocess with it set (as tests/test_kernels.py does). The same checks run on CUDA at larger sizes (`pytest -m gpu`).
 """
 
-import contextlib
 import math
 import os
 import subprocess
@@ -18,7 +17,7 @@ import torch
 
 from dit_sparse import VideoLayout
 from dit_sparse.patterns import reorder_cluster
-from dit_sparse.patterns.reorder import KMEANS_ENV_VAR, kmeans, kmeans_engine
+from dit_sparse.patterns.reorder import KMEANS_ENV_VAR, forced_kmeans_engine, kmeans, kmeans_engine
 
 TESTS = Path(__file__).resolve().parent
 
@@ -33,20 +32,6 @@ UPDATE_CASES_GPU = [((2, 4), 20000, 300, 128, torch.float32), ((3,), 3001, 50, 6
 # (layout, heads, D, block size, dtype) of the planted-cluster runs
 PLANTED_CPU = (VideoLayout(2, 8, 16), 2, 32, 32, torch.float32)
 PLANTED_GPU = (VideoLayout(4, 16, 32), 4, 128, 64, torch.bfloat16)
-
-
-@contextlib.contextmanager
-def _engine(name: str):
-    """DIT_SPARSE_KMEANS=name inside the block."""
-    before = os.environ.get(KMEANS_ENV_VAR)
-    os.environ[KMEANS_ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[KMEANS_ENV_VAR]
-        else:
-            os.environ[KMEANS_ENV_VAR] = before
 
 
 def _exact_scores(x, centroids):
@@ -138,7 +123,7 @@ def check_engines_agree(device, planted):
     q, k, init = _planted(layout, heads, dim, block_size, dtype, device, seed=3)
     runs = {}
     for engine in ("torch", "triton"):
-        with _engine(engine):
+        with forced_kmeans_engine(engine):
             assert kmeans_engine(q) == engine
             labels, centroids, sizes = kmeans(q, init, 3)
             cold, state = reorder_cluster(layout, q, k, density=0.25, block_size=block_size)
@@ -154,7 +139,7 @@ def check_engines_agree(device, planted):
     # centroids are sums in another order)
     warm = {}
     for engine in ("torch", "triton"):
-        with _engine(engine):
+        with forced_kmeans_engine(engine):
             warm[engine] = reorder_cluster(layout, q, k, density=0.25, block_size=block_size, state=state)
     (mask, new_state), (t_mask, t_new_state) = warm.values()
     assert torch.equal(t_mask.permutation, mask.permutation) and torch.equal(t_mask.kv_permutation,
@@ -227,7 +212,7 @@ def test_kmeans_kernels_match_their_references_on_cuda_without_host_syncs():
     check_engines_agree("cuda", PLANTED_GPU)
     layout, heads, dim, block_size, dtype = PLANTED_GPU
     q, _, init = _planted(layout, heads, dim, block_size, dtype, "cuda", seed=4)
-    with _engine("auto"):
+    with forced_kmeans_engine("auto"):
         assert kmeans_engine(q) == "triton"
         expected = kmeans(q, init, 2)  # compiles and tunes the kernels
         torch.cuda.synchronize()

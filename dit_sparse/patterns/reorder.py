@@ -12,6 +12,7 @@ also runs on CPU under TRITON_INTERPRET=1, for tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -104,6 +105,22 @@ COLD_START_ITERS = 4
 COLD_START_RELOCATIONS = 6
 KMEANS_ENV_VAR = "DIT_SPARSE_KMEANS"
 KMEANS_ENGINES = ("auto", "torch", "triton")
+
+
+@contextlib.contextmanager
+def forced_kmeans_engine(engine: str | None):
+    """`DIT_SPARSE_KMEANS=engine` inside the block, restored after it (None: left as it is); for benchmarks that time
+    both engines and for tests."""
+    before = os.environ.get(KMEANS_ENV_VAR)
+    if engine is not None:
+        os.environ[KMEANS_ENV_VAR] = engine
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(KMEANS_ENV_VAR, None)
+        else:
+            os.environ[KMEANS_ENV_VAR] = before
 
 
 def kmeans_engine(x: torch.Tensor) -> str:
