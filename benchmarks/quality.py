@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--note", default=None, help="a line for the results file (e.g. which export this was)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
         model=label, model_dir=args.model_dir, date=date, torch=torch.__version__, python=platform.python_version(),
         device="cpu", threads=torch.get_num_threads(), size=size, steps=steps, block_size=BLOCK, tile=list(TILE),
         prompts=list(prompts), calibration_prompts=list(settings["calibration"]), seed=0,
-        axes_profile=axes_profile.entries, seconds=round(time.time() - start, 1), rows=rows,
+        axes_profile=axes_profile.entries, seconds=round(time.time() - start, 1), rows=rows, note=args.note,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +215,7 @@ def markdown(result: dict) -> str:
         "the dense video. `density`: the mean kept fraction over every self-attention call (the kernel's work). "
         "Radial and the neighborhood windows reach a density through their decay factor or window (the nearest on a "
         "grid); vdit's through its search bound, listed under the nearest target.",
+        *(["", f"**Note:** {result['note']}"] if result.get("note") else []),
         "",
         "| target density | method | density | PSNR dB | SSIM | note |",
         "|---|---|---|---|---|---|",
