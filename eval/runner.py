@@ -241,8 +241,8 @@ def make_plan(
     model = models.check_model(model)
     label, _ = models.resolve_model_label(model)
     given = dict(frames=frames, height=height, width=width, steps=steps)
-    frames, height, width, steps = ({**settings_for(label), **{k: v for k, v in given.items() if v is not None}}[k]
-                                    for k in given)
+    settings = settings_for(label) | {name: value for name, value in given.items() if value is not None}
+    frames, height, width, steps = (settings[name] for name in given)
     output_dir = os.path.abspath(output_dir)
     return EvalPlan(
         model=model,

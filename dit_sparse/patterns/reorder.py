@@ -170,17 +170,16 @@ def _assign(x_low: torch.Tensor, centroids: torch.Tensor, engine: str) -> tuple[
 
 def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, engine: str):
     """Lloyd's update: (centroids (B, H, K, D) fp32, each the mean of its points, an empty one unchanged; sizes
-    (B, H, K) fp32; order (B, H, S) int64, the tokens sorted by label, stable); x (B, H, S, D) fp32. torch: two
-    scatter_add_ (sums, counts) over every head at once and an argsort; triton: `kmeans.update`, a counting sort
-    and one sum per cluster's run of sorted tokens (the sort is the order)."""
+    (B, H, K) fp32; order (B, H, S) int64, the tokens sorted by label, stable, or None); x (B, H, S, D) fp32. torch:
+    two scatter_add_ (sums, counts) over every head at once, no order (`_lloyd` sorts once, after its last step);
+    triton: `kmeans.update`, a counting sort and one sum per cluster's run of sorted tokens (the sort is the order)."""
     if engine == "triton":
         from dit_sparse.kernels import kmeans as fused
 
         return fused.update(x, labels, centroids)
     sums = torch.zeros_like(centroids).scatter_add_(2, labels[..., None].expand_as(x), x)
     sizes = torch.zeros(centroids.shape[:3], device=x.device).scatter_add_(2, labels, x.new_ones(()).expand(labels.shape))
-    order = torch.argsort(labels, dim=-1, stable=True)
-    return torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids), sizes, order
+    return torch.where(sizes[..., None] > 0, sums / sizes.clamp_min(1)[..., None], centroids), sizes, None
 
 
 def _lloyd(x: torch.Tensor, x_low: torch.Tensor, centroids: torch.Tensor, iters: int, engine: str):
@@ -189,6 +188,8 @@ def _lloyd(x: torch.Tensor, x_low: torch.Tensor, centroids: torch.Tensor, iters:
     for _ in range(iters):
         labels, _ = _assign(x_low, centroids, engine)
         centroids, sizes, order = _update(x, labels, centroids, engine)
+    if order is None:  # the torch engine: one sort of the last labels
+        order = torch.argsort(labels, dim=-1, stable=True)
     return labels, centroids, sizes, order
 
 
