@@ -613,7 +613,8 @@ class Trainer:
         slots = torch.randint(config.pool_size, (config.batch_size,), generator=self.generator, device=self.device)
         return latents[slots], [captions[i] for i in slots.tolist()]
 
-    def dit_train_step(self) -> float:
+    def dit_train_step(self) -> torch.Tensor:
+        """One transformer step; the loss comes back as a device tensor, read only at log time (no sync per step)."""
         config = self.train_config
         self.transformer.train()
         self.text_encoder.train()
@@ -643,7 +644,7 @@ class Trainer:
         decay = min(config.ema_decay, (1.0 + self.dit_step) / (10.0 + self.dit_step))
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self._dit_parameters()], 1.0 - decay)
-        return loss.item()
+        return loss.detach()
 
     # ---- export
     def pipeline(self, use_ema: bool = True):
@@ -741,7 +742,7 @@ def train(
         step, total = (trainer.vae_step, config.vae_steps) if phase == "vae" else (trainer.dit_step, config.dit_steps)
         if step % config.log_every == 0 or step == total or trainer.phase != phase:
             elapsed = time.monotonic() - window_start
-            mean = sum(window) / len(window)
+            mean = sum(float(loss) for loss in window) / len(window)
             trainer.history.append({"phase": phase, "step": step, "loss": mean, "seconds": trainer.seconds[phase]})
             memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
             data = f", data {trainer.data_seconds / elapsed:.0%}" if phase == "dit" else ""
