@@ -405,6 +405,7 @@ class Trainer:
         self.data_seconds = 0.0  # of the transformer phase, in this chunk: rendering and encoding its batches
         self.pool = None  # the transformer phase's encoded videos, rebuilt from `next_index` on resume
         self.pool_drawn = False  # whether the pool's first P videos were drawn (a resume then re-encodes, not draws)
+        self.warmup_start = 0  # the transformer step the lr warmup counts from (a compact resume restarts it)
 
     # ---- bookkeeping
     def _dit_parameters(self) -> list[torch.nn.Parameter]:
@@ -426,8 +427,16 @@ class Trainer:
         enabled = self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def state_dict(self) -> dict:
-        return {
+    def state_dict(self, compact: bool = False) -> dict:
+        """Everything a resume needs. `compact`: without the raw transformer and text-encoder weights and without
+        the optimiser state (about the export's size instead of 2.4x it, to carry a run from one session to the
+        next): a resume from it restarts those weights from their EMA, with a fresh optimiser and a new lr warmup."""
+        if compact and self.phase == "vae":
+            raise ValueError(
+                f"a compact checkpoint needs the VAE phase finished (step {self.vae_step} of "
+                f"{self.train_config.vae_steps}): it keeps no optimiser state, and the VAE has no EMA to restart from"
+            )
+        state = {
             "format": CHECKPOINT_FORMAT,
             "model_config": dataclasses.asdict(self.model_config),
             "train_config": dataclasses.asdict(self.train_config),
@@ -448,20 +457,32 @@ class Trainer:
             "pool_drawn": self.pool_drawn,
             "history": self.history,
             "seconds": self.seconds,
+            "warmup_start": self.warmup_start,
+            "compact": compact,
         }
+        if compact:
+            state.update(transformer=None, text_encoder=None, dit_optimizer=None)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.vae.load_state_dict(state["vae"])
         self.vae.register_to_config(
             latents_mean=state["vae_config"]["latents_mean"], latents_std=state["vae_config"]["latents_std"]
         )
-        self.transformer.load_state_dict(state["transformer"])
-        self.text_encoder.load_state_dict(state["text_encoder"])
         for ema, saved in zip(self.ema, state["ema"]):
             ema.copy_(saved)
+        self.warmup_start = state.get("warmup_start", 0)
+        if state.get("compact"):  # the weights restart from their EMA, the optimiser afresh with a new warmup
+            with torch.no_grad():
+                for param, ema in zip(self._dit_parameters(), self.ema):
+                    param.copy_(ema)
+            self.warmup_start = state["dit_step"]
+        else:
+            self.transformer.load_state_dict(state["transformer"])
+            self.text_encoder.load_state_dict(state["text_encoder"])
+            self.dit_optimizer.load_state_dict(state["dit_optimizer"])
         if state["vae_optimizer"] is not None:
             self.vae_optimizer.load_state_dict(state["vae_optimizer"])
-        self.dit_optimizer.load_state_dict(state["dit_optimizer"])
         if state["device_type"] == self.device.type:
             self.generator.set_state(state["generator"])
         else:  # a CUDA generator's state does not fit a CPU one: a fresh stream, deterministic in the step
@@ -471,6 +492,8 @@ class Trainer:
         self.next_index, self.latent_stats_done = state["next_index"], state["latent_stats_done"]
         self.pool_drawn = state["pool_drawn"]
         self.history, self.seconds = state["history"], state["seconds"]
+        if state.get("compact"):
+            self.history.append({"phase": self.phase, "step": self.dit_step, "resumed": "compact (EMA weights)"})
 
     def set_train_config(self, train_config: TrainConfig) -> None:
         """Adopt changed flags between chunks; the change is recorded in the history."""
@@ -627,7 +650,7 @@ class Trainer:
         u = torch.rand(x0.shape[0], generator=self.generator, device=self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
         noisy, timestep, target = flow_matching_inputs(x0, noise, flow_sigmas(u, self.model_config.flow_shift))
-        lr = config.lr * min(1.0, (self.dit_step + 1) / max(config.warmup_steps, 1))
+        lr = config.lr * min(1.0, (self.dit_step - self.warmup_start + 1) / max(config.warmup_steps, 1))
         for group in self.dit_optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
@@ -680,10 +703,10 @@ def _compact(optimizer_state: dict) -> dict:
     return {**optimizer_state, "state": state}
 
 
-def save_checkpoint(trainer: Trainer, path: str) -> None:
-    """Write the checkpoint atomically (a temporary file renamed over `path`)."""
+def save_checkpoint(trainer: Trainer, path: str, compact: bool = False) -> None:
+    """Write the checkpoint (`compact`: see `Trainer.state_dict`) atomically (a temporary file renamed over `path`)."""
     with atomic_path(path) as tmp:
-        torch.save(trainer.state_dict(), tmp)
+        torch.save(trainer.state_dict(compact=compact), tmp)
 
 
 def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
@@ -797,11 +820,13 @@ def export(
             guidance=guidance,
         )  # fmt: skip
         result["reconstructed_ok"] = reconstruction_following(pipe.vae, config, score_prompts, device)
+        result["sensitivity"] = caption_sensitivity(pipe, config, device=device)
         _write_samples(result, os.path.join(folder, "samples.png"))
         print(
             f"caption following: {result['n_ok']}/{score_prompts} (the same prompts' true videos through the VAE: "
             f"{result['reconstructed_ok']}/{score_prompts})"
         )
+        print("flow loss by caption: " + ", ".join(f"{k} {v:.4f}" for k, v in result["sensitivity"].items()))
     _write_loss_curve(trainer.history, os.path.join(folder, "loss.png"))
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
         file.write(model_card(trainer, result, steps, guidance))
@@ -810,6 +835,57 @@ def export(
     if size > EXPORT_LIMIT_BYTES:
         print(f"warning: {folder} is over the {EXPORT_LIMIT_BYTES / 1e6:.0f} MB the package may ship")
     return {"bytes": size, "score": result}
+
+
+#: Each direction's opposite (the negated unit vector), for `caption_sensitivity`.
+OPPOSITE = {
+    name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+    for name, (dx, dy) in DIRECTIONS.items()
+}
+
+
+@torch.no_grad()
+def caption_sensitivity(
+    pipe, config: ModelConfig, n: int = 16, sigmas: tuple[float, ...] = (0.5, 0.8, 0.95), device="cpu", seed: int = 0
+) -> dict[str, float]:
+    """Does the transformer read each part of the caption? Its flow-matching loss on the evaluation prompts' true
+    videos (`n` of them, the same noise for every variant, averaged over `sigmas`) when conditioned on the true
+    captions, on the captions with the direction reversed ("up" -> "down", "up and left" -> "down and right") or the
+    colour changed, and on "" (the unconditional branch). A model that ignores the direction words has
+    `opposite direction` == `true`: a cheap early warning, read without sampling, that caption following will be at
+    chance for direction (about 3 / 10) whatever the video quality."""
+    from .caption_score import EVALUATION_SEED
+
+    params = [video_params(EVALUATION_SEED, index) for index in range(n)]
+    videos = render_videos(params, config.frames, config.height, config.width, device).permute(0, 4, 1, 2, 3)
+    vae = pipe.vae
+    mean, std = (
+        torch.tensor(vae.config[name], device=device).view(1, -1, 1, 1, 1) for name in ("latents_mean", "latents_std")
+    )
+    x0 = torch.cat([vae_encode(vae, chunk * 2.0 - 1.0).mode() for chunk in videos.split(4)])
+    x0 = (x0 - mean) / std
+    colours = list(SHAPE_COLOURS)
+    variants = {
+        "true": [p.caption for p in params],
+        "opposite direction": [dataclasses.replace(p, direction=OPPOSITE[p.direction]).caption for p in params],
+        "other colour": [
+            dataclasses.replace(p, colour=colours[(colours.index(p.colour) + 3) % len(colours)]).caption
+            for p in params
+        ],
+        "no caption": [""] * n,
+    }
+    generator = torch.Generator().manual_seed(seed)
+    losses = dict.fromkeys(variants, 0.0)
+    for sigma in sigmas:
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noisy, timestep, target = flow_matching_inputs(x0, noise, torch.full((n,), sigma, device=device))
+        for name, captions in variants.items():
+            text = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device)
+            velocity = pipe.transformer(
+                hidden_states=noisy, timestep=timestep, encoder_hidden_states=text, return_dict=False
+            )[0]
+            losses[name] += F.mse_loss(velocity.float(), target).item() / len(sigmas)
+    return losses
 
 
 @torch.no_grad()
@@ -955,6 +1031,12 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
             f"The ceiling set by the VAE: the same prompts' true videos, encoded and decoded, pass "
             f"{result['reconstructed_ok']} / {len(result['prompts'])}.",
             "",
+            "Which words the transformer reads (`train_tiny.caption_sensitivity`: the flow loss on 16 evaluation "
+            "videos, same noise, sigmas 0.5 / 0.8 / 0.95, by the caption it is given; equal losses mean the words "
+            "that differ are ignored): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["sensitivity"].items())
+            + ".",
+            "",
             "| prompt | ok | colour found | displacement (px) | angle error | note |",
             "|---|---|---|---|---|---|",
         ]
@@ -995,6 +1077,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-refresh", type=int, default=None, help="new videos encoded into the pool each step")
     parser.add_argument("--log-every", type=int, default=None, help="steps per log line / loss-history point")
     parser.add_argument(
+        "--compact", default=None, metavar="PATH",
+        help="also write a compact checkpoint here at the end (EMA weights, no optimiser state: about the export's "
+        "size, to carry a run between sessions); --checkpoint PATH resumes from it",
+    )  # fmt: skip
+    parser.add_argument(
         "--export", default=None, metavar="DIR", help="write the save_pretrained folder here at the end"
     )
     parser.add_argument("--score-prompts", type=int, default=10, help="caption prompts to score for the card (0: none)")
@@ -1034,6 +1121,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"saved {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step} ({trainer.phase})"
     )
+    if args.compact:
+        save_checkpoint(trainer, args.compact, compact=True)
+        print(f"saved {args.compact} (compact): {os.path.getsize(args.compact) / 2**20:.1f} MiB")
     if args.export:
         export(trainer, args.export, args.score_prompts, args.score_steps, args.score_guidance, device)
     return 0

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import dit_sparse  # noqa: F401  (first: it keeps the checkout's kernels/ from shadowing Hugging Face's `kernels`)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -239,3 +239,49 @@ def test_the_shipped_tiny_model_follows_at_least_8_of_10_captions():
         pipe, n=10, frames=config.frames, height=config.height, width=config.width, steps=tiny.DEFAULT_STEPS
     )
     assert result["n_ok"] >= 8, [(p, d["reason"]) for p, d in zip(result["prompts"], result["details"]) if not d["ok"]]
+
+
+def test_a_compact_checkpoint_resumes_from_the_ema_with_a_fresh_optimiser_and_a_new_warmup(tmp_path):
+    full, compact = tmp_path / "full.pt", tmp_path / "compact.pt"
+    assert _train(full, "--preset", "smoke", "--chunk-steps", "4", "--compact", str(compact)) == 0  # dit step 2
+    saved, small = (torch.load(path, weights_only=False) for path in (full, compact))
+    assert small["compact"] and small["transformer"] is small["dit_optimizer"] is None
+    assert all(torch.equal(a, b) for a, b in zip(saved["ema"], small["ema"])) and small["dit_step"] == 2
+    assert compact.stat().st_size < full.stat().st_size
+    raw = list(saved["transformer"].values()) + list(saved["text_encoder"].values())
+    assert any(not torch.equal(a, b) for a, b in zip(raw, saved["ema"]))  # so restarting from the EMA is visible
+
+    assert _train(compact, "--chunk-steps", "1", "--lr", "1e-3") == 0  # resumed from the compact file, written full
+    resumed = torch.load(compact, weights_only=False)
+    assert not resumed["compact"] and resumed["dit_step"] == 3 and resumed["warmup_start"] == 2
+    groups = resumed["dit_optimizer"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup step 1 of the smoke preset's 2, counted anew
+    assert all(state["step"] == 1 for state in resumed["dit_optimizer"]["state"].values())  # a fresh Adam
+    assert any(e.get("resumed") for e in resumed["history"])
+
+
+def test_a_compact_checkpoint_of_an_unfinished_vae_phase_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="VAE phase finished"):
+        _train(tmp_path / "c.pt", "--preset", "smoke", "--chunk-steps", "1", "--compact", str(tmp_path / "s.pt"))
+    assert (tmp_path / "c.pt").exists() and not (tmp_path / "s.pt").exists()  # the full checkpoint was kept
+
+
+def test_opposite_directions_are_the_negated_vectors_and_pair_up():
+    from dit_sparse.pipelines.shapes_dataset import DIRECTIONS
+
+    for name, (dx, dy) in DIRECTIONS.items():
+        assert DIRECTIONS[tt.OPPOSITE[name]] == (-dx, -dy) and tt.OPPOSITE[tt.OPPOSITE[name]] == name
+
+
+def test_caption_sensitivity_is_flat_for_a_transformer_blind_to_text_and_not_for_one_that_reads_it():
+    components = tt.build_components(SMOKE_MODEL)
+    pipe = WanPipeline(**components)
+    torch.nn.init.normal_(pipe.transformer.proj_out.weight, std=0.5)  # not the zero velocity of a fresh model
+    reading = tt.caption_sensitivity(pipe, SMOKE_MODEL, n=4, sigmas=(0.7,))
+    assert set(reading) == {"true", "opposite direction", "other colour", "no caption"}
+    assert reading["true"] != reading["opposite direction"] and reading["true"] != reading["other colour"]
+    for block in pipe.transformer.blocks:  # cross-attention off: the text cannot reach the output
+        torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+        torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+    blind = tt.caption_sensitivity(pipe, SMOKE_MODEL, n=4, sigmas=(0.7,))
+    assert len(set(blind.values())) == 1
