@@ -37,6 +37,7 @@ of about 45 MiB), "mini" (the whole recipe at 48 x 48 px, 17 frames: a CPU check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
@@ -347,6 +348,20 @@ def vae_decode(vae, latents: torch.Tensor, clamp: bool = False, chunked: bool = 
     return out.clamp(-1.0, 1.0) if clamp else out
 
 
+def encode_latents(vae, videos: torch.Tensor, chunk: int = 16, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Normalised latents `(B, C, F, h, w)` float32 of videos `(B, 3, T, H, W)` in [-1, 1]: the posterior mean
+    (`vae_encode`, `chunk` videos at a time, each under `autocast()`), standardised by the VAE config's stats."""
+    latents = []
+    for start in range(0, videos.shape[0], chunk):
+        with autocast():
+            latents.append(vae_encode(vae, videos[start : start + chunk]).mode().float())
+    mean, std = (
+        torch.tensor(vae.config[name], device=videos.device).view(1, -1, 1, 1, 1)
+        for name in ("latents_mean", "latents_std")
+    )
+    return (torch.cat(latents) - mean) / std
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -471,12 +486,12 @@ class Trainer:
         )
         for ema, saved in zip(self.ema, state["ema"]):
             ema.copy_(saved)
-        self.warmup_start = state.get("warmup_start", 0)
-        if state.get("compact"):  # the weights restart from their EMA, the optimiser afresh with a new warmup
+        compact = state.get("compact", False)
+        self.warmup_start = state["dit_step"] if compact else state.get("warmup_start", 0)
+        if compact:  # the weights restart from their EMA, the optimiser afresh with a new warmup
             with torch.no_grad():
                 for param, ema in zip(self._dit_parameters(), self.ema):
                     param.copy_(ema)
-            self.warmup_start = state["dit_step"]
         else:
             self.transformer.load_state_dict(state["transformer"])
             self.text_encoder.load_state_dict(state["text_encoder"])
@@ -492,7 +507,7 @@ class Trainer:
         self.next_index, self.latent_stats_done = state["next_index"], state["latent_stats_done"]
         self.pool_drawn = state["pool_drawn"]
         self.history, self.seconds = state["history"], state["seconds"]
-        if state.get("compact"):
+        if compact:
             self.history.append({"phase": self.phase, "step": self.dit_step, "resumed": "compact (EMA weights)"})
 
     def set_train_config(self, train_config: TrainConfig) -> None:
@@ -527,16 +542,8 @@ class Trainer:
 
     @torch.no_grad()
     def encode(self, videos: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Normalised latents `(B, C, F, h, w)` float32: the posterior mean, standardised by the VAE config's stats."""
-        latents = []
-        for start in range(0, videos.shape[0], chunk):
-            with self.autocast():
-                latents.append(vae_encode(self.vae, videos[start : start + chunk]).mode().float())
-        mean, std = (
-            torch.tensor(self.vae.config[name], device=self.device).view(1, -1, 1, 1, 1)
-            for name in ("latents_mean", "latents_std")
-        )
-        return (torch.cat(latents) - mean) / std
+        """Normalised latents `(B, C, F, h, w)` float32 (`encode_latents` under the training autocast)."""
+        return encode_latents(self.vae, videos, chunk, self.autocast)
 
     # ---- phase 1: the VAE
     def vae_train_step(self) -> float:
@@ -826,7 +833,7 @@ def export(
             f"caption following: {result['n_ok']}/{score_prompts} (the same prompts' true videos through the VAE: "
             f"{result['reconstructed_ok']}/{score_prompts})"
         )
-        print("flow loss by caption: " + ", ".join(f"{k} {v:.4f}" for k, v in result["sensitivity"].items()))
+        print(f"flow loss by caption: {_losses_text(result['sensitivity'])}")
     _write_loss_curve(trainer.history, os.path.join(folder, "loss.png"))
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
         file.write(model_card(trainer, result, steps, guidance))
@@ -835,6 +842,15 @@ def export(
     if size > EXPORT_LIMIT_BYTES:
         print(f"warning: {folder} is over the {EXPORT_LIMIT_BYTES / 1e6:.0f} MB the package may ship")
     return {"bytes": size, "score": result}
+
+
+def _evaluation_videos(config: ModelConfig, n: int, device) -> tuple[list, torch.Tensor]:
+    """The evaluation prompts' parameters and true videos `(n, 3, T, H, W)` in [-1, 1] on `device`."""
+    from .caption_score import EVALUATION_SEED
+
+    params = [video_params(EVALUATION_SEED, index) for index in range(n)]
+    videos = render_videos(params, config.frames, config.height, config.width, device)
+    return params, videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0
 
 
 #: Each direction's opposite (the negated unit vector), for `caption_sensitivity`.
@@ -854,16 +870,8 @@ def caption_sensitivity(
     colour changed, and on "" (the unconditional branch). A model that ignores the direction words has
     `opposite direction` == `true`: a cheap early warning, read without sampling, that caption following will be at
     chance for direction (about 3 / 10) whatever the video quality."""
-    from .caption_score import EVALUATION_SEED
-
-    params = [video_params(EVALUATION_SEED, index) for index in range(n)]
-    videos = render_videos(params, config.frames, config.height, config.width, device).permute(0, 4, 1, 2, 3)
-    vae = pipe.vae
-    mean, std = (
-        torch.tensor(vae.config[name], device=device).view(1, -1, 1, 1, 1) for name in ("latents_mean", "latents_std")
-    )
-    x0 = torch.cat([vae_encode(vae, chunk * 2.0 - 1.0).mode() for chunk in videos.split(4)])
-    x0 = (x0 - mean) / std
+    params, videos = _evaluation_videos(config, n, device)
+    x0 = encode_latents(pipe.vae, videos, chunk=4)
     colours = list(SHAPE_COLOURS)
     variants = {
         "true": [p.caption for p in params],
@@ -888,16 +896,19 @@ def caption_sensitivity(
     return losses
 
 
+def _losses_text(losses: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+
+
 @torch.no_grad()
 def reconstruction_following(vae, config: ModelConfig, n: int, device) -> int:
     """How many of the evaluation prompts' true videos still follow their captions after a VAE round trip (encode,
     decode): the most the transformer can reach, to tell a VAE shortfall from a transformer one."""
-    from .caption_score import EVALUATION_SEED, score
+    from .caption_score import score
 
-    params = [video_params(EVALUATION_SEED, index) for index in range(n)]
-    videos = render_videos(params, config.frames, config.height, config.width, device).permute(0, 4, 1, 2, 3)
+    params, videos = _evaluation_videos(config, n, device)
     decoded = []
-    for video in videos * 2.0 - 1.0:  # (3, T, H, W) in [-1, 1]
+    for video in videos:  # (3, T, H, W) in [-1, 1]
         output = vae.decode(vae.encode(video[None]).latent_dist.mode()).sample[0]
         decoded.append(((output.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().cpu().numpy())
     return score(decoded, [p.caption for p in params])[0]
@@ -1033,9 +1044,7 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
             "",
             "Which words the transformer reads (`train_tiny.caption_sensitivity`: the flow loss on 16 evaluation "
             "videos, same noise, sigmas 0.5 / 0.8 / 0.95, by the caption it is given; equal losses mean the words "
-            "that differ are ignored): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in result["sensitivity"].items())
-            + ".",
+            f"that differ are ignored): {_losses_text(result['sensitivity'])}.",
             "",
             "| prompt | ok | colour found | displacement (px) | angle error | note |",
             "|---|---|---|---|---|---|",
