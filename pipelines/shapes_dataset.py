@@ -57,6 +57,11 @@ DIRECTIONS = {
     "down and right": (math.sqrt(0.5), math.sqrt(0.5)),
     "down and left": (-math.sqrt(0.5), math.sqrt(0.5)),
 }
+#: Each direction's opposite (the negated unit vector): a video played backwards moves the opposite way.
+OPPOSITE = {
+    name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+    for name, (dx, dy) in DIRECTIONS.items()
+}
 BACKGROUNDS = ("plain", "vertical", "horizontal")
 
 #: Ranges the parameters are drawn from (fractions of the shorter frame side; positions of the frame's width/height).
@@ -153,6 +158,14 @@ def video_params(seed: int, index: int) -> ShapeVideo:
     return ShapeVideo(shape, colour, direction, background, (first, second), size, (start[0], start[1]), travel)
 
 
+def reversed_in_time(params: ShapeVideo) -> ShapeVideo:
+    """The same video played backwards: the opposite direction from the last frame's centre (an in-distribution
+    video: its track fits the frame, and `start` stays within the range `video_params` draws it from)."""
+    unit = DIRECTIONS[params.direction]
+    end = tuple(start + params.travel * u for start, u in zip(params.start, unit))
+    return dataclasses.replace(params, direction=OPPOSITE[params.direction], start=(end[0], end[1]))
+
+
 def _centres(params: Sequence[ShapeVideo], frames: int, height: int, width: int, device) -> torch.Tensor:
     """Centres in pixels, `(B, T, 2)` float32 as (x, y)."""
     start = torch.tensor([p.start for p in params], dtype=torch.float32, device=device)  # (B, 2)
@@ -168,16 +181,18 @@ def _colour_table(names: Sequence[str], device) -> torch.Tensor:
     return torch.tensor([BACKGROUND_COLOURS[name] for name in names], dtype=torch.float32, device=device) / 255.0
 
 
-def render_videos(
-    params: Sequence[ShapeVideo], frames: int, height: int, width: int, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """Render videos on `device`: `(B, frames, height, width, 3)` float32 in [0, 1].
-
-    Shapes are signed-distance fields with a one-pixel anti-aliased edge, composited over the background.
-    """
+def _check_size(frames: int, height: int, width: int) -> None:
     for name, value in (("frames", frames), ("height", height), ("width", width)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def shape_alpha(
+    params: Sequence[ShapeVideo], frames: int, height: int, width: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The shapes' coverage of each pixel, `(B, frames, height, width)` float32 in [0, 1]: signed-distance fields
+    with a one-pixel anti-aliased edge (what `render_videos` composites over the background)."""
+    _check_size(frames, height, width)
     if not params:
         raise ValueError("params must hold at least one ShapeVideo")
     device = torch.device(device)
@@ -193,8 +208,18 @@ def render_videos(
     triangle = _triangle_distance(dx, -dy, r * HALF_SIDE["triangle"])
     kind = torch.tensor([SHAPES.index(p.shape) for p in params], device=device)[:, None, None, None]
     distance = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
-    alpha = (0.5 - distance).clamp(0.0, 1.0)[..., None]  # (B, T, H, W, 1)
+    return (0.5 - distance).clamp(0.0, 1.0)
 
+
+def render_videos(
+    params: Sequence[ShapeVideo], frames: int, height: int, width: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Render videos on `device`: `(B, frames, height, width, 3)` float32 in [0, 1]: `shape_alpha` composited over
+    the background."""
+    alpha = shape_alpha(params, frames, height, width, device)[..., None]  # (B, T, H, W, 1)
+    device = alpha.device
+    xs = torch.arange(width, dtype=torch.float32, device=device) + 0.5
+    ys = torch.arange(height, dtype=torch.float32, device=device) + 0.5
     first = _colour_table([p.background_colours[0] for p in params], device)  # (B, 3)
     second = _colour_table([p.background_colours[1] for p in params], device)
     mode = torch.tensor([BACKGROUNDS.index(p.background) for p in params], device=device)[:, None, None]

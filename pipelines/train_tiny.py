@@ -44,6 +44,7 @@ import os
 import platform
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,14 @@ from dit_sparse.files import atomic_path
 from .shapes_dataset import (
     BACKGROUND_COLOURS,
     DIRECTIONS,
+    OPPOSITE,
     SHAPE_COLOURS,
     SHAPES,
+    ShapeVideo,
     build_tokenizer,
     render_videos,
+    reversed_in_time,
+    shape_alpha,
     video_params,
 )
 from .tiny import DEFAULT_STEPS
@@ -131,6 +136,18 @@ class TrainConfig:
     pool_refresh: int = 2  # new videos encoded into the pool per step (the oldest are replaced); 8 cost 77% of a step
     stats_videos: int = 256  # videos encoded to measure the latents' mean and std
     log_every: int = 50
+    # The direction words' weak signal (TRAINING_NOTES.md, "The transformer does not read the direction words"):
+    shape_weight: float = 0.0  # extra flow-loss weight on the latent cells the shape covers (weight 1 + this)
+    pair_reversed: bool = False  # each drawn video comes with its time-reversed twin, under the same noise and sigma
+
+    def __post_init__(self):
+        if self.shape_weight < 0:
+            raise ValueError(f"shape_weight must be >= 0, got {self.shape_weight!r}")
+        if self.pair_reversed:
+            odd = {name: getattr(self, name) for name in ("batch_size", "pool_size", "pool_refresh")}
+            odd = {name: value for name, value in odd.items() if value % 2}
+            if odd:
+                raise ValueError(f"pair_reversed needs even batch_size, pool_size and pool_refresh, got {odd}")
 
 
 PRESETS = {
@@ -202,7 +219,7 @@ PRESETS = {
 #: The `TrainConfig` fields a flag may set, for a new run or between chunks of one.
 FLAG_FIELDS = (
     "vae_steps", "vae_max_minutes", "dit_steps", "batch_size", "vae_batch_size", "vae_crop", "vae_lr", "lr",
-    "pool_size", "pool_refresh", "log_every",
+    "pool_size", "pool_refresh", "log_every", "shape_weight", "pair_reversed",
 )  # fmt: skip
 
 
@@ -360,6 +377,17 @@ def encode_latents(vae, videos: torch.Tensor, chunk: int = 16, autocast=contextl
         for name in ("latents_mean", "latents_std")
     )
     return (torch.cat(latents) - mean) / std
+
+
+def latent_shape_masks(alpha: torch.Tensor) -> torch.Tensor:
+    """The latent cells a shape touches, `(B, F, H / 8, W / 8)` in [0, 1], from its pixel coverage `alpha`
+    `(B, T, H, W)` (`shape_alpha`): the maximum over each cell's 8 x 8 pixels and its frames, grouped as the causal
+    VAE groups them (the first latent frame is frame 0 alone, each later one the next 4 frames)."""
+    batch, frames, height, width = alpha.shape
+    if (frames - 1) % 4 or height % 8 or width % 8:
+        raise ValueError(f"alpha must be (B, 4k + 1, 8m, 8n), got {tuple(alpha.shape)}")
+    later = alpha[:, 1:].reshape(batch, (frames - 1) // 4, 4, height, width).amax(dim=2)
+    return F.max_pool2d(torch.cat([alpha[:, :1], later], dim=1), 8)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -521,7 +549,7 @@ class Trainer:
             group["lr"] = train_config.vae_lr
         for group in self.dit_optimizer.param_groups:
             group["weight_decay"] = train_config.weight_decay
-        if {"pool_size"} & changed.keys():
+        if {"pool_size", "pair_reversed"} & changed.keys():  # the pool's layout changes: rebuilt at the next batch
             self.pool = None
 
     def _step(self) -> int:
@@ -539,6 +567,21 @@ class Trainer:
         params = [video_params(config.data_seed, index) for index in indices]
         videos = render_videos(params, frames or config.frames, config.height, config.width, self.device)
         return videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0, [p.caption for p in params]
+
+    def _members(self) -> int:
+        """Videos per drawn dataset index in the transformer phase: 2 (it and its time-reversed twin) or 1."""
+        return 2 if self.train_config.pair_reversed else 1
+
+    def render_training(self, indices: list[int]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """The transformer phase's videos of `indices`: each video (followed by its time-reversed twin when
+        `pair_reversed`), its normalised latent `(N, C, F, h, w)`, captions and `latent_shape_masks` `(N, F, h, w)`."""
+        config = self.model_config
+        params = [video_params(config.data_seed, index) for index in indices]
+        if self._members() == 2:
+            params = [member for p in params for member in (p, reversed_in_time(p))]
+        videos = render_videos(params, config.frames, config.height, config.width, self.device)
+        masks = latent_shape_masks(shape_alpha(params, config.frames, config.height, config.width, self.device))
+        return self.encode(videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0), [p.caption for p in params], masks
 
     @torch.no_grad()
     def encode(self, videos: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -609,39 +652,54 @@ class Trainer:
         self.history.append({"phase": "stats", "step": 0, "latents_mean": mean.tolist(), "latents_std": std.tolist()})
 
     # ---- phase 2: the transformer and text encoder
-    def _fill_pool(self) -> None:
-        """Build the pool: slot i % P holds dataset video i. The first time, P new videos are drawn; on a resume the
-        last P drawn are re-encoded, which is the pool as it was (it is always the last P drawn)."""
-        size = self.train_config.pool_size
-        if not self.pool_drawn or self.next_index < size:
-            self._take_indices(size)
-            self.pool_drawn = True
-        indices = list(range(self.next_index - size, self.next_index))
-        latents = torch.empty((size, *self.model_config.latent_shape), device=self.device)
-        captions = [""] * size
-        for start in range(0, size, 16):
-            chunk = indices[start : start + 16]
-            videos, chunk_captions = self.render(chunk)
-            for index, latent, caption in zip(chunk, self.encode(videos), chunk_captions):
-                latents[index % size], captions[index % size] = latent, caption
-        self.pool = (latents, captions)
+    def _pool_slots(self, indices: list[int]) -> list[int]:
+        """The pool slots of dataset videos `indices` (and of their twins, right after each, when paired)."""
+        members = self._members()
+        pairs = self.train_config.pool_size // members
+        return [members * (index % pairs) + member for index in indices for member in range(members)]
 
-    def batch(self) -> tuple[torch.Tensor, list[str]]:
-        """A training batch of normalised latents and captions: from the pool (refreshed first), or fresh."""
+    def _fill_pool(self) -> None:
+        """Build the pool: dataset video i (and its twin) in `_pool_slots([i])`. The first time, new videos are drawn
+        to fill it; on a resume the last ones drawn are re-encoded, which is the pool as it was (it always holds the
+        last ones drawn)."""
+        size = self.train_config.pool_size
+        drawn = size // self._members()
+        if not self.pool_drawn or self.next_index < drawn:
+            self._take_indices(drawn)
+            self.pool_drawn = True
+        indices = list(range(self.next_index - drawn, self.next_index))
+        latents = torch.empty((size, *self.model_config.latent_shape), device=self.device)
+        masks = torch.empty((size, *self.model_config.latent_shape[1:]), device=self.device)
+        captions = [""] * size
+        for start in range(0, drawn, 16 // self._members()):
+            self._write_pool((latents, captions, masks), indices[start : start + 16 // self._members()])
+        self.pool = (latents, captions, masks)
+
+    def _write_pool(self, pool: tuple, indices: list[int]) -> None:
+        latents, captions, masks = pool
+        slots = self._pool_slots(indices)
+        new_latents, new_captions, new_masks = self.render_training(indices)
+        latents[slots], masks[slots] = new_latents, new_masks
+        for slot, caption in zip(slots, new_captions):
+            captions[slot] = caption
+
+    def batch(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """A training batch of normalised latents, captions and latent shape masks: from the pool (refreshed first),
+        or fresh. When paired, twins are adjacent (rows 2i and 2i + 1)."""
         config = self.train_config
+        members = self._members()
         if config.pool_size == 0:
-            videos, captions = self.render(self._take_indices(config.batch_size))
-            return self.encode(videos), captions
+            return self.render_training(self._take_indices(config.batch_size // members))
         if self.pool is None:
             self._fill_pool()
-        latents, captions = self.pool
         if config.pool_refresh:
-            indices = self._take_indices(config.pool_refresh)
-            videos, new_captions = self.render(indices)
-            for index, latent, caption in zip(indices, self.encode(videos), new_captions):
-                latents[index % config.pool_size], captions[index % config.pool_size] = latent, caption
-        slots = torch.randint(config.pool_size, (config.batch_size,), generator=self.generator, device=self.device)
-        return latents[slots], [captions[i] for i in slots.tolist()]
+            self._write_pool(self.pool, self._take_indices(config.pool_refresh // members))
+        latents, captions, masks = self.pool
+        pairs = torch.randint(
+            config.pool_size // members, (config.batch_size // members,), generator=self.generator, device=self.device
+        )
+        slots = (pairs[:, None] * members + torch.arange(members, device=self.device)).flatten()
+        return latents[slots], [captions[i] for i in slots.tolist()], masks[slots]
 
     def dit_train_step(self) -> torch.Tensor:
         """One transformer step; the loss comes back as a device tensor, read only at log time (no sync per step)."""
@@ -650,12 +708,15 @@ class Trainer:
         self.text_encoder.train()
         self.vae.eval()
         started = self._clock()
-        x0, captions = self.batch()  # (B, C, F, h, w)
+        x0, captions, masks = self.batch()  # (B, C, F, h, w), B, (B, F, h, w)
         self.data_seconds += self._clock() - started
-        drop = torch.rand(len(captions), generator=self.generator, device=self.device) < config.caption_dropout
+        members, draws = self._members(), x0.shape[0] // self._members()  # twins share noise, sigma and dropout
+        drop = torch.rand(draws, generator=self.generator, device=self.device) < config.caption_dropout
+        drop = drop.repeat_interleave(members)
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        u = torch.rand(x0.shape[0], generator=self.generator, device=self.device)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        u = torch.rand(draws, generator=self.generator, device=self.device).repeat_interleave(members)
+        noise = torch.randn((draws, *x0.shape[1:]), generator=self.generator, device=self.device)
+        noise = noise.repeat_interleave(members, dim=0)
         noisy, timestep, target = flow_matching_inputs(x0, noise, flow_sigmas(u, self.model_config.flow_shift))
         lr = config.lr * min(1.0, (self.dit_step - self.warmup_start + 1) / max(config.warmup_steps, 1))
         for group in self.dit_optimizer.param_groups:
@@ -665,9 +726,12 @@ class Trainer:
             velocity = self.transformer_forward(
                 hidden_states=noisy, timestep=timestep, encoder_hidden_states=text, return_dict=False
             )[0]
-        loss = F.mse_loss(velocity.float(), target)
+        squared = (velocity.float() - target) ** 2
+        loss = squared.mean()  # what is logged: the plain flow loss, comparable across recipes
+        weight = 1.0 + config.shape_weight * masks[:, None]  # (B, 1, F, h, w)
+        objective = (squared * weight).mean() / weight.mean() if config.shape_weight else loss
         self.dit_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(self._dit_parameters(), config.grad_clip)
         self.dit_optimizer.step()
         self.dit_step += 1
@@ -676,7 +740,36 @@ class Trainer:
             torch._foreach_lerp_(self.ema, [p.detach() for p in self._dit_parameters()], 1.0 - decay)
         return loss.detach()
 
-    # ---- export
+    # ---- probes and export
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The transformer and text encoder hold their EMA weights (in eval mode) inside the block, their training
+        weights and mode again after it."""
+        params = self._dit_parameters()
+        saved = [p.detach().clone() for p in params]
+        modes = [module.training for module in (self.transformer, self.text_encoder)]
+        with torch.no_grad():
+            for param, ema in zip(params, self.ema):
+                param.copy_(ema)
+        self.transformer.eval()
+        self.text_encoder.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, saved):
+                    param.copy_(value)
+            for module, mode in zip((self.transformer, self.text_encoder), modes):
+                module.train(mode)
+
+    def probe(self, n: int = 16) -> dict[str, float]:
+        """`caption_sensitivity` of the EMA weights, on the training device (no copies: seconds on a GPU)."""
+        self.vae.eval()
+        parts = {"vae": self.vae, "tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
+        with self.ema_weights():
+            pipe = types.SimpleNamespace(transformer=self.transformer, **parts)
+            return caption_sensitivity(pipe, self.model_config, n=n, device=self.device)
+
     def pipeline(self, use_ema: bool = True):
         """A `WanPipeline` of CPU copies of the models (the EMA weights for the transformer and text encoder)."""
         from diffusers import WanPipeline
@@ -748,13 +841,15 @@ def open_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 def train(
-    trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint: str | None, save_every: float
+    trainer: Trainer, deadline: float, chunk_steps: int | None, checkpoint: str | None, save_every: float,
+    probe_every: float = 0.0,
 ) -> None:
-    """Train until the schedule is done, the deadline (time.monotonic()) passes, or `chunk_steps` steps ran."""
+    """Train until the schedule is done, the deadline (time.monotonic()) passes, or `chunk_steps` steps ran; every
+    `probe_every` seconds of the transformer phase (0: never), and at the end, log `Trainer.probe`."""
     config, device = trainer.train_config, trainer.device
     steps = 0
     window: list[float] = []
-    window_start = last_save = time.monotonic()
+    window_start = last_save = last_probe = time.monotonic()
     while trainer.phase != "done" and time.monotonic() < deadline and (chunk_steps is None or steps < chunk_steps):
         phase = trainer.phase
         if phase == "dit" and not trainer.latent_stats_done:
@@ -787,9 +882,20 @@ def train(
             window, window_start, trainer.data_seconds = [], time.monotonic(), 0.0
         if phase == "vae" and trainer.phase != "vae":
             _measure_latent_stats(trainer)  # now, so that a checkpoint never holds a finished VAE without its stats
+        if probe_every and phase == "dit" and time.monotonic() - last_probe > probe_every:
+            _log_probe(trainer)
+            last_probe = time.monotonic()
         if checkpoint and time.monotonic() - last_save > save_every:
             save_checkpoint(trainer, checkpoint)
             last_save = time.monotonic()
+    if probe_every and steps and trainer.dit_step and trainer.phase != "vae":
+        _log_probe(trainer)
+
+
+def _log_probe(trainer: Trainer) -> None:
+    losses = trainer.probe()
+    trainer.history.append({"phase": "probe", "step": trainer.dit_step, "sensitivity": losses})
+    print(f"[probe] step {trainer.dit_step}: flow loss by caption: {_losses_text(losses)}", flush=True)
 
 
 def _measure_latent_stats(trainer: Trainer) -> None:
@@ -853,9 +959,9 @@ def _evaluation_videos(config: ModelConfig, n: int, device) -> tuple[list, torch
     return params, videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0
 
 
-#: Each direction's opposite (the negated unit vector), for `caption_sensitivity`.
-OPPOSITE = {
-    name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+#: Each direction turned by 90 degrees, for `caption_sensitivity` (with `OPPOSITE`: the axis vs the sign).
+PERPENDICULAR = {
+    name: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dy, dx))
     for name, (dx, dy) in DIRECTIONS.items()
 }
 
@@ -866,16 +972,20 @@ def caption_sensitivity(
 ) -> dict[str, float]:
     """Does the transformer read each part of the caption? Its flow-matching loss on the evaluation prompts' true
     videos (`n` of them, the same noise for every variant, averaged over `sigmas`) when conditioned on the true
-    captions, on the captions with the direction reversed ("up" -> "down", "up and left" -> "down and right") or the
-    colour changed, and on "" (the unconditional branch). A model that ignores the direction words has
-    `opposite direction` == `true`: a cheap early warning, read without sampling, that caption following will be at
-    chance for direction (about 3 / 10) whatever the video quality."""
+    captions, on the captions with the direction reversed ("up" -> "down", "up and left" -> "down and right"), turned
+    by 90 degrees ("right" -> "down": the axis changes too) or the colour changed, and on "" (the unconditional
+    branch). A model that ignores the direction words has `opposite direction` == `true`: a cheap early warning, read
+    without sampling, that caption following will be at chance for direction (about 3 / 10) whatever the video
+    quality; `perpendicular direction` > `opposite direction` == `true` means it reads the axis but not the sign."""
     params, videos = _evaluation_videos(config, n, device)
     x0 = encode_latents(pipe.vae, videos, chunk=4)
     colours = list(SHAPE_COLOURS)
     variants = {
         "true": [p.caption for p in params],
         "opposite direction": [dataclasses.replace(p, direction=OPPOSITE[p.direction]).caption for p in params],
+        "perpendicular direction": [
+            dataclasses.replace(p, direction=PERPENDICULAR[p.direction]).caption for p in params
+        ],
         "other colour": [
             dataclasses.replace(p, colour=colours[(colours.index(p.colour) + 3) % len(colours)]).caption
             for p in params
@@ -1086,6 +1196,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-refresh", type=int, default=None, help="new videos encoded into the pool each step")
     parser.add_argument("--log-every", type=int, default=None, help="steps per log line / loss-history point")
     parser.add_argument(
+        "--shape-weight", type=float, default=None,
+        help="extra flow-loss weight on the latent cells the shape covers (default 0: the plain flow loss)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pair-reversed", action=argparse.BooleanOptionalAction, default=None,
+        help="draw each video with its time-reversed twin (the opposite direction), under the same noise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-every", type=float, default=0.0,
+        help="minutes between caption_sensitivity probes of the EMA weights in the log (default 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--compact", default=None, metavar="PATH",
         help="also write a compact checkpoint here at the end (EMA weights, no optimiser state: about the export's "
         "size, to carry a run between sessions); --checkpoint PATH resumes from it",
@@ -1125,7 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     reserve = 90.0 if args.export else 20.0  # seconds kept for saving (and exporting) inside --minutes
     deadline = started + max(args.minutes * 60.0 - reserve, 0.0)
-    train(trainer, deadline, args.chunk_steps, args.checkpoint, args.save_every * 60.0)
+    train(trainer, deadline, args.chunk_steps, args.checkpoint, args.save_every * 60.0, args.probe_every * 60.0)
     save_checkpoint(trainer, args.checkpoint)
     print(
         f"saved {args.checkpoint}: vae step {trainer.vae_step}, transformer step {trainer.dit_step} ({trainer.phase})"

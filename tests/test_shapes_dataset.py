@@ -161,3 +161,39 @@ def test_bad_arguments_are_rejected_with_the_value():
         sd.video_params(0, -1)
     with pytest.raises(ValueError, match="frames must be an int >= 1, got 0"):
         sd.render_videos([sd.video_params(0, 0)], 0, HEIGHT, WIDTH)
+
+
+def test_opposite_directions_are_the_negated_vectors_and_pair_up():
+    for name, (dx, dy) in sd.DIRECTIONS.items():
+        assert sd.DIRECTIONS[sd.OPPOSITE[name]] == (-dx, -dy) and sd.OPPOSITE[sd.OPPOSITE[name]] == name
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_the_time_reversed_twin_is_the_video_played_backwards_and_in_distribution(index):
+    params = sd.video_params(3, index)
+    twin = sd.reversed_in_time(params)
+    assert twin.direction == sd.OPPOSITE[params.direction] and twin.caption != params.caption
+    forward, backward = sd.render_videos([params, twin], 17, 48, 64)
+    assert torch.allclose(backward, forward.flip(0), atol=1e-4)  # frame t of the twin is frame T - 1 - t
+    assert np.allclose(twin.centres(17, 48, 64), params.centres(17, 48, 64)[::-1], atol=1e-4)
+    # its start lies in the range video_params draws starts from for its direction (the track fits the frame)
+    margin = sd.CIRCUMRADIUS[twin.shape] * twin.size + sd.EDGE_MARGIN
+    for start, unit in zip(twin.start, sd.DIRECTIONS[twin.direction]):
+        shift = twin.travel * unit
+        assert margin - min(shift, 0.0) - 1e-9 <= start <= 1.0 - margin - max(shift, 0.0) + 1e-9
+    again = sd.reversed_in_time(twin)
+    assert again.direction == params.direction and np.allclose(again.start, params.start)
+
+
+def test_shape_alpha_is_where_the_render_shows_the_shape_colour():
+    params = [sd.video_params(0, index) for index in range(4)]
+    alpha = sd.shape_alpha(params, 9, 32, 40)
+    videos = sd.render_videos(params, 9, 32, 40)
+    assert alpha.shape == (4, 9, 32, 40) and 0.0 <= alpha.min() and alpha.max() == 1.0
+    for video, a, p in zip(videos, alpha, params):
+        colour = torch.tensor(sd.SHAPE_COLOURS[p.colour]) / 255.0
+        assert torch.allclose(video[a == 1.0], colour.expand(int((a == 1.0).sum()), 3))
+        inside = 0.0 < a.sum(dim=(1, 2))
+        assert bool(inside.all())  # the shape is in every frame
+        area = a.sum(dim=(1, 2)) / (math.pi * (p.size * 32) ** 2)  # the circle's area at the shorter side, 32 px
+        assert torch.allclose(area, torch.ones_like(area), atol=0.1)

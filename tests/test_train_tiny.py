@@ -1,6 +1,7 @@
 """The tiny model's training script on toy sizes (CPU): it resumes exactly, exports a folder WanPipeline loads, and
 trains with the flow convention and text embeddings the pipeline uses; the loader's errors."""
 
+import dataclasses
 import json
 import os
 
@@ -266,22 +267,117 @@ def test_a_compact_checkpoint_of_an_unfinished_vae_phase_is_refused(tmp_path):
     assert (tmp_path / "c.pt").exists() and not (tmp_path / "s.pt").exists()  # the full checkpoint was kept
 
 
-def test_opposite_directions_are_the_negated_vectors_and_pair_up():
-    from dit_sparse.pipelines.shapes_dataset import DIRECTIONS
-
-    for name, (dx, dy) in DIRECTIONS.items():
-        assert DIRECTIONS[tt.OPPOSITE[name]] == (-dx, -dy) and tt.OPPOSITE[tt.OPPOSITE[name]] == name
-
-
 def test_caption_sensitivity_is_flat_for_a_transformer_blind_to_text_and_not_for_one_that_reads_it():
     components = tt.build_components(SMOKE_MODEL)
     pipe = WanPipeline(**components)
     torch.nn.init.normal_(pipe.transformer.proj_out.weight, std=0.5)  # not the zero velocity of a fresh model
     reading = tt.caption_sensitivity(pipe, SMOKE_MODEL, n=4, sigmas=(0.7,))
-    assert set(reading) == {"true", "opposite direction", "other colour", "no caption"}
+    assert set(reading) == {"true", "opposite direction", "perpendicular direction", "other colour", "no caption"}
     assert reading["true"] != reading["opposite direction"] and reading["true"] != reading["other colour"]
     for block in pipe.transformer.blocks:  # cross-attention off: the text cannot reach the output
         torch.nn.init.zeros_(block.attn2.to_out[0].weight)
         torch.nn.init.zeros_(block.attn2.to_out[0].bias)
     blind = tt.caption_sensitivity(pipe, SMOKE_MODEL, n=4, sigmas=(0.7,))
     assert len(set(blind.values())) == 1
+
+
+def test_latent_shape_masks_mark_every_cell_and_frame_group_the_shape_touches():
+    generator = torch.Generator().manual_seed(0)
+    alpha = (torch.rand(2, 9, 16, 24, generator=generator) > 0.97).float() * torch.rand(2, 9, 16, 24, generator=generator)
+    masks = tt.latent_shape_masks(alpha)
+    assert masks.shape == (2, 3, 2, 3)
+    groups = [[0], [1, 2, 3, 4], [5, 6, 7, 8]]  # the causal VAE's frames per latent frame
+    for b in range(2):
+        for f, frames in enumerate(groups):
+            for y in range(2):
+                for x in range(3):
+                    cell = alpha[b, frames, 8 * y : 8 * y + 8, 8 * x : 8 * x + 8]
+                    assert masks[b, f, y, x] == cell.max()
+    with pytest.raises(ValueError, match="4k"):
+        tt.latent_shape_masks(alpha[:, :8])
+
+
+def _smoke_trainer(**train_changes):
+    _, train_config = tt.PRESETS["smoke"]
+    trainer = tt.Trainer(SMOKE_MODEL, dataclasses.replace(train_config, **train_changes), torch.device("cpu"), 0)
+    trainer.vae_step = trainer.train_config.vae_steps  # straight to the transformer phase (the VAE's weights are
+    trainer.latent_stats_done = True  # untrained: the latents are still the encoder's function of the video)
+    return trainer
+
+
+def test_paired_batches_hold_each_video_and_its_reversed_twin_under_the_same_noise_and_sigma(monkeypatch):
+    from dit_sparse.pipelines.shapes_dataset import OPPOSITE, parse_caption
+
+    trainer = _smoke_trainer(pair_reversed=True, batch_size=4, pool_size=8, pool_refresh=2, caption_dropout=0.0)
+    seen = {}
+    batch = trainer.batch
+    monkeypatch.setattr(trainer, "batch", lambda: seen.setdefault("batch", batch()))
+
+    def forward(hidden_states, timestep, encoder_hidden_states, return_dict):
+        seen.update(noisy=hidden_states, timestep=timestep, text=encoder_hidden_states)
+        return (trainer.transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0],)
+
+    monkeypatch.setattr(trainer, "transformer_forward", forward)
+    trainer.dit_train_step()
+    x0, captions, masks = seen["batch"]
+    assert len(captions) == 4
+    for first, second in ((0, 1), (2, 3)):
+        a, b = parse_caption(captions[first]), parse_caption(captions[second])
+        assert b["direction"] == OPPOSITE[a["direction"]] and (a["colour"], a["shape"]) == (b["colour"], b["shape"])
+        assert seen["timestep"][first] == seen["timestep"][second]
+        sigma = float(seen["timestep"][first]) / 1000.0
+        # same noise: the noisy inputs differ by (1 - sigma) times the clean latents' difference
+        difference = seen["noisy"][first] - seen["noisy"][second]
+        assert torch.allclose(difference, (1.0 - sigma) * (x0[first] - x0[second]), atol=1e-5)
+        assert not torch.equal(masks[first], masks[second])  # the twin's track runs the other way
+    assert seen["timestep"][0] != seen["timestep"][2]  # pairs are drawn independently
+    # the pool holds the twin of each drawn video right after it, encoded from its own render
+    latents, pool_captions, pool_masks = trainer.pool
+    index = trainer.next_index - 1
+    slot = trainer._pool_slots([index])
+    assert slot == [2 * (index % 4), 2 * (index % 4) + 1]
+    expected, expected_captions, expected_masks = trainer.render_training([index])
+    assert torch.allclose(latents[slot], expected, atol=1e-5) and [pool_captions[i] for i in slot] == expected_captions
+    assert torch.equal(pool_masks[slot], expected_masks)
+
+
+def test_the_shape_weight_changes_the_update_not_the_logged_flow_loss():
+    plain, weighted = _smoke_trainer(), _smoke_trainer(shape_weight=4.0)
+    weighted.load_state_dict(plain.state_dict())  # the same weights, generator and data position
+    losses = [trainer.dit_train_step() for trainer in (plain, weighted)]
+    assert float(losses[0]) == float(losses[1])  # the same batch, noise and forward: the plain MSE is logged
+    changed = [not torch.equal(a, b) for a, b in zip(plain._dit_parameters(), weighted._dit_parameters())]
+    assert any(changed)
+    masks = tt.latent_shape_masks(
+        tt.shape_alpha([tt.video_params(0, 0)], SMOKE_MODEL.frames, SMOKE_MODEL.height, SMOKE_MODEL.width)
+    )
+    assert 0.0 < float(masks.mean()) < 1.0  # a mask that is neither empty nor everything
+
+
+def test_bad_shape_weight_or_odd_pairing_sizes_are_refused():
+    _, train_config = tt.PRESETS["smoke"]
+    with pytest.raises(ValueError, match="shape_weight must be >= 0, got -1"):
+        dataclasses.replace(train_config, shape_weight=-1.0)
+    with pytest.raises(ValueError, match="even.*'pool_refresh': 1"):
+        dataclasses.replace(train_config, pair_reversed=True, batch_size=2, pool_size=4, pool_refresh=1)
+
+
+def test_the_training_probe_is_caption_sensitivity_of_the_ema_and_leaves_the_training_weights(tmp_path, capsys):
+    trainer = _smoke_trainer()
+    for _ in range(2):
+        trainer.dit_train_step()
+    before = [p.detach().clone() for p in trainer._dit_parameters()]
+    assert any(not torch.equal(p, e) for p, e in zip(before, trainer.ema))  # the EMA lags the weights
+    probed = trainer.probe(n=4)
+    assert all(torch.equal(p, b) for p, b in zip(trainer._dit_parameters(), before))
+    assert trainer.transformer.training and trainer.text_encoder.training
+    assert probed == tt.caption_sensitivity(trainer.pipeline(), SMOKE_MODEL, n=4)  # the EMA copies, on the CPU
+
+    checkpoint = tmp_path / "probe.pt"
+    flags = ["--preset", "smoke", "--pair-reversed", "--shape-weight", "2", "--probe-every", "1e-9"]
+    assert _train(checkpoint, *flags, "--batch-size", "2", "--pool-size", "4", "--pool-refresh", "2") == 0
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["train_config"]["pair_reversed"] and state["train_config"]["shape_weight"] == 2.0
+    probes = [e for e in state["history"] if e["phase"] == "probe"]
+    assert [e["step"] for e in probes] == [1, 2, 3, 3]  # after each step, and at the end of the chunk
+    assert "[probe] step 3: flow loss by caption: true" in capsys.readouterr().out
