@@ -2,18 +2,19 @@
 # One `run` call on the device machine that trains recipe variants of the tiny model side by side on its GPU, from
 # the same checkpoint, and brings back the one whose direction words matter most (pipelines/TRAINING_NOTES.md):
 #   bash scripts/device/ab_call.sh MINUTES "flags of variant 1" "flags of variant 2" ...   (carry [".whl", "runs"])
-# Each variant resumes runs/tiny.pt with `--probe-every 1`; $OUT gets every variant's log, and the checkpoint (split
-# into 15 MB parts: rejoin with cat ckpt.a?) of the variant with the largest last-probe gap between the opposite
-# direction's flow loss and the true caption's.
-MIN=$1; shift
+# Each variant resumes $SRC (default runs/tiny.pt) with `--probe-every 1`; $OUT gets every variant's log, and the
+# compact checkpoint (split into 15 MB parts: rejoin with cat ckpt.a?) of the variant with the largest last-probe gap
+# between the opposite direction's flow loss and the true caption's. A call carries at most 64 MiB with the tracked
+# files (25 MiB), so carry compact checkpoints (19 MiB), not full ones (47 MiB).
+MIN=$1; shift; SRC=${SRC:-runs/tiny.pt}
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 [ -d /tmp/pkg/dit_sparse ] || pip install -q --no-deps --no-build-isolation --no-compile --no-index --target /tmp/pkg . 2>&1 | tail -2
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 i=0
 for flags in "$@"; do
-  i=$((i + 1)); cp runs/tiny.pt /tmp/v$i.pt; echo "variant $i: $flags" > $OUT/v$i.log
+  i=$((i + 1)); cp $SRC /tmp/v$i.pt; echo "variant $i: $flags" > $OUT/v$i.log
   (cd /tmp && python3 -m dit_sparse.pipelines.train_tiny --checkpoint /tmp/v$i.pt --minutes $MIN --device cuda \
-     --compile --save-every 100 --probe-every 1 $flags 2>&1 | grep -v "Warning\|rms_norm" >> $OUT/v$i.log) &
+     --compile --save-every 100 --probe-every 1 --compact /tmp/v$i.compact.pt $flags 2>&1 | grep -v "Warning\|rms_norm" >> $OUT/v$i.log) &
 done
 while sleep 30; do for f in $OUT/v*.log; do echo "$(basename $f): $(tail -1 $f | cut -c1-150)"; done; jobs -r | grep -q . || break; done
 nvidia-smi --query-gpu=memory.used --format=csv
@@ -29,5 +30,5 @@ best = max(gaps, key=gaps.get)
 print(f"keeping variant {best}")
 open("/tmp/best", "w").write(str(best))
 PY
-split -b 15M /tmp/v$(cat /tmp/best).pt $OUT/ckpt.
+split -b 15M /tmp/v$(cat /tmp/best).compact.pt $OUT/ckpt.
 ls -la $OUT
