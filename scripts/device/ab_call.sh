@@ -5,7 +5,8 @@
 # Each variant resumes $SRC (default runs/tiny.pt) with `--probe-every 1`; $OUT gets every variant's log, and the
 # compact checkpoint (split into 15 MB parts: rejoin with cat ckpt.a?) of the variant with the largest last-probe gap
 # between the opposite direction's flow loss and the true caption's. A call carries at most 64 MiB with the tracked
-# files (25 MiB), so carry compact checkpoints (19 MiB), not full ones (47 MiB).
+# files (25 MiB), so carry compact checkpoints (19 MiB), not full ones (47 MiB). SCORE="5 8" also exports the kept
+# variant and scores its caption following at those CFG scales (about 30 s each), its card (the first) to $OUT.
 MIN=$1; shift; SRC=${SRC:-runs/tiny.pt}
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 [ -d /tmp/pkg/dit_sparse ] || pip install -q --no-deps --no-build-isolation --no-compile --no-index --target /tmp/pkg . 2>&1 | tail -2
@@ -31,4 +32,11 @@ print(f"keeping variant {best}")
 open("/tmp/best", "w").write(str(best))
 PY
 split -b 15M /tmp/v$(cat /tmp/best).compact.pt $OUT/ckpt.
+if [ -n "$SCORE" ]; then  # SCORE="5 8": export the kept variant and score its caption following at these CFG scales
+  for g in $SCORE; do
+    (cd /tmp && python3 -m dit_sparse.pipelines.train_tiny --checkpoint /tmp/v$(cat /tmp/best).pt --minutes 0 \
+       --device cuda --export /tmp/export-$g --score-guidance $g 2>&1 | grep -v "Warning\|rms_norm" | tail -4)
+  done
+  cp /tmp/export-${SCORE%% *}/README.md $OUT/card.md
+fi
 ls -la $OUT
