@@ -58,7 +58,6 @@ from .shapes_dataset import (
     OPPOSITE,
     SHAPE_COLOURS,
     SHAPES,
-    ShapeVideo,
     build_tokenizer,
     render_videos,
     reversed_in_time,
@@ -449,6 +448,7 @@ class Trainer:
         self.pool = None  # the transformer phase's encoded videos, rebuilt from `next_index` on resume
         self.pool_drawn = False  # whether the pool's first P videos were drawn (a resume then re-encodes, not draws)
         self.warmup_start = 0  # the transformer step the lr warmup counts from (a compact resume restarts it)
+        self.checkpoint_device = None  # the device type of the checkpoint resumed from, if any
 
     # ---- bookkeeping
     def _dit_parameters(self) -> list[torch.nn.Parameter]:
@@ -526,6 +526,7 @@ class Trainer:
             self.dit_optimizer.load_state_dict(state["dit_optimizer"])
         if state["vae_optimizer"] is not None:
             self.vae_optimizer.load_state_dict(state["vae_optimizer"])
+        self.checkpoint_device = state["device_type"]
         if state["device_type"] == self.device.type:
             self.generator.set_state(state["generator"])
         else:  # a CUDA generator's state does not fit a CPU one: a fresh stream, deterministic in the step
@@ -847,6 +848,8 @@ def train(
     """Train until the schedule is done, the deadline (time.monotonic()) passes, or `chunk_steps` steps ran; every
     `probe_every` seconds of the transformer phase (0: never), and at the end, log `Trainer.probe`."""
     config, device = trainer.train_config, trainer.device
+    if trainer.phase != "done" and time.monotonic() < deadline and chunk_steps != 0:
+        trainer.history.append({"phase": trainer.phase, "step": trainer._step(), "chunk": _device_text(device)})
     steps = 0
     window: list[float] = []
     window_start = last_save = last_probe = time.monotonic()
@@ -1024,6 +1027,28 @@ def reconstruction_following(vae, config: ModelConfig, n: int, device) -> int:
     return score(decoded, [p.caption for p in params])[0]
 
 
+def _device_text(device: torch.device) -> str:
+    """A device, its GPU's name, and the torch and Python versions, for the history and the model card."""
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _recipe_text(train_config: TrainConfig) -> str:
+    """The model card's words for the direction recipe of the last chunk (TRAINING_NOTES.md), if any."""
+    parts = []
+    if train_config.shape_weight:
+        parts.append(f"the flow loss weighs the latent cells the shape covers by {1 + train_config.shape_weight:g}")
+    if train_config.pair_reversed:
+        parts.append("each video is trained next to its time-reversed twin under the same noise")
+    return f" In the last chunk {' and '.join(parts)} (the direction words' signal, TRAINING_NOTES.md)." if parts else ""
+
+
+def _history_change(entry: dict) -> str:
+    """A model card line for a history entry of a flag change or a compact resume."""
+    what = entry.get("resumed") or ", ".join(f"{key}={value}" for key, value in entry["changed"].items())
+    return f"- {entry['phase']} step {entry['step']:,}: {'resumed from a ' if 'resumed' in entry else ''}{what}"
+
+
 def _write_loss_curve(history: list[dict], path: str) -> None:
     """Both phases' loss against step, log scale, as a PNG drawn with OpenCV (no plotting library needed)."""
     import cv2
@@ -1079,9 +1104,9 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
     }
     last = {phase: next((e for e in reversed(trainer.history) if e.get("phase") == phase and "loss" in e), None)
             for phase in ("vae", "dit")}  # fmt: skip
-    device = str(trainer.device)
-    if trainer.device.type == "cuda":
-        device = f"{device} ({torch.cuda.get_device_name(trainer.device)})"
+    # where the chunks ran (recorded by `train`; a checkpoint from before that records only its last device type)
+    chunks = list(dict.fromkeys(e["chunk"] for e in trainer.history if "chunk" in e))
+    trained_on = ", ".join(chunks) or trainer.checkpoint_device or _device_text(trainer.device)
     lines = [
         "---",
         "library_name: diffusers",
@@ -1126,14 +1151,17 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
         "",
         "## Training",
         "",
-        f"`python -m dit_sparse.pipelines.train_tiny` (seed {trainer.seed}), on {device}, torch {torch.__version__}, "
-        f"{platform.python_version()}: VAE {trainer.vae_step:,} steps in {trainer.seconds['vae'] / 60:.1f} min, then "
-        f"transformer + text encoder {trainer.dit_step:,} steps in {trainer.seconds['dit'] / 60:.1f} min "
+        f"`python -m dit_sparse.pipelines.train_tiny` (seed {trainer.seed}), trained on {trained_on}, exported on "
+        f"{_device_text(trainer.device)}: VAE {trainer.vae_step:,} steps in {trainer.seconds['vae'] / 60:.1f} "
+        f"min, then transformer + text encoder {trainer.dit_step:,} steps in {trainer.seconds['dit'] / 60:.1f} min "
         f"(batch {train_config.batch_size}). Rectified flow (target noise - x0), Wan's time shift "
         f"{config.flow_shift}, caption dropout {train_config.caption_dropout}, "
-        f"EMA {train_config.ema_decay} (exported).",
+        f"EMA {train_config.ema_decay} (exported).{_recipe_text(train_config)}",
         "",
     ]
+    changes = [_history_change(entry) for entry in trainer.history if "changed" in entry or "resumed" in entry]
+    if changes:
+        lines += ["Changes between chunks (step of their phase):", "", *changes, ""]
     for phase, name in (("vae", "VAE"), ("dit", "transformer")):
         if last[phase]:
             lines.append(f"- Final {name} loss (mean of the last log interval): {last[phase]['loss']:.4f}")

@@ -1,12 +1,14 @@
 #!/bin/bash
 # One `run` call on the device machine that trains recipe variants of the tiny model side by side on its GPU, from
 # the same checkpoint, and brings back the one whose direction words matter most (pipelines/TRAINING_NOTES.md):
-#   bash scripts/device/ab_call.sh MINUTES "flags of variant 1" "flags of variant 2" ...   (carry [".whl", "runs"])
+#   bash scripts/device/ab_call.sh MINUTES "flags of variant 1" "flags of variant 2" ...   (carry [".whl"])
 # Each variant resumes $SRC (default runs/tiny.pt) with `--probe-every 1`; $OUT gets every variant's log, and the
 # compact checkpoint (split into 15 MB parts: rejoin with cat ckpt.a?) of the variant with the largest last-probe gap
 # between the opposite direction's flow loss and the true caption's. A call carries at most 64 MiB with the tracked
-# files (25 MiB), so carry compact checkpoints (19 MiB), not full ones (47 MiB). SCORE="5 8" also exports the kept
-# variant and scores its caption following at those CFG scales (about 30 s each), its card (the first) to $OUT.
+# files (45 MiB with the shipped model and docs/training/tiny_v4.compact.pt), so point SRC at that tracked compact
+# checkpoint (overwritten in place between calls) and carry only .whl; never a full checkpoint (47 MiB).
+# SCORE="5 8" also exports the kept variant and scores its caption following at those CFG scales (about 30 s each),
+# its card (the first) to $OUT.
 MIN=$1; shift; SRC=${SRC:-runs/tiny.pt}
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 [ -d /tmp/pkg/dit_sparse ] || pip install -q --no-deps --no-build-isolation --no-compile --no-index --target /tmp/pkg . 2>&1 | tail -2
