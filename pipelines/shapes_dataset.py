@@ -215,9 +215,17 @@ def render_videos(
     params: Sequence[ShapeVideo], frames: int, height: int, width: int, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Render videos on `device`: `(B, frames, height, width, 3)` float32 in [0, 1]: `shape_alpha` composited over
-    the background."""
-    alpha = shape_alpha(params, frames, height, width, device)[..., None]  # (B, T, H, W, 1)
+    the background (`composite`)."""
+    return composite(params, shape_alpha(params, frames, height, width, device))
+
+
+def composite(params: Sequence[ShapeVideo], alpha: torch.Tensor) -> torch.Tensor:
+    """The videos of `params` from their shapes' coverage `alpha` `(B, T, H, W)` (`shape_alpha`): each shape's
+    colour over its background, `(B, T, H, W, 3)` float32 in [0, 1] on alpha's device (for a caller that needs the
+    coverage too, without computing it twice)."""
+    _, _, height, width = alpha.shape
     device = alpha.device
+    alpha = alpha[..., None]  # (B, T, H, W, 1)
     xs = torch.arange(width, dtype=torch.float32, device=device) + 0.5
     ys = torch.arange(height, dtype=torch.float32, device=device) + 0.5
     first = _colour_table([p.background_colours[0] for p in params], device)  # (B, 3)

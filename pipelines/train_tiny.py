@@ -59,6 +59,7 @@ from .shapes_dataset import (
     SHAPE_COLOURS,
     SHAPES,
     build_tokenizer,
+    composite,
     render_videos,
     reversed_in_time,
     shape_alpha,
@@ -564,10 +565,16 @@ class Trainer:
 
     def render(self, indices: list[int], frames: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """Videos `(B, 3, T, H, W)` in [-1, 1] on the device, and their captions."""
+        params = [video_params(self.model_config.data_seed, index) for index in indices]
+        videos, captions, _ = self._render(params, frames)
+        return videos, captions
+
+    def _render(self, params: list, frames: int | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Videos `(B, 3, T, H, W)` in [-1, 1] on the device, captions, and the shapes' coverage `(B, T, H, W)`."""
         config = self.model_config
-        params = [video_params(config.data_seed, index) for index in indices]
-        videos = render_videos(params, frames or config.frames, config.height, config.width, self.device)
-        return videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0, [p.caption for p in params]
+        alpha = shape_alpha(params, frames or config.frames, config.height, config.width, self.device)
+        videos = composite(params, alpha).permute(0, 4, 1, 2, 3) * 2.0 - 1.0
+        return videos, [p.caption for p in params], alpha
 
     def _members(self) -> int:
         """Videos per drawn dataset index in the transformer phase: 2 (it and its time-reversed twin) or 1."""
@@ -576,13 +583,11 @@ class Trainer:
     def render_training(self, indices: list[int]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """The transformer phase's videos of `indices`: each video (followed by its time-reversed twin when
         `pair_reversed`), its normalised latent `(N, C, F, h, w)`, captions and `latent_shape_masks` `(N, F, h, w)`."""
-        config = self.model_config
-        params = [video_params(config.data_seed, index) for index in indices]
+        params = [video_params(self.model_config.data_seed, index) for index in indices]
         if self._members() == 2:
             params = [member for p in params for member in (p, reversed_in_time(p))]
-        videos = render_videos(params, config.frames, config.height, config.width, self.device)
-        masks = latent_shape_masks(shape_alpha(params, config.frames, config.height, config.width, self.device))
-        return self.encode(videos.permute(0, 4, 1, 2, 3) * 2.0 - 1.0), [p.caption for p in params], masks
+        videos, captions, alpha = self._render(params)
+        return self.encode(videos), captions, latent_shape_masks(alpha)
 
     @torch.no_grad()
     def encode(self, videos: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -672,8 +677,9 @@ class Trainer:
         latents = torch.empty((size, *self.model_config.latent_shape), device=self.device)
         masks = torch.empty((size, *self.model_config.latent_shape[1:]), device=self.device)
         captions = [""] * size
-        for start in range(0, drawn, 16 // self._members()):
-            self._write_pool((latents, captions, masks), indices[start : start + 16 // self._members()])
+        step = 16 // self._members()  # videos rendered and encoded at a time
+        for start in range(0, drawn, step):
+            self._write_pool((latents, captions, masks), indices[start : start + step])
         self.pool = (latents, captions, masks)
 
     def _write_pool(self, pool: tuple, indices: list[int]) -> None:
@@ -729,8 +735,10 @@ class Trainer:
             )[0]
         squared = (velocity.float() - target) ** 2
         loss = squared.mean()  # what is logged: the plain flow loss, comparable across recipes
-        weight = 1.0 + config.shape_weight * masks[:, None]  # (B, 1, F, h, w)
-        objective = (squared * weight).mean() / weight.mean() if config.shape_weight else loss
+        objective = loss
+        if config.shape_weight:
+            weight = 1.0 + config.shape_weight * masks[:, None]  # (B, 1, F, h, w)
+            objective = (squared * weight).mean() / weight.mean()
         self.dit_optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(self._dit_parameters(), config.grad_clip)
