@@ -43,21 +43,30 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)"
     )
+    evaluate.add_argument(
+        "--score-workers", type=int, default=None,
+        help="processes that compute the frame metrics (default: one per CPU core; about 30 s a video at 480p)",
+    )
+    evaluate.add_argument(
+        "--no-videos", dest="side_by_side_videos", action="store_false",
+        help="the report's side-by-sides as still frames only, no mp4s (at real sizes each mp4 is tens of MB)",
+    )
     evaluate.set_defaults(run=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from dit_sparse.eval import metrics
     from dit_sparse.eval.report import write_report
-    from dit_sparse.eval.runner import make_plan, method_means, render_all, score_videos
+    from dit_sparse.eval.runner import make_plan, method_means, render_all, score_videos, score_workers
     from dit_sparse.models import resolve_model_label
 
     plan = make_plan(
         suite=args.suite, methods=args.methods, options=args.option, block_size=args.block_size, model=args.model,
         seeds=args.seeds, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
         guidance=args.guidance, fps=args.fps, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
-        output_dir=args.output_dir, cache_dir=args.cache_dir,
+        output_dir=args.output_dir, cache_dir=args.cache_dir, side_by_side_videos=args.side_by_side_videos,
     )  # fmt: skip
+    score_workers(1, args.score_workers)  # a bad value fails before anything renders
     if args.threads is not None:
         import torch
 
@@ -84,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for note in skipped:
         print(f"note: {note}")
     notes += skipped
-    results = score_videos(plan, finished, optional)
+    results = score_videos(plan, finished, optional, workers=args.score_workers)
     means = method_means(plan, results)
     files = write_report(plan, results, means, notes)
     print(f"\n{'method':<14} {'density':>8} {'s/step':>8} {'speedup':>8} {'PSNR':>9} {'SSIM':>7}")

@@ -135,6 +135,8 @@ def reproduce_command(plan: EvalPlan) -> str:
              "--suite", suite, "--seeds", ",".join(map(str, plan.seeds)), "--frames", plan.frames, "--height",
              plan.height, "--width", plan.width, "--steps", plan.steps, "--guidance", plan.guidance, "--fps", plan.fps,
              "--device", plan.device, "--dtype", plan.dtype, "--warmup-steps", plan.warmup_steps]  # fmt: skip
+    if not plan.side_by_side_videos:
+        words.append("--no-videos")
     for spec in plan.methods:
         defaults = make_config(spec.name).options()
         for key, value in spec.options.items():
@@ -282,7 +284,8 @@ def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int
 
 
 def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> list[dict]:
-    """Per prompt (its first seed): the side-by-side mp4 and a JPEG of its middle frame; returns their entries."""
+    """Per prompt (its first seed): the side-by-side mp4 (unless `plan.side_by_side_videos` is False: "video" is
+    then None) and a JPEG of its middle frame; returns their entries."""
     import cv2
 
     from dit_sparse import cli
@@ -298,7 +301,9 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
         grid = side_by_side(reference, videos)
         stem = f"{index:02d}-{cli.slugify(prompt.prompt)}"
         os.makedirs(folder, exist_ok=True)
-        video_path = write_mp4(grid, os.path.join(folder, f"{stem}.mp4"), plan.fps, quality=SIDE_BY_SIDE_QUALITY)
+        video_path = None
+        if plan.side_by_side_videos:
+            video_path = write_mp4(grid, os.path.join(folder, f"{stem}.mp4"), plan.fps, quality=SIDE_BY_SIDE_QUALITY)
         middle = cv2.cvtColor(grid[len(grid) // 2], cv2.COLOR_RGB2BGR)
         _, jpeg = cv2.imencode(".jpg", middle, [cv2.IMWRITE_JPEG_QUALITY, STILL_QUALITY])
         still_path = write_atomic(os.path.join(folder, f"{stem}.jpg"), jpeg.tobytes())
@@ -399,7 +404,8 @@ def render_markdown(run, means, results, plan: EvalPlan, files: dict) -> str:
     lines += ["## Side by side", "", "Each row: baseline | method | |method - baseline| amplified by the gain in its "
               "label. Videos are for viewing (H.264); the metrics use the lossless frames.", ""]
     for entry in files["side_by_side"]:
-        lines += [f"**{entry['prompt']}** (seed {entry['seed']}): [video]({_relative(entry['video'], out)})", "",
+        video = f": [video]({_relative(entry['video'], out)})" if entry["video"] else " (middle frame; no video)"
+        lines += [f"**{entry['prompt']}** (seed {entry['seed']}){video}", "",
                   f"![{entry['prompt']}]({_relative(entry['still'], out)})", ""]  # fmt: skip
     lines += ["## What the columns mean", ""] + [f"- **{name}**: {text}" for name, text in METRIC_NOTES]
     if run["notes"]:
@@ -470,10 +476,14 @@ def render_html(run, means, results, plan: EvalPlan, files: dict) -> str:
                  "gain in its label (one per prompt, a power of two). Videos are for viewing (H.264); the metrics use "
                  "the lossless frames.</p>")
     for entry in files["side_by_side"]:
-        video, still = esc(_relative(entry["video"], out)), esc(_relative(entry["still"], out))
+        still = esc(_relative(entry["still"], out))
+        if entry["video"]:
+            view = (f"<video src='{esc(_relative(entry['video'], out))}' poster='{still}' controls loop muted "
+                    "playsinline></video>")
+        else:
+            view = f"<img src='{still}' alt='middle frame'>"
         parts.append(f"<figure class='sbs'><figcaption><b>{esc(entry['prompt'])}</b> (seed {entry['seed']})"
-                     f"</figcaption><video src='{video}' poster='{still}' controls loop muted playsinline></video>"
-                     "</figure>")  # fmt: skip
+                     f"</figcaption>{view}</figure>")  # fmt: skip
     parts.append("<h2>What the columns mean</h2><ul>" + "".join(
         f"<li><b>{esc(name)}</b>: {esc(text)}</li>" for name, text in METRIC_NOTES) + "</ul>")  # fmt: skip
     if run["notes"]:

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -89,6 +90,7 @@ class EvalPlan:
     warmup_steps: int
     output_dir: str
     cache_dir: str
+    side_by_side_videos: bool = True  # False: the report's side-by-sides are still frames only (no mp4s)
 
     def job(self, prompt: str, seed: int, method: str, options: dict) -> cli.RenderJob:
         return cli.RenderJob(
@@ -227,6 +229,7 @@ def make_plan(
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
     output_dir: str = "eval-out",
     cache_dir: str | None = None,
+    side_by_side_videos: bool = True,
 ) -> EvalPlan:
     """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed. `frames`,
     `height`, `width`, `steps` left None take the model's defaults (`settings_for`)."""
@@ -261,6 +264,7 @@ def make_plan(
         warmup_steps=cli._check_int("warmup_steps", warmup_steps, 0),
         output_dir=output_dir,
         cache_dir=os.path.abspath(cache_dir) if cache_dir else os.path.join(output_dir, "videos"),
+        side_by_side_videos=bool(side_by_side_videos),
     )
 
 
@@ -551,22 +555,44 @@ RESULT_FIELDS = (
 )  # fmt: skip
 
 
-def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | None = None) -> list[dict]:
-    """One result row per (prompt, seed, method), the baseline first: its speed, fidelity against the baseline and
-    the VBench-style dimensions. `optional`: learnt metrics from `metrics.optional_metrics` ("lpips", "clip_score")."""
-    from tqdm.auto import tqdm
-
+def _score_video(video_path: str, reference_path: str | None, fps: float) -> dict:
+    """The scores of one cached video that need only its frames: fidelity against the reference video (when given)
+    and the VBench-style dimensions. A module-level function: it runs in `score_videos`' worker processes."""
     from dit_sparse.eval import metrics
 
+    video = np.load(video_path)
+    scores = {} if reference_path is None else metrics.fidelity(np.load(reference_path), video)
+    return {**scores, **metrics.video_dimensions(video, fps)}
+
+
+def _single_threaded_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would oversubscribe the cores
+
+
+def score_workers(videos: int, workers: int | None = None) -> int:
+    """Processes that score `videos` videos: `workers` (None: one per CPU core), at most one per video, at least 1."""
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"score workers must be an int >= 1, got {workers!r}")
+    return max(1, min(videos, workers or os.cpu_count() or 1))
+
+
+def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | None = None,
+                 workers: int | None = None) -> list[dict]:  # fmt: skip
+    """One result row per (prompt, seed, method), the baseline first: its speed, fidelity against the baseline and
+    the VBench-style dimensions. `optional`: learnt metrics from `metrics.optional_metrics` ("lpips", "clip_score"),
+    computed in this process. The frame metrics (SSIM and optical flow: about 30 s a video at 480p) run in
+    `score_workers(videos, workers)` spawned processes, each reading its video from the cache; the rows are the same
+    as from one process."""
+    from tqdm.auto import tqdm
+
     optional = optional or {}
-    results = []
-    for prompt, seed in tqdm(plan.videos(), desc="scoring", unit="video"):
-        base_job = plan.job(prompt.prompt, seed, BASELINE, {})
-        base_row = finished[plan.video_hash(base_job)]
-        reference = load_frames(plan, base_row)
+    results, tasks = [], []
+    for prompt, seed in plan.videos():
+        base_row = finished[plan.video_hash(plan.job(prompt.prompt, seed, BASELINE, {}))]
         for name, options in [(BASELINE, {}), *((m.name, m.options) for m in plan.methods)]:
             row = finished[plan.video_hash(plan.job(prompt.prompt, seed, name, options))]
-            video = reference if name == BASELINE else load_frames(plan, row)
             result = {field: None for field in RESULT_FIELDS}
             result.update(
                 prompt=prompt.prompt, category=prompt.category, seed=seed, method=name, density=row["density"],
@@ -576,15 +602,36 @@ def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | Non
             )  # fmt: skip
             if row["seconds_per_step"] and base_row["seconds_per_step"]:
                 result["step_speedup"] = base_row["seconds_per_step"] / row["seconds_per_step"]
-            if name != BASELINE:
-                result.update(metrics.fidelity(reference, video))
-                if "lpips" in optional:
-                    result["lpips"] = optional["lpips"](reference, video)
-            if "clip_score" in optional:
-                result["clip_score"] = optional["clip_score"](video, prompt.prompt)
-            result.update(metrics.video_dimensions(video, plan.fps))
             result["config"], result["layout"], result["file"] = row["config"], row["layout"], row["file"]
             results.append(result)
+            reference = None if name == BASELINE else os.path.join(plan.cache_dir, base_row["file"])
+            tasks.append((os.path.join(plan.cache_dir, row["file"]), reference, plan.fps))
+    processes = score_workers(len(tasks), workers)
+    progress = tqdm(total=len(tasks), desc=f"scoring ({processes} process{'es' if processes > 1 else ''})",
+                    unit="video")  # fmt: skip
+    scores = []
+    with contextlib.ExitStack() as stack:
+        mapped = map(_score_video, *zip(*tasks))
+        if processes > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads (and CUDA)
+            pool = stack.enter_context(ProcessPoolExecutor(processes, mp_context=context,
+                                                           initializer=_single_threaded_worker))  # fmt: skip
+            mapped = pool.map(_score_video, *zip(*tasks))
+        for score in mapped:
+            scores.append(score)
+            progress.update()
+    progress.close()
+    for result, task, score in zip(results, tasks, scores):
+        result.update(score)
+        if optional:
+            video = np.load(task[0])
+            if "lpips" in optional and task[1] is not None:
+                result["lpips"] = optional["lpips"](np.load(task[1]), video)
+            if "clip_score" in optional:
+                result["clip_score"] = optional["clip_score"](video, result["prompt"])
     return results
 
 

@@ -5,12 +5,15 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 from headless_chromium import screenshot
 
 from dit_sparse import cli
 from dit_sparse.config import CONFIGS
+from dit_sparse.eval import report as report_module
 from dit_sparse.eval import runner, suites
 from dit_sparse.pipelines.shapes_dataset import build_tokenizer, parse_caption
 from dit_sparse.video import read_video
@@ -104,6 +107,7 @@ BAD_INPUTS = [
     (["--block-size", "24"], ["block_size", "24"]),
     (["--model", "./no-such-model"], ["no-such-model"]),
     (["--warmup-steps", "-1"], ["warmup_steps", "-1"]),
+    (["--score-workers", "0"], ["score workers", "0"]),
 ]
 
 
@@ -238,10 +242,16 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     assert str(tmp_path) not in report.replace(str(prompts), "")  # links are relative
     assert "pareto.png" in (out / "report.md").read_text()
 
+    # the CLI scored in one process per core (2 here at least, spawned): one process gives the same rows
+    plan = runner.make_plan(suite=str(prompts), methods="dense,radial", model="tiny-random", frames=5, height=32,
+                            width=32, steps=2, block_size=16, output_dir=str(out))  # fmt: skip
+    alone = runner.score_videos(plan, runner.cached_rows(plan.cache_dir), workers=1)
+    assert json.loads(json.dumps(report_module._json_safe(alone))) == videos
+
     screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
 
 
-def test_eval_runs_a_random_wan_folder_built_by_the_script(tmp_path):
+def test_eval_runs_a_random_wan_folder_built_by_the_script_and_no_videos_keeps_stills_only(tmp_path):
     from dit_sparse.pipelines import random_wan
 
     folder = tmp_path / "wan-smoke"
@@ -251,13 +261,30 @@ def test_eval_runs_a_random_wan_folder_built_by_the_script(tmp_path):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a cat\n")
     argv = ["eval", *SMALL[2:], "--model", str(folder), "--methods", "radial", "--suite", str(prompts),
-            "--warmup-steps", "0", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+            "--warmup-steps", "0", "--output-dir", str(tmp_path / "out"), "--no-videos"]  # fmt: skip
     assert cli.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["run"]["model"] == str(folder) and results["run"]["model_note"] is None
-    assert f"--model {folder}" in results["run"]["command"]
+    assert f"--model {folder}" in results["run"]["command"] and " --no-videos" in results["run"]["command"]
+    assert os.listdir(tmp_path / "out" / "side_by_side") == ["00-a-cat.jpg"]  # the still, no mp4
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<img src='side_by_side/00-a-cat.jpg'" in html and "<video" not in html
+    assert "(middle frame; no video)" in (tmp_path / "out" / "report.md").read_text()
     psnr = results["means"][1]["psnr"]
     assert psnr == "inf" or psnr > 30
+
+
+def test_python_m_dit_sparse_eval_scores_in_spawned_worker_processes(tmp_path):
+    # README's way in: the frame metrics run in spawned processes, which re-import what the command's process holds
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a cat\n")
+    argv = [sys.executable, "-m", "dit_sparse", "eval", *SMALL, "--methods", "dense", "--suite", str(prompts),
+            "--warmup-steps", "0", "--score-workers", "2", "--no-videos", "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scoring (2 processes)" in done.stderr
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["videos"]
+    assert [r["method"] for r in rows] == ["baseline", "dense"] and rows[1]["ssim"] > 0.99
 
 
 def test_the_random_wan_13b_config_has_the_real_models_size():
