@@ -169,6 +169,9 @@ def _save_figure(figure, path: str) -> str:
     return write_atomic(path, buffer.getvalue())
 
 
+PARETO_MARKERS = "osD^vP*X<>"
+
+
 def pareto_points(means: list[dict]) -> list[dict]:
     """The methods' (speedup, PSNR) points; x is the per-step speedup where measured, else end to end."""
     points = []
@@ -204,12 +207,12 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     if len(front) > 1:
         axes.plot([p["speedup"] for p in front], [p["psnr"] for p in front], color="#fb8500", lw=1.5, zorder=1,
                   label="Pareto front")  # fmt: skip
-    for index, point in enumerate(sorted(shown, key=lambda p: p["speedup"])):
-        axes.scatter(point["speedup"], point["y"], s=50, color="#023047", zorder=2)
-        density = "" if point["density"] is None else f"\ndensity {point['density']:.2f}"
-        label = point["method"] + ("  (identical)" if not math.isfinite(point["psnr"]) else "") + density
-        offset = (6, 4) if index % 2 == 0 else (6, -22)  # neighbours alternate above and below
-        axes.annotate(label, (point["speedup"], point["y"]), textcoords="offset points", xytext=offset, fontsize=8)
+    # one colour and marker per method, named in the legend: labels beside close points would overlap
+    for index, point in enumerate(shown):
+        density = "" if point["density"] is None else f", density {point['density']:.2f}"
+        label = point["method"] + (" (identical)" if not math.isfinite(point["psnr"]) else "") + density
+        axes.scatter(point["speedup"], point["y"], s=60, zorder=2, label=label, color=f"C{index % 10}",
+                     marker=PARETO_MARKERS[index % len(PARETO_MARKERS)], edgecolors="#023047", linewidths=0.6)
     axes.axvline(1.0, color="#888888", lw=0.8, ls="--", label="baseline speed")
     if any(not math.isfinite(p["psnr"]) for p in points):
         axes.axhline(top, color="#bbbbbb", lw=0.6, ls=":")
@@ -217,7 +220,7 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     axes.set_ylabel("PSNR vs baseline (dB, mean over videos)")
     axes.set_title(title, fontsize=9)
     axes.margins(x=0.25, y=0.15)
-    figure.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
+    figure.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     return _save_figure(figure, path)
 
 

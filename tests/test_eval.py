@@ -300,6 +300,15 @@ def test_the_random_wan_13b_config_has_the_real_models_size():
     assert 120e6 < sum(p.numel() for p in vae.parameters()) < 130e6  # Wan 2.1 VAE: 127 M
 
 
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    from dit_sparse.eval import report
+
+    points = [{"method": m, "speedup": x, "psnr": y} for m, x, y in
+              [("a", 1.0, 30.0), ("b", 2.0, 20.0), ("c", 1.5, 10.0), ("d", 0.9, 30.0), ("e", 2.0, 20.0)]]
+    # c is beaten by b, d by a; b and e tie (neither beats the other)
+    assert [p["method"] for p in report.pareto_front(points)] == ["a", "b", "e"]
+
+
 def test_side_by_side_shows_the_difference_amplified_by_a_labelled_power_of_two():
     import numpy as np
 
