@@ -611,8 +611,9 @@ def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | Non
                     unit="video")  # fmt: skip
     scores = []
     with contextlib.ExitStack() as stack:
-        mapped = map(_score_video, *zip(*tasks))
-        if processes > 1:
+        if processes == 1:
+            mapped = map(_score_video, *zip(*tasks))
+        else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 

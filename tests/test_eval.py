@@ -242,7 +242,7 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     assert str(tmp_path) not in report.replace(str(prompts), "")  # links are relative
     assert "pareto.png" in (out / "report.md").read_text()
 
-    # the CLI scored in one process per core (2 here at least, spawned): one process gives the same rows
+    # the CLI scored in one spawned process per core (2 on CI's machine): one process gives the same rows
     plan = runner.make_plan(suite=str(prompts), methods="dense,radial", model="tiny-random", frames=5, height=32,
                             width=32, steps=2, block_size=16, output_dir=str(out))  # fmt: skip
     alone = runner.score_videos(plan, runner.cached_rows(plan.cache_dir), workers=1)
@@ -301,12 +301,10 @@ def test_the_random_wan_13b_config_has_the_real_models_size():
 
 
 def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
-    from dit_sparse.eval import report
-
     points = [{"method": m, "speedup": x, "psnr": y} for m, x, y in
               [("a", 1.0, 30.0), ("b", 2.0, 20.0), ("c", 1.5, 10.0), ("d", 0.9, 30.0), ("e", 2.0, 20.0)]]
     # c is beaten by b, d by a; b and e tie (neither beats the other)
-    assert [p["method"] for p in report.pareto_front(points)] == ["a", "b", "e"]
+    assert [p["method"] for p in report_module.pareto_front(points)] == ["a", "b", "e"]
 
 
 def test_side_by_side_shows_the_difference_amplified_by_a_labelled_power_of_two():
