@@ -572,10 +572,12 @@ def _single_threaded_worker() -> None:
 
 
 def score_workers(videos: int, workers: int | None = None) -> int:
-    """Processes that score `videos` videos: `workers` (None: one per CPU core), at most one per video, at least 1."""
+    """Processes that score `videos` videos: `workers` (None: one per CPU core this process may run on, as `nproc`
+    counts them), at most one per video, at least 1."""
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise ValueError(f"score workers must be an int >= 1, got {workers!r}")
-    return max(1, min(videos, workers or os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(videos, workers or cores))
 
 
 def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | None = None,

@@ -300,6 +300,15 @@ def test_the_random_wan_13b_config_has_the_real_models_size():
     assert 120e6 < sum(p.numel() for p in vae.parameters()) < 130e6  # Wan 2.1 VAE: 127 M
 
 
+def test_score_workers_default_to_the_cores_this_process_may_use_and_never_exceed_the_videos():
+    cores = len(os.sched_getaffinity(0))
+    assert runner.score_workers(1000) == cores and runner.score_workers(1) == 1
+    assert runner.score_workers(5, 8) == 5 and runner.score_workers(5, 3) == 3
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="score workers"):
+            runner.score_workers(5, bad)
+
+
 def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
     points = [{"method": m, "speedup": x, "psnr": y} for m, x, y in
               [("a", 1.0, 30.0), ("b", 2.0, 20.0), ("c", 1.5, 10.0), ("d", 0.9, 30.0), ("e", 2.0, 20.0)]]
