@@ -245,8 +245,20 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
     # the CLI scored in one spawned process per core (2 on CI's machine): one process gives the same rows
     plan = runner.make_plan(suite=str(prompts), methods="dense,radial", model="tiny-random", frames=5, height=32,
                             width=32, steps=2, block_size=16, output_dir=str(out))  # fmt: skip
-    alone = runner.score_videos(plan, runner.cached_rows(plan.cache_dir), workers=1)
+    finished = runner.cached_rows(plan.cache_dir)
+    alone = runner.score_videos(plan, finished, workers=1)
     assert json.loads(json.dumps(report_module._json_safe(alone))) == videos
+    # learnt metrics (stand-ins here) run in this process, each on its own row's frames
+    optional = {"lpips": lambda reference, video: float(abs(reference.astype(int) - video).mean()),
+                "clip_score": lambda video, prompt: float(video.mean()) + len(prompt)}  # fmt: skip
+    learnt = runner.score_videos(plan, finished, optional)
+    by_file = {row["file"]: runner.load_frames(plan, row) for row in finished.values()}
+    for row in learnt:
+        frames = by_file[row["file"]]
+        base = by_file[next(r["file"] for r in learnt if r["prompt"] == row["prompt"] and r["method"] == "baseline")]
+        assert row["clip_score"] == float(frames.mean()) + len(row["prompt"])
+        expected = None if row["method"] == "baseline" else float(abs(base.astype(int) - frames).mean())
+        assert row["lpips"] == expected
 
     screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
 
