@@ -7,7 +7,9 @@ makes them) at the real configs with random weights, bf16, eager and torch.compi
 
 Each model and mode can run as its own command (rows merge into the day's file): a compiled row compiles the whole
 transformer once per method (minutes at these sizes), so on machines with a per-command time limit split compiled
-runs by `--methods` too, e.g. `--models wan13 --modes compiled --methods radial`.
+runs by `--methods` too, e.g. `--models wan13 --modes compiled --methods radial`. Each row is saved as soon as it
+is timed; `--resume` keeps the rows the day's file has and times only the missing ones (against the kept baselines),
+so a command cut off by its time limit continues where it stopped.
 
 Models: Wan2.1-1.3B 480p 81f (2 calls per step: cond, uncond), Wan2.1-14B 720p 81f (2 calls), HunyuanVideo 720p
 129f (1 call: guidance-distilled; 256 text tokens, 120 real), CogVideoX1.5-5B 1360x768 81f (1 call, CFG batched:
@@ -236,7 +238,11 @@ class _BackendLog(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes: list) -> None:
+def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes: list,
+              done: dict | None = None, save: Callable[[], None] = lambda: None) -> None:
+    """Time every method of `args` on one model in each mode, appending a row per (mode, method) to `rows` and
+    calling `save` after each. Rows in `done` (`_row_key` -> row, from `--resume`) are not run again: their times
+    serve as this run's baselines."""
     import dit_sparse
     from dit_sparse.pipelines.adapters import find_adapter
 
@@ -258,6 +264,14 @@ def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes
     for mode in args.modes:
         for label, method, options in methods:
             row = dict(model=spec.label, model_key=name, mode=mode, method=label, options=options)
+            earlier = (done or {}).get(_row_key(row))
+            if earlier is not None and earlier.get("options", {}) == options:
+                print(f"   {mode:8s} {label:15s} {earlier['ms_sparse']:10.1f} ms  (--resume: from the day's file)")
+                if label == "diffusers":
+                    baseline[mode] = earlier["ms_sparse"]
+                if label == "skip-attention":
+                    skipped[mode] = earlier["ms_sparse"]
+                continue
             try:
                 torch._dynamo.reset()
                 if method is None:
@@ -290,6 +304,7 @@ def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes
                 skipped[mode] = ms
             _complete(row, baseline, skipped, stats, label)
             rows.append(row)
+            save()
             print(f"   {mode:8s} {label:15s} {ms:10.1f} ms  density {_fmt(row.get('density'), 3)}  speedup "
                   f"{_fmt(row.get('speedup'))}  of ceiling {_fmt(row.get('of_ceiling'))}", flush=True)
     del model, calls
@@ -432,6 +447,7 @@ def main(argv=None) -> int:
     import diffusers
 
     from dit_sparse.config import CONFIGS
+    from dit_sparse.files import write_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS_ALL))
@@ -445,6 +461,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp one)")
     parser.add_argument("--smoke", action="store_true", help="CPU run of the script's logic on tiny models")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later models are skipped")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows the day's file already has (same model, mode, method and options) instead "
+                             "of running them again; their times are the baselines of the new rows. Rows are saved "
+                             "one by one, so a run cut off by a time limit can be resumed")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models = [m for m in args.models if m in SMOKE_MODELS] or list(SMOKE_MODELS)
@@ -472,18 +492,27 @@ def main(argv=None) -> int:
         gpu=gpu, date=date, torch=torch.__version__, diffusers=diffusers.__version__, dtype=str(dtype),
         python=platform.python_version(), warmup=args.warmup, repeats=args.repeats, rows=rows, notes=notes,
     )
+    path = out / f"{stem}.json"
+    done = {}
+    if args.resume:
+        earlier, _ = earlier_rows(path, [], _row_key)
+        done = {_row_key(r): r for r in (earlier or {}).get("rows", [])}
     merged = result
+
+    def save() -> None:  # after every row, so a run cut short still leaves its rows
+        nonlocal merged
+        result.update(seconds=round(time.time() - start, 1), findings=findings(rows),
+                      kernel_backends=sorted(set(backend_log.lines)))
+        merged = _merge(path, result)
+        write_atomic(path, json.dumps(merged, indent=1))
+        write_atomic(out / f"{stem}.md", markdown(merged))
+
     for name in args.models:
         if time.time() - start > args.time_budget:
             notes.append(f"{MODELS_ALL[name].label}: skipped, the run passed its time budget of {args.time_budget} s")
             continue
-        run_model(name, MODELS_ALL[name], args, device, dtype, rows, notes)
-        # Written after every model, so a run cut short still leaves its rows.
-        result.update(seconds=round(time.time() - start, 1), findings=findings(rows),
-                      kernel_backends=sorted(set(backend_log.lines)))
-        merged = _merge(out / f"{stem}.json", result)
-        (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
-        (out / f"{stem}.md").write_text(markdown(merged))
+        run_model(name, MODELS_ALL[name], args, device, dtype, rows, notes, done=done, save=save)
+        save()
     print(markdown(merged))
     print(f"written: {out / stem}.json and .md")
     return 0

@@ -1,0 +1,71 @@
+"""benchmarks/transformer_step.py's bookkeeping on CPU (its --smoke models): a row is saved as soon as it is timed,
+so a run cut off by a time limit keeps what it measured, and --resume keeps those rows and takes its baselines from
+them instead of running them again. Timings here are meaningless; only which rows exist and how they relate is
+checked."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("transformer_step", ROOT / "benchmarks" / "transformer_step.py")
+transformer_step = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(transformer_step)
+
+SMOKE = ["--smoke", "--models", "smoke-wan", "--modes", "eager", "--warmup", "0", "--repeats", "1"]
+
+
+def _rows(out: Path) -> dict:
+    (path,) = out.glob("transformer_step-*.json")
+    return {row["method"]: row for row in json.loads(path.read_text())["rows"]}
+
+
+def test_a_run_cut_off_keeps_its_rows_and_resume_reuses_them(tmp_path, monkeypatch):
+    timed = transformer_step.time_steps
+    calls = []
+
+    def time_then_stop(fn, repeats):
+        if len(calls) == 2:  # the third row (our dense path) is cut off, as a device call's time limit would
+            raise KeyboardInterrupt
+        calls.append(1)
+        return timed(fn, repeats)
+
+    monkeypatch.setattr(transformer_step, "time_steps", time_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        transformer_step.main(SMOKE + ["--methods", "random", "--out", str(tmp_path)])
+    first = _rows(tmp_path)
+    assert sorted(first) == ["diffusers", "skip-attention"]
+
+    monkeypatch.setattr(transformer_step, "time_steps", timed)
+    assert transformer_step.main(SMOKE + ["--methods", "random", "--resume", "--out", str(tmp_path)]) == 0
+    second = _rows(tmp_path)
+    assert sorted(second) == ["dense", "diffusers", "random", "skip-attention"]
+    for method in ("diffusers", "skip-attention"):  # kept, not run again
+        assert second[method]["ms_sparse"] == first[method]["ms_sparse"]
+    baseline, skipped = first["diffusers"]["ms_sparse"], first["skip-attention"]["ms_sparse"]
+    for method in ("dense", "random"):  # the new rows relate to the kept baselines
+        row = second[method]
+        assert row["ms_dense"] == baseline
+        assert row["speedup"] == pytest.approx(baseline / row["ms_sparse"])
+        assert row["attention_share"] == pytest.approx(max(0.0, 1 - skipped / baseline))
+    assert 0 < second["random"]["density"] < 1
+
+    # Without --resume every row is run again.
+    assert transformer_step.main(SMOKE + ["--methods", "random", "--out", str(tmp_path)]) == 0
+    third = _rows(tmp_path)
+    assert sorted(third) == sorted(second)
+    assert third["random"]["ms_dense"] == third["diffusers"]["ms_sparse"]
+
+
+def test_resume_runs_a_row_again_when_its_options_changed(tmp_path):
+    assert transformer_step.main(SMOKE + ["--methods", "random", "--out", str(tmp_path)]) == 0
+    before = _rows(tmp_path)["random"]
+    options = json.dumps({"random": {"density": 0.9, "block_size": 16}})
+    assert transformer_step.main(SMOKE + ["--methods", "random", "--resume", "--method-options", options,
+                                          "--out", str(tmp_path)]) == 0
+    after = _rows(tmp_path)["random"]
+    assert after["options"] == {"density": 0.9, "block_size": 16}
+    assert after["density"] != before["density"]
