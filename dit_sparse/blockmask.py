@@ -96,6 +96,11 @@ class BlockMask:
       masking inside blocks. A kept block flagged partial keeps only the token pairs `token_boxes` allows; one not
       flagged keeps every pair (kernels skip the masking there). None (the default): every kept block is whole.
 
+    - `rows_all_kept`: True when the builder guarantees that every query block keeps at least one key block (e.g.
+      a top-k selection). Kernels that must otherwise check for empty rows (FA4's fix-up) skip the check, which on
+      CUDA is a host sync per new mask, i.e. per call of a dynamic pattern. Not checked here (that would be the
+      sync); False (the default) makes no promise.
+
     Bm and Hm are 1 when the mask is shared over the batch or the heads. A query block with no kept key block gets a
     zero output, and so does a query row that no kept key allows.
     """
@@ -109,6 +114,7 @@ class BlockMask:
     kv_block_partial: torch.Tensor | None = None
     token_boxes: TokenBoxes | None = None
     kv_permutation: torch.Tensor | None = None
+    rows_all_kept: bool = False
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -192,7 +198,7 @@ class BlockMask:
         cached = self.__dict__.get("_dit_sparse_blocked")
         if cached is None:
             cached = BlockMask(self.kv_block_indices, self.kv_block_counts, self.seq_len, self.q_block_size,
-                               self.kv_block_size)
+                               self.kv_block_size, rows_all_kept=self.rows_all_kept)
             object.__setattr__(self, "_dit_sparse_blocked", cached)
         return cached
 
@@ -302,7 +308,8 @@ class BlockMask:
                 f"({q_block_size}, {kv_block_size}) needs ({n_q}, {n_k})"
             )
         counts = block_dense.sum(-1, dtype=torch.int32)
-        max_kept = max(int(counts.max()), 1)
+        fewest, most = (int(x) for x in torch.stack(torch.aminmax(counts)).tolist())  # one host sync for both
+        max_kept = max(most, 1)
         # A stable descending sort on the bool map puts kept columns first, in ascending order.
         order = torch.sort(block_dense.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :max_kept]
         kept = torch.arange(max_kept, device=block_dense.device) < counts[..., None]
@@ -317,7 +324,7 @@ class BlockMask:
             block_partial = block_partial.expand_as(block_dense)
             partial = (block_partial.gather(-1, order) & kept).contiguous()
         return cls(indices.contiguous(), counts.contiguous(), seq_len, q_block_size, kv_block_size, permutation,
-                   partial, token_boxes)
+                   partial, token_boxes, rows_all_kept=fewest > 0)
 
     @classmethod
     def full(
@@ -348,6 +355,7 @@ class BlockMask:
             partial,
             boxes,
             kv_perm,
+            self.rows_all_kept,
         )
 
     def __repr__(self) -> str:

@@ -110,7 +110,7 @@ def mask_for_heads(mask: BlockMask, offset: int, count: int, total: int) -> Bloc
             mask.kv_block_indices[:, rows].contiguous(), mask.kv_block_counts[:, rows].contiguous(), mask.seq_len,
             mask.q_block_size, mask.kv_block_size, per_head(mask.permutation),
             None if mask.kv_block_partial is None else mask.kv_block_partial[:, rows].contiguous(), mask.token_boxes,
-            per_head(mask.kv_permutation),
+            per_head(mask.kv_permutation), mask.rows_all_kept,
         )
     return cache[key]
 

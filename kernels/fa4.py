@@ -49,7 +49,8 @@ def to_fa4_block_sparse(mask: BlockMask) -> FA4BlockSparse:
         full_block_cnt=counts,
         full_block_idx=mask.kv_block_indices.contiguous(),
         block_size=(mask.q_block_size, mask.kv_block_size),
-        has_empty_rows=bool((counts == 0).any()),
+        # A host sync on CUDA, once per mask (per call for a dynamic pattern) unless the builder vouches for it.
+        has_empty_rows=False if mask.rows_all_kept else bool((counts == 0).any()),
     )
 
 

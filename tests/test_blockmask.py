@@ -41,6 +41,23 @@ def test_density_counts_the_short_tail_block():
     assert math.isclose(float(mask.to_dense().double().mean()), mask.density)
 
 
+def test_rows_all_kept_is_what_the_counts_say_and_survives_derived_masks():
+    from dit_sparse.parallel import mask_for_heads
+
+    g = torch.Generator().manual_seed(2)
+    block_dense = torch.rand(1, 4, 5, 5, generator=g) < 0.5
+    block_dense[..., 0] = True  # every row keeps a block
+    full_rows = BlockMask.from_block_dense(block_dense, 80, 16, permutation=torch.randperm(80, generator=g))
+    block_dense[0, 2, 3] = False  # one empty row
+    empty_row = BlockMask.from_block_dense(block_dense, 80, 16)
+    assert full_rows.rows_all_kept and bool((full_rows.kv_block_counts > 0).all())
+    assert not empty_row.rows_all_kept and not BlockMask(empty_row.kv_block_indices, empty_row.kv_block_counts,
+                                                         80, 16, 16).rows_all_kept  # no promise by default
+    for mask in (full_rows, empty_row):
+        for derived in (mask.in_blocked_order(), mask.to("meta"), mask_for_heads(mask, 2, 2, 4)):
+            assert derived.rows_all_kept == mask.rows_all_kept
+
+
 def test_blockmask_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="power of two"):
         BlockMask.full(64, 48)

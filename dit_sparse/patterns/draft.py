@@ -59,7 +59,7 @@ def draft(
     densities = [density] * q.shape[1] if isinstance(density, (int, float)) else list(density)
     indices, counts = top_blocks(probs, keep_counts(densities, probs.shape[-1]), top_p)
     block = math.prod(tile)
-    return BlockMask(indices, counts, layout.video_len, block, block, permutation=perm)
+    return BlockMask(indices, counts, layout.video_len, block, block, permutation=perm, rows_all_kept=True)
 
 
 def draft_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, tile, target_recall: float,

@@ -76,7 +76,8 @@ def reorder_axes(
     probs = draft_map(q, k, block_size, None if order is None else order.view(1, -1, layout.video_len))
     densities = [density] * heads if isinstance(density, (int, float)) else list(density)
     indices, counts = top_blocks(probs, keep_counts(densities, probs.shape[-1]), top_p)
-    return BlockMask(indices, counts, layout.video_len, block_size, block_size, permutation=order)
+    return BlockMask(indices, counts, layout.video_len, block_size, block_size, permutation=order,
+                     rows_all_kept=True)
 
 
 def axes_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, block_size: int, density: float,
@@ -313,7 +314,9 @@ def reorder_cluster(
     q_order, k_order, block_map, new_state = _cluster_map(q, k, clusters, block_size, state, kmeans_iters, seed)
     densities = [density] * heads if isinstance(density, (int, float)) else list(density)
     indices, counts = top_blocks(block_map, keep_counts(densities, block_map.shape[-1]), top_p)
-    return BlockMask(indices, counts, seq_len, block_size, block_size, q_order, kv_permutation=k_order), new_state
+    mask = BlockMask(indices, counts, seq_len, block_size, block_size, q_order, kv_permutation=k_order,
+                     rows_all_kept=True)
+    return mask, new_state
 
 
 def cluster_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, block_size: int,
