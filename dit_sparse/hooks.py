@@ -109,6 +109,7 @@ class SparseSession:
     pattern_state: dict = field(default_factory=dict)
     observer: object = None
     token_orders: dict = field(default_factory=dict)
+    head_configs: dict = field(default_factory=dict)  # (head offset, count) -> the config cut to those heads
 
     def observe_call(self, timestep, step_index: int | None, branch_name: str | None = None) -> int:
         """Advance the step counter for one transformer call; CFG's second call of a step repeats the timestep.
@@ -162,12 +163,20 @@ class SparseSession:
         if cached is not None and not self.config.refreshes_at(self.step, cached[2]):
             return cached[0], cached[1]
         state = self.pattern_state.setdefault((site, self.branch), {})
-        config = self.config if heads is None else config_for_heads(self.config, *heads)
+        config = self.config if heads is None else self.config_for_heads(heads)
         mask = build_mask(layout, config, q=q, k=k, state=state, device=device, layer=layer)
         self.mask_builds += 1
         fraction = mask.kept_fraction  # a device tensor: no host sync per estimate (`stats` reads it)
         self.dynamic_masks[key] = (mask, fraction, self.step)
         return mask, fraction
+
+    def config_for_heads(self, heads: tuple[int, int]) -> MethodConfig:
+        """The config cut to one rank's heads (offset, count), built once per session (a `dataclasses.replace`
+        that validates every per-layer profile entry again: not something to redo at every refresh)."""
+        config = self.head_configs.get(heads)
+        if config is None:
+            config = self.head_configs[heads] = config_for_heads(self.config, *heads)
+        return config
 
     def token_order(self, layout: VideoLayout, world: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(natural -> gathered, gathered -> natural) token indices of a call Ulysses gathered from `world` ranks, or

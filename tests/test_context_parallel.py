@@ -64,6 +64,24 @@ def test_config_for_heads_cuts_per_head_profile_entries_to_this_ranks_heads():
     assert config_for_heads(radial, 2, 2) is radial
 
 
+def test_a_session_cuts_its_config_to_a_ranks_heads_once(monkeypatch):
+    import dit_sparse.hooks
+
+    calls = []
+    monkeypatch.setattr(dit_sparse.hooks, "config_for_heads", lambda config, *heads: calls.append(heads) or
+                        config_for_heads(config, *heads))
+    config = DraftConfig(layer_density=[(0.1, 0.2, 0.3, 0.4)], tile=(1, 4, 4))
+    session = dit_sparse.hooks.SparseSession(config)
+    layout = VideoLayout(2, 8, 8)
+    q, k = torch.randn(2, 1, 2, layout.video_len, 8).unbind(0)  # this rank's 2 of 4 heads
+    for step in range(3):  # draft's default refresh: a new estimate every step
+        session.step = step
+        mask, _ = session.mask_for(layout, "cpu", q=q, k=k, layer=0, site="attn", heads=(2, 2))
+        assert mask.kv_block_counts.shape[1] == 2
+    assert session.mask_builds == 3 and calls == [(2, 2)]
+    assert session.config_for_heads((2, 2)).layer_density == ((0.3, 0.4),)
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_ulysses_match_one_process_for_wan_and_hunyuan_video(tmp_path):
     out = tmp_path / "cp.json"
