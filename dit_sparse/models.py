@@ -20,6 +20,24 @@ MODEL_HELP = (
 )
 #: What the tiny random pipeline's videos are worth (the fallback note and eval's report say it).
 RANDOM_WEIGHTS = "its videos are noise, so only timing and agreement with the baseline mean anything"
+#: the file `python -m dit_sparse.pipelines.random_wan` leaves in the pipeline folders it writes
+RANDOM_WEIGHTS_MARKER = "dit_sparse_random_weights.json"
+
+
+def random_weights_origin(model: str | None) -> str | None:
+    """What a local pipeline folder written with random weights says of itself (`RANDOM_WEIGHTS_MARKER`: the
+    config and seed it was drawn from), None for any other model; reads no weights."""
+    import json
+
+    marker = os.path.join(model, RANDOM_WEIGHTS_MARKER) if model and os.path.isdir(model) else None
+    if marker is None or not os.path.isfile(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8") as file:
+            origin = json.load(file)
+        return f"{origin['config']}, seed {origin['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its random-weights marker file is unreadable"
 
 
 def check_model(model: str | None) -> str | None:

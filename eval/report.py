@@ -21,7 +21,7 @@ import numpy as np
 
 from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
 from dit_sparse.files import write_atomic
-from dit_sparse.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM
+from dit_sparse.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM, random_weights_origin
 
 #: The side-by-side videos' third column shows |method - baseline| times a gain: a power of two chosen per prompt so
 #: that the 99.9th percentile of the largest difference reaches full brightness, at most `MAX_DIFF_GAIN` (shown in
@@ -94,8 +94,10 @@ def describe_run(plan: EvalPlan, notes: list[str]) -> dict:
     except Exception:
         dit_sparse_version = "unknown"
     model_note = None
-    if plan.model_label == TINY_RANDOM_LABEL:
+    origin = random_weights_origin(plan.model)
+    if plan.model_label == TINY_RANDOM_LABEL or origin is not None:
         model_note = f"random weights (UNTRAINED): {RANDOM_WEIGHTS}; the VBench-style dimensions describe noise"
+        model_note += f" (drawn for {origin})" if origin else ""
     return {
         "model": plan.model_label,
         "model_note": model_note,

@@ -14,9 +14,13 @@ The videos are noise; only speed (and agreement between methods) means anything.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
+
+from dit_sparse.files import write_atomic
+from dit_sparse.models import RANDOM_WEIGHTS_MARKER
 
 #: Transformer configs by name; "smoke" is a toy of the same classes for tests.
 _WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -80,6 +84,9 @@ def save_random_wan(out: str, config: str = "wan2.1-1.3b", seed: int = 0, dtype:
     pipe = build_random_wan_pipeline(config, seed, device)
     pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(out, safe_serialization=True)
+    # Says what the folder is to whoever reads it later (an eval report puts it in its header).
+    marker = {"config": config, "seed": seed, "dtype": dtype, "weights": "random (untrained)"}
+    write_atomic(os.path.join(out, RANDOM_WEIGHTS_MARKER), json.dumps(marker, indent=1) + "\n")
     return out
 
 

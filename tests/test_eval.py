@@ -276,7 +276,10 @@ def test_eval_runs_a_random_wan_folder_built_by_the_script_and_no_videos_keeps_s
             "--warmup-steps", "0", "--output-dir", str(tmp_path / "out"), "--no-videos"]  # fmt: skip
     assert cli.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["run"]["model"] == str(folder) and results["run"]["model_note"] is None
+    assert results["run"]["model"] == str(folder)
+    note = results["run"]["model_note"]  # the folder says it holds random weights: the report says so up front
+    assert note.startswith("random weights (UNTRAINED)") and note.endswith("(drawn for smoke, seed 0)")
+    assert note in (tmp_path / "out" / "report.md").read_text()
     assert f"--model {folder}" in results["run"]["command"] and " --no-videos" in results["run"]["command"]
     assert os.listdir(tmp_path / "out" / "side_by_side") == ["00-a-cat.jpg"]  # the still, no mp4
     html = (tmp_path / "out" / "report.html").read_text()
@@ -284,6 +287,17 @@ def test_eval_runs_a_random_wan_folder_built_by_the_script_and_no_videos_keeps_s
     assert "(middle frame; no video)" in (tmp_path / "out" / "report.md").read_text()
     psnr = results["means"][1]["psnr"]
     assert psnr == "inf" or psnr > 30
+
+
+def test_random_weights_origin_reads_the_marker_of_a_folder_only(tmp_path):
+    from dit_sparse.models import RANDOM_WEIGHTS_MARKER, random_weights_origin
+
+    assert random_weights_origin(str(tmp_path)) is None  # a folder without the marker: a model like any other
+    assert random_weights_origin("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") is None and random_weights_origin(None) is None
+    (tmp_path / RANDOM_WEIGHTS_MARKER).write_text('{"config": "wan2.1-14b", "seed": 3}')
+    assert random_weights_origin(str(tmp_path)) == "wan2.1-14b, seed 3"
+    (tmp_path / RANDOM_WEIGHTS_MARKER).write_text("{not json")
+    assert "unreadable" in random_weights_origin(str(tmp_path))
 
 
 def test_python_m_dit_sparse_eval_scores_in_spawned_worker_processes(tmp_path):
