@@ -196,6 +196,20 @@ def test_radial_keeps_the_diagonal_where_the_official_rule_leaves_a_query_block_
         assert torch.equal(ours, official | torch.eye(official.shape[0], dtype=torch.bool))
 
 
+def test_radial_on_the_tiny_models_layout_is_the_official_rule_plus_the_diagonal():
+    # The shipped tiny model: 21 latent frames of 10 x 10 tokens, blocks of 128, so every block spans two frames.
+    # The official vote leaves query blocks 4 and 11 with no key block; ours keeps their diagonal blocks, and the
+    # short tail block (52 tokens) whole. Density over the full blocks: 27 / 256 official, 29 / 256 ours.
+    layout = VideoLayout(21, 10, 10)
+    official = _official_video_blocks(layout, "wan", s=math.ceil(layout.video_len / 128) * 128)
+    ours = _ours(layout, variant="wan")
+    assert official.shape == (16, 16) and ours.shape == (17, 17)
+    assert (~official.any(1)).nonzero().flatten().tolist() == [4, 11]
+    assert torch.equal(ours[:16, :16], official | torch.eye(16, dtype=torch.bool))
+    assert ours[16].all() and ours[:, 16].all()
+    assert (int(official.sum()), int(ours[:16, :16].sum())) == (27, 29)
+
+
 # ---- a token-level derivation ---------------------------------------------------------------------------------------
 
 
