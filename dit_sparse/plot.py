@@ -52,6 +52,7 @@ def plot_mask(mask: BlockMask, layout: VideoLayout, head: int = 0, batch: int = 
     try:
         from matplotlib.colors import ListedColormap
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise ImportError(
             "dit_sparse.plot_mask needs matplotlib: pip install 'dit-sparse[eval]' (or pip install matplotlib)"
@@ -68,6 +69,8 @@ def plot_mask(mask: BlockMask, layout: VideoLayout, head: int = 0, batch: int = 
     axes = figure.add_subplot()
     colors = ListedColormap(["#ffffff", "#8ecae6", "#023047"])
     axes.imshow(image, cmap=colors, vmin=DROPPED, vmax=WHOLE, interpolation="nearest", aspect="equal")
+    for axis in (axes.xaxis, axes.yaxis):  # block indices: whole numbers, even on a map of a few blocks
+        axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if mask.q_block_size == mask.kv_block_size:
         for position in _frame_starts(mask, layout):
             axes.axhline(position, color="#fb8500", linewidth=0.6)

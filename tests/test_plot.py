@@ -35,6 +35,18 @@ def test_plotted_image_is_the_block_mask_with_frame_lines():
     assert len(axes.lines) == 2 * (layout.frames - 1)
 
 
+@pytest.mark.parametrize("frames", [1, 3])  # a map of one block, and of a few
+def test_axes_tick_whole_block_indices(frames):
+    pytest.importorskip("matplotlib")
+    layout = VideoLayout(frames, 4, 4)
+    figure = dit_sparse.plot_mask(BlockMask.full(layout.video_len, 16), layout)
+    figure.canvas.draw()  # the locators place their ticks
+    axes = figure.axes[0]
+    for ticks in (axes.get_xticks(), axes.get_yticks()):
+        shown = [t for t in ticks if -0.5 <= t <= frames - 0.5]
+        assert shown and all(float(t).is_integer() for t in shown), ticks
+
+
 def test_partial_blocks_and_per_head_masks_are_shown_as_they_are():
     pytest.importorskip("matplotlib")
     layout = VideoLayout(3, 7, 10)
