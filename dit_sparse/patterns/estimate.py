@@ -86,8 +86,9 @@ def top_blocks(scores: torch.Tensor, keep: Sequence[int], top_p: float | None = 
     """`BlockMask` index lists of the best-scored key blocks: per row of scores (B, H, n_q, n_k) the `keep[h]` best
     (`keep`: one int per head, or one for all), with `top_p` only the fewest of those whose scores (a distribution
     per row) reach `top_p` (SVG2's top-p budget). Returns (kv_block_indices (B, H, n_q, max(keep)) int32 ascending,
-    padded with 0; kv_block_counts (B, H, n_q) int32). One `topk` and one small sort; shapes from `keep` alone, no
-    host sync."""
+    padded with 0; kv_block_counts (B, H, n_q) int32). Every row keeps at least its best block (`keep` >= 1, and
+    rank 0 is always within a `top_p` > 0), which the masks built from these lists declare as `rows_all_kept`. One
+    `topk` and one small sort; shapes from `keep` alone, no host sync."""
     batch, heads, n_q, n_k = scores.shape
     kept_max = max(keep)
     values, indices = scores.topk(kept_max, dim=-1)  # (B, H, n_q, kept_max), best first

@@ -11,8 +11,8 @@
 limit=$1; shift
 . scripts/device/env.sh 2 > /tmp/env.log 2>&1 || cat /tmp/env.log
 grep -h "env.sh:" /tmp/env.log
-stem=transformer_step-$(python3 -P -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '-').lower())")-$(date +%F)
-cp benchmarks/results/$stem.json $OUT/ 2>/dev/null && echo "resuming $stem.json"
+# The day's files of every GPU (the script names them; the run adds to its own GPU's and leaves the others as they are).
+cp benchmarks/results/transformer_step-*-$(date +%F).json $OUT/ 2>/dev/null && echo "resuming from:" $(ls $OUT)
 timeout $((limit - 40)) python3 -P benchmarks/transformer_step.py "$@" --resume --out $OUT 2>&1 \
   | grep -E "^==|^ +(eager|compiled) |Error|error:" | tail -40
 ls $OUT
