@@ -1,32 +1,38 @@
-"""The hooks `sparsify` installs: one per transformer (layout, step), one per self-attention module (interception).
+"""What `sparsify` installs: a hook on each transformer (layout, step) and an interception on each self-attention
+module.
 
-A transformer hook begins each forward by deriving its plan (the video layout, whether this step and layer run
-dense, the block mask) and publishing it on the session; an attention hook, while a plan is published, runs its
-module under a `TorchFunctionMode` that routes the module's `scaled_dot_product_attention` call to
-`sparse_attention`. The joint text is whatever the call has beyond the video tokens (`text_len = S - video_len`), at
-the side the adapter names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a
-hooked forward every call falls through untouched, and no global state is left when the hooks are removed.
+A transformer hook (diffusers' HookRegistry) begins each forward by deriving its plan (the video layout, whether this
+step and layer run dense, the block mask) and publishing it on the session. A self-attention module's class is
+swapped for a subclass of it (one per class, same name) whose `forward`, while a plan is published, runs the module's
+own forward under a `TorchFunctionMode` that routes its `scaled_dot_product_attention` call to the sparse path; a
+module that already has an instance-level `forward` (another HookRegistry hook) gets a HookRegistry hook instead.
+The joint text is whatever the call has beyond the video tokens (`text_len = S - video_len`), at the side the adapter
+names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a hooked forward every
+call falls through untouched; `remove` restores every class and hook (the intercepting subclasses stay cached for
+the next `sparsify`, unused), and no other state is left.
 
 torch.compile: the plan is built in a function dynamo skips (one graph break, before the first block); the plan
 object is reused while the layout and the dense/sparse phase stay the same, so the compiled graph's guards hold from
-step to step; under compilation the sparse call is the custom op `dit_sparse::sparse_attention`, so the graph runs
-through attention and the rest of each block fuses around it. Dynamic patterns (`draft`, `reorder`) estimate their
-mask in a function dynamo skips too (a graph break before each sparsified attention call): the estimate runs eagerly,
-the attention itself still through the custom op.
+step to step. In a sparse step the attention call is the custom op `dit_sparse::attention(q, k, v, site, ...)`:
+`site` is the module's token, a one-element CPU tensor that compiled code passes through as a graph input; the op's body
+finds the layer, the mask (static, per layer, or estimated from q and k) and the kernel from it on the host. Traced
+code never reads a layer index or a per-module object identity, so all blocks trace to one graph: regional
+compilation (`compile_repeated_blocks`) compiles one block for every block, dynamic patterns compile without a graph
+break, and the rest of each block (norms, modulation, RoPE, MLP) fuses around the op.
 
 Dynamic masks are cached per (attention site, CFG branch, layout, device) and re-estimated on the config's
-`refresh` schedule (`DynamicConfig.refreshes_at`); per-layer masks (`vdit`) are built once per (layout, device, layer)
-and taken from the session in the call the same way (eager under torch.compile); `SparseSession.mask_builds` counts
-every mask built or estimated.
+`refresh` schedule (`DynamicConfig.refreshes_at`); per-layer masks (`vdit`) are built once per (layout, device, layer);
+`SparseSession.mask_builds` counts every mask built or estimated.
 
 Under diffusers' Ulysses context parallelism (`dit_sparse.parallel`) the intercepted call holds the full sequence
-for this rank's heads: the interceptor puts the tokens in the natural order when joint text makes the gathered order
+for this rank's heads: the call puts the tokens in the natural order when joint text makes the gathered order
 differ, takes this rank's rows of a per-head mask (and its entries of per-head settings), and restores the gathered
 order on the way out.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 
@@ -37,12 +43,12 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from dit_sparse.attention import sparse_attention
-from dit_sparse.blockmask import BlockMask, TokenBoxes, inverse_order
+from dit_sparse.blockmask import BlockMask, inverse_order
 from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
-from dit_sparse.parallel import UlyssesShard, config_for_heads, gathered_order, mask_for_heads, ulysses_shard
+from dit_sparse.parallel import config_for_heads, gathered_order, mask_for_heads, ulysses_shard
 from dit_sparse.patterns import build_mask, is_per_layer, is_static
-from dit_sparse.pipelines.adapters import AttentionSite, TransformerAdapter
+from dit_sparse.pipelines.adapters import TransformerAdapter
 
 TRANSFORMER_HOOK = "dit_sparse.transformer"
 ATTENTION_HOOK = "dit_sparse.attention"
@@ -153,7 +159,6 @@ class SparseSession:
         if key not in self.masks:
             mask = build_mask(layout, self.config, q=q, k=k, device=device, layer=layer)
             self.mask_builds += 1
-            _remember_mask(mask)
             self.masks[key] = (mask, mask.density)
         return self.masks[key]
 
@@ -271,15 +276,74 @@ def _sdpa_arguments(
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+# ---- one self-attention module: its site, the traced interception, the call run on the host ---------------------
+@dataclass(eq=False)
+class _Site:
+    """One hooked self-attention module: the adapter's site (name, layer), the session, and its token.
+
+    The token is a one-element CPU int64 tensor holding the site's number, kept in the module's `__dict__` (not a
+    parameter or buffer: no state dict, `.to()` or quantization touches it). Compiled code takes it as a graph input
+    like any other tensor and hands it to the custom op, whose body looks the site up by that number (so a copy of
+    the token, as torch.library's checks pass, still names it). Every block thus traces to the same graph, and
+    regional compilation (`compile_repeated_blocks`) compiles one block for all."""
+
+    name: str
+    layer: int
+    session: SparseSession
+    module: weakref.ref
+    token: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        number = next(_SITE_NUMBERS)
+        self.token = torch.tensor([number], dtype=torch.int64, device="cpu")  # on the host, whatever the default
+        _SITES[number] = self
+
+
+_SITE_NUMBERS = itertools.count()
+_SITES: "weakref.WeakValueDictionary[int, _Site]" = weakref.WeakValueDictionary()  # live sites only
+
+
+def _site_of(token: torch.Tensor) -> _Site:
+    site = _SITES.get(int(token[0])) if token.dtype == torch.int64 and token.numel() == 1 else None
+    if site is None:
+        raise RuntimeError(
+            f"dit_sparse::attention got {token!r}, which is no hooked attention module's site token (its module "
+            "was unsparsified, or the tensor is not one)"
+        )
+    return site
+
+
+@torch.compiler.disable
+def _site_name(token: torch.Tensor) -> str:
+    """The site's name, for errors raised in traced code (only ever read on the way to raising)."""
+    return _site_of(token).name
+
+
+def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: dict):
+    """`forward(*args, **kwargs)` of a hooked self-attention module, its attention call routed to the sparse path
+    while a hooked transformer forward runs. Traced by torch.compile: it reads only what every block shares (the
+    session and its plan) and the site's token, never the layer."""
+    site = module.__dict__.get("_dit_sparse_site")
+    plan = None if site is None else site.session.active
+    if plan is None:
+        return forward(*args, **kwargs)
+    interceptor = _AttentionInterceptor(site.session, plan, site.token)
+    with interceptor:
+        output = forward(*args, **kwargs)
+    if interceptor.calls == 0:
+        raise RuntimeError(
+            f"{_site_name(site.token)}: no scaled_dot_product_attention call was seen; its attention backend "
+            "bypasses torch SDPA. dit-sparse needs diffusers' native attention backend on sparsified modules."
+        )
+    return output
+
+
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
 
-    def __init__(self, session: SparseSession, plan: ForwardPlan, site_name: str, layer: int, site_key=None,
-                 shard: UlyssesShard | None = None):
+    def __init__(self, session: SparseSession, plan: ForwardPlan, token: torch.Tensor):
         super().__init__()
-        self.session, self.plan, self.site_name, self.layer = session, plan, site_name, layer
-        self.site_key = site_name if site_key is None else site_key
-        self.shard = shard  # this rank's place under Ulysses context parallelism, None without it
+        self.session, self.plan, self.token = session, plan, token
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -293,79 +357,82 @@ class _AttentionInterceptor(TorchFunctionMode):
                 return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.calls += 1
-        return self._attend(func, args, kwargs)
-
-    def _attend(self, sdpa, args: tuple, kwargs: dict) -> torch.Tensor:
         # query, key, value: (B, H, S, D), as diffusers' native backend and direct callers pass them to SDPA.
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
         if is_causal or dropout_p or enable_gqa or not (query.shape[:3] == key.shape[:3] == value.shape[:3]):
             raise NotImplementedError(
-                f"{self.site_name}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), got "
-                f"q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}, is_causal={is_causal}, "
+                f"{_site_name(self.token)}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), "
+                f"got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}, is_causal={is_causal}, "
                 f"dropout_p={dropout_p}, enable_gqa={enable_gqa}"
             )
-        plan = self.plan
-        layout = plan.call_layout(query.shape[2], self.site_name)
-        local_heads = query.shape[1]
-        heads = None if self.shard is None else (self.shard.head_offset(local_heads), local_heads)
-        orders = None if self.shard is None else self.session.token_order(layout, self.shard.world, query.device)
-        if orders is not None:  # Ulysses gathered [video_0; text_0; video_1; text_1; ...]: into [video; text]
-            query, key, value = (x[:, :, orders[0]] for x in (query, key, value))
-            attn_mask = _mask_in_order(attn_mask, orders[0], query.shape[2])
-        text_padding_mask = self._text_padding_mask(attn_mask, layout, query.shape[0])
-        if self.session.observer is not None:  # calibration: sees every call's q, k, v (B, H, S, D)
-            _observe(self.session, self.layer, layout, query, key, value)
-        if plan.is_dense(self.layer):
-            return sdpa(*args, **kwargs)  # the original call, mask and all
-        mask = plan.mask
-        if mask is None:  # a pattern that reads q and k or the layer: taken here, counted here
-            mask = _call_mask(self.session, layout, query, key, self.layer, self.site_key, heads)
-        if heads is not None:  # this rank's rows of a per-head mask
-            mask = mask_for_heads(mask, heads[0], local_heads, local_heads * self.shard.world)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+        if self.plan.sparse_from is None and self.session.observer is None:
+            return func(*args, **kwargs)  # a dense step: the original call, mask and all, in every layer
         if torch.compiler.is_compiling():
-            boxes = mask.token_boxes
-            out = torch.ops.dit_sparse.sparse_attention(
-                q, k, v, mask.kv_block_indices, mask.kv_block_counts, mask.permutation, mask.kv_block_partial,
-                None if boxes is None else boxes.query_lo, None if boxes is None else boxes.query_hi,
-                None if boxes is None else boxes.key_coords, None if boxes is None else list(boxes.step),
-                text_padding_mask, mask.seq_len, mask.q_block_size, mask.kv_block_size, layout.frames,
-                layout.height, layout.width, layout.text_len, layout.text_position, scale, plan.backend,
-                mask.kv_permutation,
-            )
-        else:
-            out = sparse_attention(
-                q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=plan.backend
-            )
-        out = out.transpose(1, 2)  # (B, H, S, D)
-        return out if orders is None else out[:, :, orders[1]]
+            return torch.ops.dit_sparse.attention(query, key, value, self.token, attn_mask, scale)
+        return _site_attention(_site_of(self.token), query, key, value, attn_mask, scale)
 
-    def _text_padding_mask(self, attn_mask, layout: VideoLayout, batch: int) -> torch.Tensor | None:
-        """(B, text_len) bool, True for real text tokens, from the call's key-padding mask; None without one."""
-        if attn_mask is None:
-            return None
-        if self.plan.attention_mask != "key_padding":
-            raise NotImplementedError(
-                f"{self.site_name}: got an attention mask {tuple(attn_mask.shape)}, but this transformer's adapter "
-                "expects none (sparse attention supports plain self-attention here)"
-            )
-        seq_len = layout.seq_len
-        if (
-            attn_mask.dtype != torch.bool
-            or attn_mask.dim() != 4
-            or attn_mask.shape[0] not in (1, batch)
-            or attn_mask.shape[1] != 1
-            or attn_mask.shape[2] not in (1, seq_len)
-            or attn_mask.shape[3] != seq_len
-        ):
-            raise ValueError(
-                f"{self.site_name}: a key-padding attention mask must be bool (B or 1, 1, 1 or S, S) with B={batch}, "
-                f"S={seq_len}; got {attn_mask.dtype} {tuple(attn_mask.shape)}"
-            )
-        if layout.text_len == 0:
-            return None
-        row = layout.video_slice.start if attn_mask.shape[2] == seq_len else 0  # a video query sees every valid key
-        return attn_mask[:, 0, row, layout.text_slice].expand(batch, -1).contiguous()  # (B, text_len)
+
+def _site_attention(site: _Site, query, key, value, attn_mask, scale) -> torch.Tensor:
+    """One self-attention call of `site` in a sparse step, on the host (eagerly, also under torch.compile, as the
+    custom op's body): the layer's dense call or its mask, and the sparse kernel. (B, H, S, D) in and out."""
+    session, plan = site.session, site.session.active
+    if plan is None:
+        raise RuntimeError(f"{site.name}: dit_sparse::attention ran outside a hooked transformer forward")
+    layout = plan.call_layout(query.shape[2], site.name)
+    module = site.module()
+    shard = None if module is None else ulysses_shard(module, site.name)
+    local_heads = query.shape[1]
+    heads = None if shard is None else (shard.head_offset(local_heads), local_heads)
+    orders = None if shard is None else session.token_order(layout, shard.world, query.device)
+    dense_args = (query, key, value, attn_mask)
+    if orders is not None:  # Ulysses gathered [video_0; text_0; video_1; text_1; ...]: into [video; text]
+        query, key, value = (x[:, :, orders[0]] for x in (query, key, value))
+        attn_mask = _mask_in_order(attn_mask, orders[0], query.shape[2])
+    text_padding_mask = _text_padding_mask(plan, site.name, attn_mask, layout, query.shape[0])
+    if session.observer is not None:  # calibration: sees every call's q, k, v (B, H, S, D)
+        session.observer(layer=site.layer, step=session.step, layout=layout, q=query, k=key, v=value)
+    if plan.is_dense(site.layer):
+        return F.scaled_dot_product_attention(*dense_args[:3], attn_mask=dense_args[3], scale=scale)
+    mask = plan.mask
+    if mask is None:  # a pattern that reads q and k or the layer: taken here, counted here
+        mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=site.layer, site=site,
+                                         heads=heads)
+        session.record(density)
+    if heads is not None:  # this rank's rows of a per-head mask
+        mask = mask_for_heads(mask, heads[0], local_heads, local_heads * shard.world)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+    out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale,
+                           backend=plan.backend).transpose(1, 2)  # (B, H, S, D)
+    return out if orders is None else out[:, :, orders[1]]
+
+
+def _text_padding_mask(plan: ForwardPlan, site_name: str, attn_mask, layout: VideoLayout,
+                       batch: int) -> torch.Tensor | None:
+    """(B, text_len) bool, True for real text tokens, from the call's key-padding mask; None without one."""
+    if attn_mask is None:
+        return None
+    if plan.attention_mask != "key_padding":
+        raise NotImplementedError(
+            f"{site_name}: got an attention mask {tuple(attn_mask.shape)}, but this transformer's adapter "
+            "expects none (sparse attention supports plain self-attention here)"
+        )
+    seq_len = layout.seq_len
+    if (
+        attn_mask.dtype != torch.bool
+        or attn_mask.dim() != 4
+        or attn_mask.shape[0] not in (1, batch)
+        or attn_mask.shape[1] != 1
+        or attn_mask.shape[2] not in (1, seq_len)
+        or attn_mask.shape[3] != seq_len
+    ):
+        raise ValueError(
+            f"{site_name}: a key-padding attention mask must be bool (B or 1, 1, 1 or S, S) with B={batch}, "
+            f"S={seq_len}; got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+        )
+    if layout.text_len == 0:
+        return None
+    row = layout.video_slice.start if attn_mask.shape[2] == seq_len else 0  # a video query sees every valid key
+    return attn_mask[:, 0, row, layout.text_slice].expand(batch, -1).contiguous()  # (B, text_len)
 
 
 def _mask_in_order(attn_mask, order: torch.Tensor, seq_len: int):
@@ -376,147 +443,93 @@ def _mask_in_order(attn_mask, order: torch.Tensor, seq_len: int):
     return attn_mask[:, :, order] if attn_mask.shape[2] == seq_len else attn_mask
 
 
-@torch.compiler.disable
-def _call_mask(session: SparseSession, layout: VideoLayout, query, key, layer: int, site,
-               heads: tuple[int, int] | None = None) -> BlockMask:
-    """The mask of this call, counted in the statistics: a dynamic pattern's (estimated or reused per `refresh`) or
-    a per-layer one (built once per layout and layer); eager under torch.compile (dynamo skips this function)."""
-    mask, density = session.mask_for(layout, query.device, q=query, k=key, layer=layer, site=site, heads=heads)
-    session.record(density)
-    _remember_mask(mask)
-    return mask
-
-
-@torch.compiler.disable
-def _observe(session: SparseSession, layer: int, layout: VideoLayout, query, key, value) -> None:
-    session.observer(layer=layer, step=session.step, layout=layout, q=query, k=key, v=value)
-
-
-class AttentionHook(ModelHook):
-    """Per self-attention module: intercepts its attention call while a hooked transformer forward runs."""
-
-    def __init__(self, site: AttentionSite, session: SparseSession):
-        super().__init__()
-        self.site_name, self.layer, self.session = site.name, site.layer, session
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        plan = self.session.active
-        if plan is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        shard = ulysses_shard(module, self.site_name)
-        interceptor = _AttentionInterceptor(self.session, plan, self.site_name, self.layer, site_key=id(self),
-                                            shard=shard)
-        with interceptor:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if interceptor.calls == 0:
-            raise RuntimeError(
-                f"{self.site_name}: no scaled_dot_product_attention call was seen; its attention backend bypasses "
-                "torch SDPA. dit-sparse needs diffusers' native attention backend on sparsified modules."
-            )
-        return output
-
-
-# ---- torch.compile: the sparse call as one opaque op ------------------------------------------------------------
-def _remember_mask(mask: BlockMask) -> None:
-    """Let the custom op find `mask` (and the per-mask caches the kernels keep on it) from its index tensor."""
-    mask.kv_block_indices._dit_sparse_block_mask = weakref.ref(mask)
-
-
-def _block_mask_of(
-    kv_block_indices, kv_block_counts, permutation, kv_block_partial, boxes, seq_len, q_block_size, kv_block_size,
-    kv_permutation=None,
-) -> BlockMask:
-    """The session's own BlockMask behind these tensors (its kernel caches live on it), else one rebuilt from them,
-    in-block masking included. `boxes`: (query_lo, query_hi, key_coords, step), all None without in-block masking."""
-    ref = getattr(kv_block_indices, "_dit_sparse_block_mask", None)
-    mask = ref() if ref is not None else None
-    if (
-        mask is not None
-        and mask.kv_block_counts is kv_block_counts
-        and mask.permutation is permutation
-        and mask.kv_block_partial is kv_block_partial
-        and mask.kv_permutation is kv_permutation
-        and (mask.seq_len, mask.q_block_size, mask.kv_block_size) == (seq_len, q_block_size, kv_block_size)
-    ):
-        return mask
-    query_lo, query_hi, key_coords, step = boxes
-    token_boxes = None if kv_block_partial is None else TokenBoxes(query_lo, query_hi, key_coords, tuple(step))
-    return BlockMask(
-        kv_block_indices, kv_block_counts, seq_len, q_block_size, kv_block_size, permutation, kv_block_partial,
-        token_boxes, kv_permutation,
-    )
+# ---- torch.compile: a sparse step's attention call as one opaque op ----------------------------------------------
+_OP_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
 @torch.library.custom_op(
-    "dit_sparse::sparse_attention",
+    "dit_sparse::attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, Tensor? permutation, "
-    "Tensor? kv_block_partial, Tensor? query_lo, Tensor? query_hi, Tensor? key_coords, int[]? box_step, "
-    "Tensor? text_padding_mask, int seq_len, int q_block_size, int kv_block_size, int frames, int height, int width, "
-    "int text_len, str? text_position, float? scale, str backend, Tensor? kv_permutation=None) -> Tensor",
+    schema="(Tensor query, Tensor key, Tensor value, Tensor site, Tensor? attn_mask, float? scale) -> Tensor",
+    tags=_OP_TAGS,  # its body runs host logic (plans, masks, estimates): never captured into a CUDA graph
 )
-def _sparse_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_block_indices: torch.Tensor,
-    kv_block_counts: torch.Tensor,
-    permutation: torch.Tensor | None,
-    kv_block_partial: torch.Tensor | None,
-    query_lo: torch.Tensor | None,
-    query_hi: torch.Tensor | None,
-    key_coords: torch.Tensor | None,
-    box_step: list[int] | None,
-    text_padding_mask: torch.Tensor | None,
-    seq_len: int,
-    q_block_size: int,
-    kv_block_size: int,
-    frames: int,
-    height: int,
-    width: int,
-    text_len: int,
-    text_position: str | None,
+def _attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    site: torch.Tensor,
+    attn_mask: torch.Tensor | None,
     scale: float | None,
-    backend: str,
-    kv_permutation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sparse_attention` with the BlockMask and VideoLayout spelled out as tensors and ints; (B, S, H, D) out,
-    contiguous. What compiled graphs call in place of the interceptor's eager `sparse_attention`."""
-    mask = _block_mask_of(
-        kv_block_indices, kv_block_counts, permutation, kv_block_partial, (query_lo, query_hi, key_coords, box_step),
-        seq_len, q_block_size, kv_block_size, kv_permutation,
-    )
-    layout = VideoLayout(frames, height, width, text_len, text_position)
-    out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale, backend=backend)
-    return out.contiguous()
+    """What compiled graphs call in place of a sparse step's self-attention: `_site_attention` of the module whose
+    token `site` is. (B, H, S, D) out, over a (B, S, H, D)-contiguous buffer (the layout the fake promises)."""
+    out = _site_attention(_site_of(site), query, key, value, attn_mask, scale)
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-@_sparse_attention_op.register_fake
-def _sparse_attention_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
-    return q.new_empty(q.shape)  # (B, S, H, D), contiguous like the real output
+@_attention_op.register_fake
+def _attention_fake(query, key, value, site, attn_mask, scale) -> torch.Tensor:
+    batch, heads, seq_len, _ = query.shape
+    return query.new_empty(batch, seq_len, heads, value.shape[-1]).transpose(1, 2)
 
 
 # ---- install / remove -------------------------------------------------------------------------------------------
+_INTERCEPTING_CLASSES: dict[type, type] = {}
+
+
+def _intercepting_class(cls: type) -> type:
+    """The subclass of an attention module class whose `forward` is intercepted: one per class, shared by every
+    module of it (so dynamo sees one type and one `forward` across blocks), named as the class it extends."""
+    if cls not in _INTERCEPTING_CLASSES:
+        original = cls.forward  # the function itself: dynamo cannot trace `cls.forward` on some classes
+
+        def forward(self, *args, **kwargs):
+            return _intercepted_forward(self, original, (self, *args), kwargs)
+
+        _INTERCEPTING_CLASSES[cls] = type(
+            cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__,
+                                   "_dit_sparse_extends": cls}
+        )
+    return _INTERCEPTING_CLASSES[cls]
+
+
+class AttentionHook(ModelHook):
+    """Interception for a self-attention module that already has an instance-level `forward` when `sparsify` runs
+    (another HookRegistry hook, say): the class-level interception would be bypassed, so it joins the hook chain.
+    Such modules recompile per block under regional compilation (each hook's bound forward is its own object)."""
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return _intercepted_forward(module, self.fn_ref.original_forward, args, kwargs)
+
+
 def install(transformer: torch.nn.Module, adapter: TransformerAdapter, session: SparseSession) -> None:
+    """One HookRegistry hook on the transformer (the plan of each forward); on each self-attention module the
+    interception: its class swapped for the intercepting subclass of it, or a HookRegistry hook where the module
+    already has an instance-level `forward`."""
     sites = adapter.attention_sites(transformer)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
         TransformerHook(session, adapter, [site.layer for site in sites]), TRANSFORMER_HOOK
     )
     for site in sites:
-        HookRegistry.check_if_exists_or_initialize(site.module).register_hook(
-            AttentionHook(site, session), ATTENTION_HOOK
-        )
+        module = site.module
+        module._dit_sparse_site = _Site(site.name, site.layer, session, weakref.ref(module))
+        if "forward" in module.__dict__:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(AttentionHook(), ATTENTION_HOOK)
+        else:
+            module.__class__ = _intercepting_class(type(module))
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
 def hooked_modules(transformer: torch.nn.Module) -> list[str]:
-    """Qualified names of the modules under `transformer` that carry a dit-sparse hook ("" is the transformer)."""
-    return [
-        name
-        for name, module in transformer.named_modules()
-        if getattr(module, "_diffusers_hook", None) is not None
-        and {TRANSFORMER_HOOK, ATTENTION_HOOK} & set(module._diffusers_hook.hooks)
-    ]
+    """Qualified names of the modules under `transformer` that dit-sparse intercepts ("" is the transformer)."""
+    names = []
+    for name, module in transformer.named_modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if "_dit_sparse_site" in module.__dict__ or (registry is not None and TRANSFORMER_HOOK in registry.hooks):
+            names.append(name)
+    return names
 
 
 def session_of(transformer: torch.nn.Module) -> SparseSession | None:
@@ -526,15 +539,18 @@ def session_of(transformer: torch.nn.Module) -> SparseSession | None:
 
 
 def remove(transformer: torch.nn.Module) -> bool:
-    """Remove every dit-sparse hook under `transformer`; registries left empty are dropped. True if any was there."""
+    """Remove every dit-sparse hook under `transformer` (swapped classes restored, registries left empty dropped).
+    True if any was there."""
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is None:
-        return False
-    found = registry.get_hook(TRANSFORMER_HOOK) is not None
-    registry.remove_hook(TRANSFORMER_HOOK, recurse=True)
-    registry.remove_hook(ATTENTION_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
+    found = registry is not None and registry.get_hook(TRANSFORMER_HOOK) is not None
+    if registry is not None:
+        registry.remove_hook(TRANSFORMER_HOOK, recurse=True)
+        registry.remove_hook(ATTENTION_HOOK, recurse=True)
+        registry.invalidate_child_registries_cache()
     for module in transformer.modules():
+        if module.__dict__.pop("_dit_sparse_site", None) is not None:
+            found = True
+            module.__class__ = getattr(type(module), "_dit_sparse_extends", type(module))
         child_registry = module.__dict__.get("_diffusers_hook")
         if child_registry is not None and not child_registry.hooks:
             del module._diffusers_hook

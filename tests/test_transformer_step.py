@@ -69,3 +69,26 @@ def test_resume_runs_a_row_again_when_its_options_changed(tmp_path):
     after = _rows(tmp_path)["random"]
     assert after["options"] == {"density": 0.9, "block_size": 16}
     assert after["density"] != before["density"]
+
+
+def test_regional_mode_compiles_the_repeated_blocks_of_every_row(tmp_path, monkeypatch):
+    compiled_blocks = []
+    from diffusers import WanTransformer3DModel
+
+    original = WanTransformer3DModel.compile_repeated_blocks
+
+    def counting(self, *args, **kwargs):
+        compiled_blocks.append(kwargs)
+        return original(self, *args, backend="eager", **kwargs)  # the traced graph run as is: quick on CPU
+
+    monkeypatch.setattr(WanTransformer3DModel, "compile_repeated_blocks", counting)
+    smoke = [a if a != "eager" else "regional" for a in SMOKE]
+    assert transformer_step.main(smoke + ["--methods", "random", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("transformer_step-*.json")
+    result = json.loads(path.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert sorted(rows) == ["dense", "diffusers", "random", "skip-attention"]
+    assert {row["mode"] for row in rows.values()} == {"regional"}
+    assert compiled_blocks == [{"fullgraph": True}] * 4  # once per row, whole blocks without a graph break
+    assert 0 < rows["random"]["density"] < 1 and rows["random"]["ms_dense"] == rows["diffusers"]["ms_sparse"]
+    assert not result["notes"]

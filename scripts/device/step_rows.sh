@@ -14,5 +14,5 @@ grep -h "env.sh:" /tmp/env.log
 # The day's files of every GPU (the script names them; the run adds to its own GPU's and leaves the others as they are).
 cp benchmarks/results/transformer_step-*-$(date +%F).json $OUT/ 2>/dev/null && echo "resuming from:" $(ls $OUT)
 timeout $((limit - 40)) python3 -P benchmarks/transformer_step.py "$@" --resume --out $OUT 2>&1 \
-  | grep -E "^==|^ +(eager|compiled) |Error|error:" | tail -40
+  | grep -E "^==|^ +(eager|compiled|regional) |Error|error:" | tail -40
 ls $OUT
