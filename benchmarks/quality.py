@@ -38,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = (0.1, 0.25, 0.5)
+METHODS = ("radial", "neighborhood", "draft", "reorder-axes", "reorder-cluster", "vdit")
 BLOCK = 16
 TILE = (1, 4, 4)
 DECAY_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
@@ -123,7 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--note", default=None, help="a line for the results file (e.g. which export this was)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="which rows to run (default: all)")
+    parser.add_argument("--refresh", nargs="+", type=int, default=[1],
+                        help="the estimated methods' (draft, reorder cluster) refresh periods in steps, a row each")
     args = parser.parse_args(argv)
+    if any(period < 1 for period in args.refresh):
+        parser.error(f"--refresh periods must be >= 1 steps, got {args.refresh}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe, label, settings = _pipeline(args.model_dir, args.random)
@@ -146,10 +153,13 @@ def main(argv=None) -> int:
     start = time.time()
     dense = {prompt: render(prompt) for prompt in prompts}
     print(f"dense: {time.time() - start:.0f} s", flush=True)
+    axes_profile, vdit_profiles = None, {}
     with tempfile.TemporaryDirectory() as folder:
-        axes_profile = calibrated(folder, "reorder", "axes.json", strategy="axes", target_recall=0.9)
-        vdit_profiles = {bound: calibrated(folder, "vdit", f"vdit-{bound}.json", tile=TILE, max_error=bound)
-                         for bound in VDIT_MAX_ERRORS}
+        if "reorder-axes" in args.methods:
+            axes_profile = calibrated(folder, "reorder", "axes.json", strategy="axes", target_recall=0.9)
+        if "vdit" in args.methods:
+            vdit_profiles = {bound: calibrated(folder, "vdit", f"vdit-{bound}.json", tile=TILE, max_error=bound)
+                             for bound in VDIT_MAX_ERRORS}
     radials, windows = radial_options(layout), {exact: window_options(layout, exact) for exact in (False, True)}
 
     rows = []
@@ -166,21 +176,35 @@ def main(argv=None) -> int:
                    psnr_db=round(float(np.mean([psnr(dense[p], videos[p]) for p in prompts])), 3),
                    ssim=round(float(np.mean([ssim(dense[p], videos[p]) for p in prompts])), 4),
                    options={k: v for k, v in options.items() if k != "layer_density"}, note=note)
+        if "mask_builds" in stats:  # estimated methods: how many masks were estimated (the rest reused per refresh)
+            row["mask_builds"] = stats["mask_builds"]
         rows.append(row)
         print(row, flush=True)
         return row
 
+    def every_refresh(name: str) -> list[tuple[str, dict]]:
+        """(row name, options) per --refresh period; the name says the period unless it is the default alone."""
+        if args.refresh == [1]:
+            return [(name, {})]
+        return [(f"{name} refresh {period}", dict(refresh=period)) for period in args.refresh]
+
     for target in sorted(args.densities):
-        decay, radial_density = _nearest(radials, target)
-        run(target, "radial", "radial", dict(block_size=BLOCK, decay_factor=decay),
-            note=f"decay_factor {decay} (mask density {radial_density:.3f}, nearest on the grid)")
+        if "radial" in args.methods:
+            decay, radial_density = _nearest(radials, target)
+            run(target, "radial", "radial", dict(block_size=BLOCK, decay_factor=decay),
+                note=f"decay_factor {decay} (mask density {radial_density:.3f}, nearest on the grid)")
         for exact, name in ((False, "neighborhood (tile, STA)"), (True, "neighborhood (exact, NATTEN)")):
+            if "neighborhood" not in args.methods:
+                break
             window, density = pick_window(windows[exact], target)
             run(target, name, "neighborhood", dict(window=window, tile=TILE, exact=exact),
                 note=f"window {window} (block density {density:.3f}; the most even window within 15% of the target)")
-        run(target, "draft", "draft", dict(density=target, tile=TILE))
-        run(target, "reorder (axes, profile)", None, dict(density=target, layer_density=None), axes_profile)
-        run(target, "reorder (cluster)", "reorder", dict(strategy="cluster", density=target, block_size=BLOCK))
+        for name, refresh in every_refresh("draft") if "draft" in args.methods else []:
+            run(target, name, "draft", dict(density=target, tile=TILE, **refresh))
+        if "reorder-axes" in args.methods:
+            run(target, "reorder (axes, profile)", None, dict(density=target, layer_density=None), axes_profile)
+        for name, refresh in every_refresh("reorder (cluster)") if "reorder-cluster" in args.methods else []:
+            run(target, name, "reorder", dict(strategy="cluster", density=target, block_size=BLOCK, **refresh))
     for bound, profile in vdit_profiles.items():
         row = run(0.0, f"vdit (max_error {bound})", None, {}, profile, note=f"profile searched at max_error {bound}")
         row["target_density"] = min(args.densities, key=lambda t: abs(t - row["density"]))
@@ -192,11 +216,13 @@ def main(argv=None) -> int:
         model=label, model_dir=args.model_dir, date=date, torch=torch.__version__, python=platform.python_version(),
         device="cpu", threads=torch.get_num_threads(), size=size, steps=steps, block_size=BLOCK, tile=list(TILE),
         prompts=list(prompts), calibration_prompts=list(settings["calibration"]), seed=0,
-        axes_profile=axes_profile.entries, seconds=round(time.time() - start, 1), rows=rows, note=args.note,
+        axes_profile=None if axes_profile is None else axes_profile.entries, methods=args.methods,
+        refresh=args.refresh, seconds=round(time.time() - start, 1), rows=rows, note=args.note,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{'tiny' if settings is TRAINED else 'random'}-cpu-{date}"
+    subset = "" if sorted(args.methods) == sorted(METHODS) and args.refresh == [1] else "-subset"
+    stem = f"quality-{'tiny' if settings is TRAINED else 'random'}{subset}-cpu-{date}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

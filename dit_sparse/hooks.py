@@ -107,6 +107,7 @@ class SparseSession:
     active: ForwardPlan | None = None
     step: int = 0
     last_timestep: float | None = None
+    generation: int = 0  # counts generations: a timestep above the last, a step index below it, or reset_steps
     attention_calls: int = 0
     kept_fraction_sum: float | torch.Tensor = 0.0  # a device tensor once a dynamic mask is counted
     branch: object = 0
@@ -133,10 +134,13 @@ class SparseSession:
             self.branch += 1
         else:
             self.branch = 0
+        rose = value is not None and self.last_timestep is not None and value > self.last_timestep
+        if rose or (step_index is not None and step_index < self.step):
+            self.generation += 1  # timesteps only fall, and step indices only grow, during a generation
         if step_index is not None:
             self.step = step_index
         elif value is not None and self.last_timestep is not None:
-            if value > self.last_timestep:  # timesteps only fall during a generation: a new one started
+            if rose:  # a new generation started
                 self.step = 0
             elif value < self.last_timestep:
                 self.step += 1
@@ -145,6 +149,7 @@ class SparseSession:
 
     def reset_steps(self) -> None:
         self.step, self.last_timestep = 0, None
+        self.generation += 1
 
     def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
                  site=None, heads: tuple[int, int] | None = None) -> tuple[BlockMask, float | torch.Tensor]:
@@ -165,14 +170,14 @@ class SparseSession:
     def _dynamic_mask(self, layout, device, q, k, layer, site, heads=None) -> tuple[BlockMask, torch.Tensor]:
         key = (site, self.branch, layout, str(device))
         cached = self.dynamic_masks.get(key)
-        if cached is not None and not self.config.refreshes_at(self.step, cached[2]):
-            return cached[0], cached[1]
+        if cached is not None and cached[3] == self.generation and not self.config.refreshes_at(self.step, cached[2]):
+            return cached[0], cached[1]  # a mask of this generation, within its refresh period
         state = self.pattern_state.setdefault((site, self.branch), {})
         config = self.config if heads is None else self.config_for_heads(heads)
         mask = build_mask(layout, config, q=q, k=k, state=state, device=device, layer=layer)
         self.mask_builds += 1
         fraction = mask.kept_fraction  # a device tensor: no host sync per estimate (`stats` reads it)
-        self.dynamic_masks[key] = (mask, fraction, self.step)
+        self.dynamic_masks[key] = (mask, fraction, self.step, self.generation)
         return mask, fraction
 
     def config_for_heads(self, heads: tuple[int, int]) -> MethodConfig:

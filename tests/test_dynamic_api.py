@@ -92,6 +92,23 @@ def test_refresh_recomputes_exactly_on_schedule(pipe, refresh, steps, expected):
         dit_sparse.unsparsify(pipe)
 
 
+@pytest.mark.parametrize("refresh", [(0,), 3])
+def test_a_new_generation_estimates_afresh_even_when_its_step_is_not_due(pipe, refresh):
+    # Estimated at step 0 only (refresh (0,), or a period longer than the generation): the next generation, another
+    # prompt, must not reuse the previous one's masks. Its output equals a fresh sparsify's on the same prompt.
+    options = dict(density=0.3, refresh=refresh, **METHODS["draft"])
+    dit_sparse.sparsify(pipe, "draft", **options)
+    try:
+        _render(pipe, num_inference_steps=2)
+        second = _render(pipe, num_inference_steps=2, prompt="a dog runs")
+        assert session_of(pipe.transformer).mask_builds == 2 * 2 * 2  # per generation: step 0, 2 layers, 2 branches
+        dit_sparse.sparsify(pipe, "draft", **options)
+        fresh = _render(pipe, num_inference_steps=2, prompt="a dog runs")
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert torch.equal(second, fresh)
+
+
 def test_refresh_without_a_cache_context_keeps_cfg_branches_apart(pipe):
     # Called directly: steps from the falling timestep, branches from the repeated one.
     dit_sparse.sparsify(pipe.transformer, "reorder", strategy="cluster", block_size=16, density=0.5, refresh=2)
