@@ -328,7 +328,7 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
     """`forward(*args, **kwargs)` of a hooked self-attention module, its attention call routed to the sparse path
     while a hooked transformer forward runs. Traced by torch.compile: it reads only what every block shares (the
     session and its plan) and the site's token, never the layer."""
-    site = module.__dict__.get("_dit_sparse_site")
+    site = getattr(module, "_dit_sparse_site", None)
     plan = None if site is None else site.session.active
     if plan is None:
         return forward(*args, **kwargs)
