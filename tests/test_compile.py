@@ -177,6 +177,31 @@ def test_regional_compilation_compiles_one_block_for_all(fresh_dynamo):
     assert not torch.allclose(eager[2], _run(model, inputs[2:3])[0], atol=1e-3)  # the sparse steps were sparse
 
 
+def test_switching_methods_reuses_the_compiled_blocks(fresh_dynamo):
+    # Sparsify with another method, or again after unsparsify (as the app and the CLI do per video): the mask is taken
+    # in the op's body, so the one compiled block graph serves every method, each with its own mask.
+    model, inputs = _wan(num_layers=3, seed=3)
+    runs = [("random", SPARSE), ("radial", dict(block_size=16)), ("random", SPARSE)]
+    eager = []
+    for method, options in runs:
+        with _sparsified(model, method, dense_steps=0, **options):
+            eager.append(_run(model, inputs[2:3])[0])
+    assert not torch.allclose(eager[0], eager[1], atol=1e-3)  # the two methods' masks differ
+    recorder = _GraphRecorder()
+    model.compile_repeated_blocks(backend=recorder, fullgraph=True)
+    try:
+        for (method, options), expected in zip(runs, eager):
+            dit_sparse.sparsify(model, method, dense_steps=0, **options)
+            try:
+                torch.testing.assert_close(_run(model, inputs[2:3])[0], expected, atol=1e-6, rtol=1e-6)
+            finally:
+                dit_sparse.unsparsify(model)
+    finally:
+        for module in model.modules():
+            module._compiled_call_impl = None
+    assert len(recorder.graphs) == 1
+
+
 def test_regional_compilation_with_inductor_finds_each_layer(fresh_dynamo):
     # Inductor's compiled block hands the op each block's own token, so a per-layer pattern (vdit: each layer its own
     # mask, built once in eager mode and looked up by layer) gets the right mask under one compiled block; a token
