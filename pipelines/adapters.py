@@ -126,9 +126,22 @@ def _wan_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> Vide
 
 WAN = TransformerAdapter(
     family="wan",
-    # WanTransformer3DModel serves Wan 2.1 T2V/I2V and both Wan 2.2 experts (transformer, transformer_2).
-    class_names=("WanTransformer3DModel",),
+    # WanTransformer3DModel serves Wan 2.1 T2V/I2V and both Wan 2.2 experts (transformer, transformer_2). The Wan
+    # architecture's derivatives with the same blocks and latents: ChronoEdit (image editing through video frames)
+    # and SkyReels-V2 (T2V, I2V, diffusion forcing; its asynchronous mode's block-causal attention mask is refused
+    # as any mask is where the adapter expects none).
+    class_names=("WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel"),
     attention_sites=_sites(("blocks", "attn1")),
+    layout=_wan_layout,
+    timestep=_timestep_argument(1),
+)
+
+WAN_VACE = TransformerAdapter(
+    family="wan_vace",
+    class_names=("WanVACETransformer3DModel",),
+    # The VACE blocks run first, each over the control tokens (padded to the video's token count, so on the video's
+    # grid); then the main blocks over the video.
+    attention_sites=_sites(("vace_blocks", "attn1"), ("blocks", "attn1")),
     layout=_wan_layout,
     timestep=_timestep_argument(1),
 )
@@ -275,7 +288,9 @@ MOCHI = TransformerAdapter(
 )
 
 #: Registry of adapters, searched in order.
-ADAPTERS: list[TransformerAdapter] = [WAN, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, MOCHI]
+ADAPTERS: list[TransformerAdapter] = [
+    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, MOCHI
+]
 
 
 def find_adapter(transformer: torch.nn.Module) -> TransformerAdapter | None:

@@ -1,5 +1,6 @@
-"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video and Mochi adapters, on tiny random configs of the
-real diffusers transformer classes (built in code, called directly as their pipelines call them, CFG batch of 2)."""
+"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video and Mochi adapters, and the Wan derivatives
+(ChronoEdit, SkyReels-V2, Wan VACE), on tiny random configs of the real diffusers transformer classes (built in code,
+called directly as their pipelines call them, CFG batch of 2)."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -8,12 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
+    ChronoEditTransformer3DModel,
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
+    SkyReelsV2Transformer3DModel,
+    WanVACETransformer3DModel,
 )
 
 import dit_sparse
@@ -113,6 +117,29 @@ def _mochi():
     return transformer, inputs
 
 
+_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+)
+
+
+def _wan_derivative(cls, **config):
+    """A Wan-architecture transformer (tiny) and the inputs its pipelines pass (latents B, C, F, H, W)."""
+    transformer = cls(**_WAN_CONFIG, **config)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 3, 16, 16), timestep=torch.tensor([700, 700]),
+        encoder_hidden_states=torch.randn(2, 7, 32),
+    )
+    return transformer, inputs
+
+
+def _wan_vace():
+    transformer, inputs = _wan_derivative(WanVACETransformer3DModel, vace_layers=[0, 1], vace_in_channels=8)
+    # The control latents (VACE's conditioning video and mask), one frame short: padded to the video's tokens.
+    inputs["control_hidden_states"] = torch.randn(2, 8, 2, 16, 16)
+    return transformer, inputs
+
+
 @dataclass(frozen=True)
 class Family:
     build: Callable
@@ -144,6 +171,18 @@ FAMILIES = {
     ),
     "ltx_video": Family(
         _ltx_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
+    ),
+    "chronoedit": Family(
+        lambda: _wan_derivative(ChronoEditTransformer3DModel), ("blocks.0.attn1", "blocks.1.attn1"),
+        VideoLayout(3, 8, 8), None, (0,),
+    ),
+    "skyreels_v2": Family(
+        lambda: _wan_derivative(SkyReelsV2Transformer3DModel), ("blocks.0.attn1", "blocks.1.attn1"),
+        VideoLayout(3, 8, 8), None, (0,),
+    ),
+    "wan_vace": Family(
+        _wan_vace, ("blocks.0.attn1", "blocks.1.attn1", "vace_blocks.0.attn1", "vace_blocks.1.attn1"),
+        VideoLayout(3, 8, 8), None, (0,),
     ),
     "mochi": Family(
         _mochi, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), "suffix", (5, 8),
@@ -409,12 +448,83 @@ def test_vdit_builds_one_mask_per_layer_whatever_the_text_length(built):
     assert stats["attention_calls"] == 4 and stats["mask_builds"] == 2
 
 
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mochi"])  # Mochi's blocks graph-break
+def test_regional_compilation_runs_every_block_through_the_op(built, name):
+    # compile_repeated_blocks(fullgraph=True) (or each block compiled, where diffusers names no repeated blocks):
+    # every block traces without a graph break, its self-attention the custom op, and matches eager mode.
+    transformer, inputs, _ = built(name)
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        eager = _forward(transformer, inputs)
+        if transformer._repeated_blocks:
+            transformer.compile_repeated_blocks(backend=keep, fullgraph=True)
+        else:  # CogVideoX
+            for block in transformer.transformer_blocks:
+                block.compile(backend=keep, fullgraph=True)
+        compiled = _forward(transformer, inputs)
+    finally:
+        dit_sparse.unsparsify(transformer)
+        for module in transformer.modules():
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
+    ops = sum("dit_sparse.attention" in str(node.target) for graph in graphs for node in graph.graph.nodes)
+    assert graphs and ops >= 1
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_wan_vace_numbers_its_vace_blocks_first_as_they_run(built, attention_probe):
+    # The VACE blocks run before the main blocks: `dense_layers=2` keeps them dense and sparsifies the main blocks.
+    transformer, inputs, _ = built("wan_vace")
+    sites = dit_sparse.pipelines.find_adapter(transformer).attention_sites(transformer)
+    assert [(site.name, site.layer) for site in sites] == [
+        ("vace_blocks.0.attn1", 0), ("vace_blocks.1.attn1", 1), ("blocks.0.attn1", 2), ("blocks.1.attn1", 3)
+    ]
+    calls = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+        for name, module in transformer.named_modules() if name.endswith("attn1")
+    ]
+    dit_sparse.sparsify(transformer, "random", dense_layers=2, **SPARSE)
+    try:
+        _forward(transformer, inputs)
+    finally:
+        dit_sparse.unsparsify(transformer)
+        for handle in handles:
+            handle.remove()
+    assert calls == [site.name for site in sites]  # the execution order the numbering follows
+    assert len(attention_probe) == 2  # only the two main blocks ran the sparse path
+
+
+def test_skyreels_v2_asynchronous_diffusion_forcing_is_refused_clearly(built):
+    # Diffusion forcing with frame blocks of 2 (`causal_block_size`) passes a block-causal attention mask, which the
+    # sparse path does not combine with its own: a clear error, not a silently non-causal video.
+    transformer, inputs, _ = built("skyreels_v2")
+    inputs = dict(inputs, hidden_states=torch.randn(2, 16, 4, 16, 16), enable_diffusion_forcing=True,
+                  timestep=torch.tensor([[700, 700, 500, 500]] * 2))
+    transformer._set_ar_attention(2)
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        with pytest.raises(NotImplementedError, match=r"blocks\.0\.attn1: got an attention mask \(1, 1, 256, 256\)"):
+            _forward(transformer, inputs)
+    finally:
+        dit_sparse.unsparsify(transformer)
+        transformer.register_to_config(num_frame_per_block=1)
+
+
 def test_no_adapter_error_lists_every_supported_class():
     with pytest.raises(ValueError, match="no dit-sparse adapter for transformer class 'Linear'") as error:
         dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")
     for name in (
         "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
         "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "MochiTransformer3DModel",
-        "WanTransformer3DModel",
+        "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
+        "WanVACETransformer3DModel",
     ):
         assert name in str(error.value)
