@@ -2,7 +2,8 @@
 # Rows of benchmarks/transformer_step.py in one device call, resumable across calls (issue 9's compiled rows take
 # minutes each at the real sizes):
 #   bash scripts/device/step_rows.sh LIMIT_S ARGS...        e.g.  bash scripts/device/step_rows.sh 560 \
-#       --models wan14 --modes compiled --methods radial neighborhood --warmup 1 --repeats 1
+#       --models wan14 --modes regional --methods radial neighborhood --warmup 1 --repeats 2
+# (`--modes regional` compiles one block per block class; `compiled`, the whole transformer, takes minutes a row)
 # Carry [".whl"] (and the FA4 chunks as for env.sh on a cold machine). The day's results file, when the checkout has
 # it under benchmarks/results/, goes into $OUT first and the run adds to it with --resume: each row is saved as soon
 # as it is timed, and the run stops LIMIT_S - 40 seconds in (below the call's limit, so what is in $OUT comes back).
