@@ -114,6 +114,7 @@ def pick_window(options: list[tuple], target: float, tolerance: float = 0.15) ->
 def main(argv=None) -> int:
     import dit_sparse
     from dit_sparse.eval.metrics import ssim  # the eval suite's SSIM (uint8 frames, luma)
+    from dit_sparse.files import write_atomic
     from dit_sparse.video import psnr  # on the float frames: finer than uint8 for near-identical videos
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,8 +224,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     subset = "" if sorted(args.methods) == sorted(METHODS) and args.refresh == [1] else "-subset"
     stem = f"quality-{'tiny' if settings is TRAINED else 'random'}{subset}-cpu-{date}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=1))
+    write_atomic(out / f"{stem}.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -218,12 +218,18 @@ def time_steps(fn, repeats: int) -> float:
 @contextlib.contextmanager
 def compiled(model, mode: str):
     """The module to call in `mode`: the model (eager), `torch.compile(model)` (compiled), or the model with its
-    repeated blocks compiled in place (regional, diffusers' `compile_repeated_blocks(fullgraph=True)`; undone on
-    exit so the next row starts from the eager model)."""
+    repeated blocks compiled in place (regional, diffusers' `compile_repeated_blocks(fullgraph=True)`; for a class
+    that names no repeated blocks, such as CogVideoX's, every block of its block lists; undone on exit so the next
+    row starts from the eager model)."""
     if mode == "compiled":
         yield torch.compile(model)
     elif mode == "regional":
-        model.compile_repeated_blocks(fullgraph=True)
+        if model._repeated_blocks:
+            model.compile_repeated_blocks(fullgraph=True)
+        else:
+            for blocks in model.children():
+                for block in blocks if isinstance(blocks, torch.nn.ModuleList) else []:
+                    block.compile(fullgraph=True)
         try:
             yield model
         finally:

@@ -92,3 +92,21 @@ def test_regional_mode_compiles_the_repeated_blocks_of_every_row(tmp_path, monke
     assert compiled_blocks == [{"fullgraph": True}] * 4  # once per row, whole blocks without a graph break
     assert 0 < rows["random"]["density"] < 1 and rows["random"]["ms_dense"] == rows["diffusers"]["ms_sparse"]
     assert not result["notes"]
+
+
+def test_regional_mode_compiles_each_block_where_the_class_names_no_repeated_blocks():
+    # CogVideoX's class sets no `_repeated_blocks` (compile_repeated_blocks would raise): its blocks are compiled one
+    # by one instead, and every compiled block is undone when the row ends.
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        max_text_seq_length=8,
+    )
+    assert not model._repeated_blocks
+    with transformer_step.compiled(model, "regional") as runner:
+        assert runner is model
+        compiled = [name for name, module in model.named_modules() if module._compiled_call_impl is not None]
+    assert compiled == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert all(module._compiled_call_impl is None for module in model.modules())
