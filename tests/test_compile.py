@@ -279,3 +279,40 @@ def test_masks_taken_in_the_call_compile_with_the_build_run_eagerly(transformer,
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert compiled_stats == eager_stats
     assert method != "vdit" or eager_stats["mask_builds"] == 2  # one per layer over all four calls
+
+
+class _NoSDPAProcessor:
+    """A processor that never calls scaled_dot_product_attention (as a non-torch attention backend would not)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **_):
+        return attn.to_out[0](hidden_states)
+
+
+class _CausalProcessor:
+    """A processor whose attention call is causal: not the self-attention sparse attention serves."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **_):
+        q = hidden_states.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, S, D)
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return attn.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("processor, error, message", [
+    (_NoSDPAProcessor(), RuntimeError, r"blocks\.1\.attn1: no scaled_dot_product_attention call was seen"),
+    (_CausalProcessor(), NotImplementedError, r"blocks\.1\.attn1: sparse attention supports self-attention only.*"
+                                              r"is_causal=True"),
+])
+def test_an_attention_call_sparse_attention_cannot_serve_is_a_clear_error_naming_the_module(
+    transformer, processor, error, message
+):
+    model, inputs = transformer
+    attention = model.blocks[1].attn1
+    original = attention.processor
+    dit_sparse.sparsify(model, "random", dense_steps=0, **SPARSE)
+    attention.set_processor(processor)  # after sparsify, as a backend switched later would be
+    try:
+        with pytest.raises(error, match=message):
+            _run(model, inputs[2:3])
+    finally:
+        attention.set_processor(original)
+        dit_sparse.unsparsify(model)
