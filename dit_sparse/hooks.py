@@ -81,7 +81,7 @@ class ForwardPlan:
     def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
         """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
         video = self.layout
-        text_len = int(seq_len) - video.video_len  # int(): a compiled graph specializes on it, as the mask does
+        text_len = int(seq_len) - video.video_len
         if text_len < 0 or (text_len > 0 and self.text_position is None):
             raise RuntimeError(
                 f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
@@ -236,7 +236,7 @@ class _NoState(BaseState):
 
 
 class TransformerHook(ModelHook):
-    """Per transformer: derives the plan of each forward (layout, step) and publishes it to the attention hooks."""
+    """Per transformer: derives the plan of each forward (layout, step) and publishes it to the attention calls."""
 
     _is_stateful = True
 
