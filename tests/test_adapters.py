@@ -452,30 +452,26 @@ def test_vdit_builds_one_mask_per_layer_whatever_the_text_length(built):
 def test_regional_compilation_runs_every_block_through_the_op(built, name):
     # compile_repeated_blocks(fullgraph=True) (or each block compiled, where diffusers names no repeated blocks):
     # every block traces without a graph break, its self-attention the custom op, and matches eager mode.
+    from test_compile import _GraphRecorder, _uncompile
+
     transformer, inputs, _ = built(name)
-    graphs = []
-
-    def keep(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    recorder = _GraphRecorder()
     torch._dynamo.reset()
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
         eager = _forward(transformer, inputs)
         if transformer._repeated_blocks:
-            transformer.compile_repeated_blocks(backend=keep, fullgraph=True)
+            transformer.compile_repeated_blocks(backend=recorder, fullgraph=True)
         else:  # CogVideoX
             for block in transformer.transformer_blocks:
-                block.compile(backend=keep, fullgraph=True)
+                block.compile(backend=recorder, fullgraph=True)
         compiled = _forward(transformer, inputs)
     finally:
         dit_sparse.unsparsify(transformer)
-        for module in transformer.modules():
-            module._compiled_call_impl = None
+        _uncompile(transformer)
         torch._dynamo.reset()
-    ops = sum("dit_sparse.attention" in str(node.target) for graph in graphs for node in graph.graph.nodes)
-    assert graphs and ops >= 1
+    ops = sum(targets.count("dit_sparse.attention") for targets in map(recorder.targets, recorder.graphs))
+    assert recorder.graphs and ops >= 1
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
 
 

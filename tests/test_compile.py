@@ -34,6 +34,12 @@ def transformer():
     return _wan(num_layers=2, seed=0)
 
 
+def _uncompile(model) -> None:
+    """Undo `compile_repeated_blocks` / `Module.compile` on every module of `model`."""
+    for module in model.modules():
+        module._compiled_call_impl = None
+
+
 @contextlib.contextmanager
 def _sparsified(model, method, **options):
     """`model` sparsified; on exit unsparsified, with any regional compilation of its blocks undone."""
@@ -42,8 +48,7 @@ def _sparsified(model, method, **options):
         yield model
     finally:
         dit_sparse.unsparsify(model)
-        for module in model.modules():
-            module._compiled_call_impl = None
+        _uncompile(model)
 
 
 def _run(model, inputs) -> list[torch.Tensor]:
@@ -197,8 +202,7 @@ def test_switching_methods_reuses_the_compiled_blocks(fresh_dynamo):
             finally:
                 dit_sparse.unsparsify(model)
     finally:
-        for module in model.modules():
-            module._compiled_call_impl = None
+        _uncompile(model)
     assert len(recorder.graphs) == 1
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from test_compile import _GraphRecorder, _uncompile
+from test_kernels_gpu import _skip_unless_available
+
 import dit_sparse
-from dit_sparse import kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -38,34 +40,23 @@ def _run(model, inputs):
 
 @pytest.mark.parametrize("backend", ["fa4", "triton"])
 def test_regional_compilation_on_gpu_is_one_block_graph_and_matches_eager(backend):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    reason = kernels.unavailable_reason(backend, "cuda")
-    if reason:
-        pytest.skip(reason)
+    _skip_unless_available(backend)
     torch._dynamo.reset()
     model, inputs = _wan()
-    graphs = []
-
-    def keep(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+    recorder = _GraphRecorder()
     dit_sparse.sparsify(model, "random", density=0.25, dense_steps=0, backend=backend)
     try:
         eager = _run(model, inputs)
-        model.compile_repeated_blocks(backend=keep, fullgraph=True)
+        model.compile_repeated_blocks(backend=recorder, fullgraph=True)
         _run(model, inputs)
-        assert len(graphs) == 1  # 4 blocks, one graph
-        for module in model.modules():
-            module._compiled_call_impl = None
+        assert len(recorder.graphs) == 1  # 4 blocks, one graph
+        _uncompile(model)
         torch._dynamo.reset()
         model.compile_repeated_blocks(fullgraph=True)  # inductor
         compiled = _run(model, inputs)
     finally:
         dit_sparse.unsparsify(model)
-        for module in model.modules():
-            module._compiled_call_impl = None
+        _uncompile(model)
         torch._dynamo.reset()
     scale = float(eager.float().abs().max())
     assert float((compiled.float() - eager.float()).abs().max()) <= 2e-2 * scale
