@@ -318,12 +318,6 @@ def _site_of(token: torch.Tensor) -> _Site:
     return site
 
 
-@torch.compiler.disable
-def _site_name(token: torch.Tensor) -> str:
-    """The site's name, for errors raised in traced code (only ever read on the way to raising)."""
-    return _site_of(token).name
-
-
 def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: dict):
     """`forward(*args, **kwargs)` of a hooked self-attention module, its attention call routed to the sparse path
     while a hooked transformer forward runs. Traced by torch.compile: it reads only what every block shares (the
@@ -332,12 +326,12 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
     plan = None if site is None else site.session.active
     if plan is None:
         return forward(*args, **kwargs)
-    interceptor = _AttentionInterceptor(site.session, plan, site.token)
+    interceptor = _AttentionInterceptor(site, plan)
     with interceptor:
         output = forward(*args, **kwargs)
     if interceptor.calls == 0:
         raise RuntimeError(
-            f"{_site_name(site.token)}: no scaled_dot_product_attention call was seen; its attention backend "
+            f"{site.name}: no scaled_dot_product_attention call was seen; its attention backend "
             "bypasses torch SDPA. dit-sparse needs diffusers' native attention backend on sparsified modules."
         )
     return output
@@ -346,9 +340,9 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
 
-    def __init__(self, session: SparseSession, plan: ForwardPlan, token: torch.Tensor):
+    def __init__(self, site: _Site, plan: ForwardPlan):
         super().__init__()
-        self.session, self.plan, self.token = session, plan, token
+        self.site, self.plan = site, plan  # traced code reads the site's session and token (and its name to raise)
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -366,15 +360,15 @@ class _AttentionInterceptor(TorchFunctionMode):
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
         if is_causal or dropout_p or enable_gqa or not (query.shape[:3] == key.shape[:3] == value.shape[:3]):
             raise NotImplementedError(
-                f"{_site_name(self.token)}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), "
+                f"{self.site.name}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), "
                 f"got q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}, is_causal={is_causal}, "
                 f"dropout_p={dropout_p}, enable_gqa={enable_gqa}"
             )
-        if self.plan.sparse_from is None and self.session.observer is None:
+        if self.plan.sparse_from is None and self.site.session.observer is None:
             return func(*args, **kwargs)  # a dense step: the original call, mask and all, in every layer
         if torch.compiler.is_compiling():
-            return torch.ops.dit_sparse.attention(query, key, value, self.token, attn_mask, scale)
-        return _site_attention(_site_of(self.token), query, key, value, attn_mask, scale)
+            return torch.ops.dit_sparse.attention(query, key, value, self.site.token, attn_mask, scale)
+        return _site_attention(self.site, query, key, value, attn_mask, scale)
 
 
 def _site_attention(site: _Site, query, key, value, attn_mask, scale) -> torch.Tensor:
