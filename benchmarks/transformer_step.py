@@ -216,20 +216,20 @@ def time_steps(fn, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def compiled(model, mode: str):
+def compiled(model, mode: str, **options):
     """The module to call in `mode`: the model (eager), `torch.compile(model)` (compiled), or the model with its
     repeated blocks compiled in place (regional, diffusers' `compile_repeated_blocks(fullgraph=True)`; for a class
     that names no repeated blocks, such as CogVideoX's, every block of its block lists; undone on exit so the next
-    row starts from the eager model)."""
+    row starts from the eager model). `options` go to each compile call (tests pass a `backend`)."""
     if mode == "compiled":
-        yield torch.compile(model)
+        yield torch.compile(model, **options)
     elif mode == "regional":
         if model._repeated_blocks:
-            model.compile_repeated_blocks(fullgraph=True)
+            model.compile_repeated_blocks(fullgraph=True, **options)
         else:
             for blocks in model.children():
                 for block in blocks if isinstance(blocks, torch.nn.ModuleList) else []:
-                    block.compile(fullgraph=True)
+                    block.compile(fullgraph=True, **options)
         try:
             yield model
         finally:

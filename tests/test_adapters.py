@@ -450,9 +450,11 @@ def test_vdit_builds_one_mask_per_layer_whatever_the_text_length(built):
 
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mochi"])  # Mochi's blocks graph-break
 def test_regional_compilation_runs_every_block_through_the_op(built, name):
-    # compile_repeated_blocks(fullgraph=True) (or each block compiled, where diffusers names no repeated blocks):
-    # every block traces without a graph break, its self-attention the custom op, and matches eager mode.
-    from test_compile import _GraphRecorder, _uncompile
+    # The benchmark's regional mode: compile_repeated_blocks(fullgraph=True), or each block compiled where diffusers
+    # names no repeated blocks (CogVideoX): every block traces without a graph break, its self-attention the custom
+    # op, and matches eager mode.
+    from test_compile import _GraphRecorder
+    from test_transformer_step import transformer_step
 
     transformer, inputs, _ = built(name)
     recorder = _GraphRecorder()
@@ -460,15 +462,11 @@ def test_regional_compilation_runs_every_block_through_the_op(built, name):
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
         eager = _forward(transformer, inputs)
-        if transformer._repeated_blocks:
-            transformer.compile_repeated_blocks(backend=recorder, fullgraph=True)
-        else:  # CogVideoX
-            for block in transformer.transformer_blocks:
-                block.compile(backend=recorder, fullgraph=True)
-        compiled = _forward(transformer, inputs)
+        with transformer_step.compiled(transformer, "regional", backend=recorder) as runner:
+            compiled = _forward(runner, inputs)
+        assert all(module._compiled_call_impl is None for module in transformer.modules())  # undone on exit
     finally:
         dit_sparse.unsparsify(transformer)
-        _uncompile(transformer)
         torch._dynamo.reset()
     ops = sum(targets.count("dit_sparse.attention") for targets in map(recorder.targets, recorder.graphs))
     assert recorder.graphs and ops >= 1
