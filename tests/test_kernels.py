@@ -46,6 +46,21 @@ def _sdpa_with_lse(q, k, v, allowed, scale):
 # ---- the reference against dense attention ----------------------------------------------------------------------
 
 
+@pytest.fixture(params=["fused", "explicit"])
+def reference_path(request, monkeypatch):
+    """Each reference test runs both ways a chunk's softmax is computed on a CPU: torch's fused CPU kernel (fp32's
+    default) and the explicit scores (every other device and dtype); the first one counts its calls."""
+    if request.param == "explicit":
+        monkeypatch.setattr(reference, "CPU_FLASH", None)
+        return None
+    if reference.CPU_FLASH is None:
+        pytest.skip("this torch has no fused CPU attention with an attn_mask")
+    calls = []
+    fused = reference.CPU_FLASH
+    monkeypatch.setattr(reference, "CPU_FLASH", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    return calls
+
+
 @pytest.mark.parametrize(
     "batch, seq_len, heads, head_dim, q_block, kv_block, mask_shape, permute",
     [
@@ -56,7 +71,7 @@ def _sdpa_with_lse(q, k, v, allowed, scale):
     ],
 )
 def test_reference_kernel_matches_dense_attention_and_its_lse(
-    batch, seq_len, heads, head_dim, q_block, kv_block, mask_shape, permute
+    batch, seq_len, heads, head_dim, q_block, kv_block, mask_shape, permute, reference_path
 ):
     g = torch.Generator().manual_seed(seq_len)
     q, k, v = _qkv(batch, seq_len, heads, head_dim, g)
@@ -66,13 +81,15 @@ def test_reference_kernel_matches_dense_attention_and_its_lse(
     torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
     torch.testing.assert_close(lse.double().nan_to_num(0, 0, 0), expected_lse.nan_to_num(0, 0, 0), atol=1e-5, rtol=0)
+    assert reference_path is None or reference_path  # fp32 on a CPU: the fused kernel ran
 
 
 @pytest.mark.parametrize(
     "seq_len, q_block, kv_block, axes, mask_shape, permute",
     [(100, 16, 16, 3, (1, 1), False), (90, 32, 16, 2, (2, 2), True), (130, 16, 32, 1, (1, 2), True)],
 )
-def test_reference_honours_token_boxes_inside_partial_blocks(seq_len, q_block, kv_block, axes, mask_shape, permute):
+def test_reference_honours_token_boxes_inside_partial_blocks(seq_len, q_block, kv_block, axes, mask_shape, permute,
+                                                             reference_path):
     g = torch.Generator().manual_seed(seq_len)
     lo = torch.randint(-1, 4, (seq_len, axes), generator=g).int()
     boxes = TokenBoxes(lo, lo + torch.randint(0, 5, (seq_len, axes), generator=g).int(),
@@ -99,7 +116,7 @@ def test_reference_honours_token_boxes_inside_partial_blocks(seq_len, q_block, k
     assert float(mask.to_dense().double().mean()) < mask.density
 
 
-def test_reference_text_passes_are_chunked_and_exact(monkeypatch):
+def test_reference_text_passes_are_chunked_and_exact(monkeypatch, reference_path):
     g = torch.Generator().manual_seed(1)
     q, k, v = _qkv(2, 70, 2, 16, g)
     key_valid = torch.rand(2, 70, generator=g) < 0.7
@@ -112,6 +129,8 @@ def test_reference_text_passes_are_chunked_and_exact(monkeypatch):
     first_out, first_lse = reference.dense_attention(q, k[:, :40], v[:, :40], key_valid[:, :40], 0.25)
     out, lse = reference.extend_attention(first_out, first_lse, q, k[:, 40:], v[:, 40:], key_valid[:, 40:], 0.25)
     torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=0)
+    assert reference_path is None or reference_path
 
 
 # ---- our Triton kernel under the interpreter ---------------------------------------------------------------------
