@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -284,7 +285,8 @@ def _sdpa_arguments(
 # ---- one self-attention module: its site, the traced interception, the call run on the host ---------------------
 @dataclass(eq=False)
 class _Site:
-    """One hooked self-attention module: the adapter's site (name, layer), the session, and its token.
+    """One hooked self-attention module: the adapter's site (name, layer), the session, its token, and the adapter's
+    `skips_attention` (which calls may make no attention call).
 
     The token is a one-element CPU int64 tensor holding the site's number, kept in the module's `__dict__` (not a
     parameter or buffer: no state dict, `.to()` or quantization touches it). Compiled code takes it as a graph input
@@ -296,6 +298,7 @@ class _Site:
     layer: int
     session: SparseSession
     module: weakref.ref
+    skips_attention: Callable[[dict], bool] | None = None
     token: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -329,7 +332,7 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
     interceptor = _AttentionInterceptor(site, plan)
     with interceptor:
         output = forward(*args, **kwargs)
-    if interceptor.calls == 0:
+    if interceptor.calls == 0 and not (site.skips_attention is not None and site.skips_attention(kwargs)):
         raise RuntimeError(
             f"{site.name}: no scaled_dot_product_attention call was seen; its attention backend "
             "bypasses torch SDPA. dit-sparse needs diffusers' native attention backend on sparsified modules."
@@ -513,7 +516,7 @@ def install(transformer: torch.nn.Module, adapter: TransformerAdapter, session: 
     )
     for site in sites:
         module = site.module
-        module._dit_sparse_site = _Site(site.name, site.layer, session, weakref.ref(module))
+        module._dit_sparse_site = _Site(site.name, site.layer, session, weakref.ref(module), adapter.skips_attention)
         if "forward" in module.__dict__:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(AttentionHook(), ATTENTION_HOOK)
         else:

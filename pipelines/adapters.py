@@ -51,6 +51,9 @@ class TransformerAdapter:
     - `default_options`: per method name, option values this family uses when the user did not set them
       (`sparsify(pipe, "radial")` on HunyuanVideo uses `variant="hunyuan"`); a config object is taken as given.
     - `unsupported_methods`: per method name, why it does not apply to this family (raised by `sparsify`).
+    - `skips_attention(kwargs)`: whether a self-attention module's call with these keyword arguments legitimately
+      makes no attention call (LTX-2's spatio-temporal guidance passes the values through in its perturbed blocks);
+      None: every call attends, and one that does not is an error (an attention backend that bypasses SDPA).
     """
 
     family: str
@@ -62,6 +65,7 @@ class TransformerAdapter:
     attention_mask: str | None = None
     default_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     unsupported_methods: Mapping[str, str] = field(default_factory=dict)
+    skips_attention: Callable[[dict], bool] | None = None
 
     def __post_init__(self):
         if self.text_position not in TEXT_POSITIONS:
@@ -242,22 +246,29 @@ FLUX = TransformerAdapter(
 )
 
 
-# ---- LTX-Video ----------------------------------------------------------------------------------------------------
-def _ltx_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
-    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
-    sizes = tuple(_argument(args, kwargs, name, 4 + i) for i, name in enumerate(("num_frames", "height", "width")))
-    if any(not isinstance(size, int) for size in sizes):
-        raise ValueError(
-            "LTX-Video transformer called without int num_frames, height and width (got "
-            f"{sizes}); dit-sparse supports LTXPipeline and LTXImageToVideoPipeline, not video_coords conditioning "
-            "(LTXConditionPipeline), whose extra tokens do not form a grid"
-        )
-    layout = VideoLayout(*sizes)
-    if hidden_states.shape[1] != layout.video_len:
-        raise ValueError(
-            f"LTX-Video hidden_states have {hidden_states.shape[1]} tokens, but num_frames x height x width is "
-            f"{sizes} ({layout.video_len} tokens)"
-        )
+# ---- LTX-Video, LTX-2 ---------------------------------------------------------------------------------------------
+def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str):
+    """The layout of a transformer whose packed latents (B, N, C) come with int `num_frames`, `height`, `width`
+    arguments (positions `first`, +1, +2): the token grid, which the N tokens must fill exactly."""
+
+    def layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+        hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
+        names = ("num_frames", "height", "width")
+        sizes = tuple(_argument(args, kwargs, name, first + i) for i, name in enumerate(names))
+        if any(not isinstance(size, int) for size in sizes):
+            raise ValueError(
+                f"{model} transformer called without int num_frames, height and width (got {sizes}); dit-sparse "
+                f"supports {supported}, not video_coords conditioning ({conditioning}), whose extra tokens do not "
+                "form a grid"
+            )
+        grid = VideoLayout(*sizes)
+        if hidden_states.shape[1] != grid.video_len:
+            raise ValueError(
+                f"{model} hidden_states have {hidden_states.shape[1]} tokens, but num_frames x height x width is "
+                f"{sizes} ({grid.video_len} tokens)"
+            )
+        return grid
+
     return layout
 
 
@@ -265,8 +276,28 @@ LTX_VIDEO = TransformerAdapter(
     family="ltx_video",
     class_names=("LTXVideoTransformer3DModel",),
     attention_sites=_sites(("transformer_blocks", "attn1")),  # attn2 is cross-attention to the text
-    layout=_ltx_layout,
+    layout=_grid_arguments_layout("LTX-Video", 4, "LTXPipeline and LTXImageToVideoPipeline", "LTXConditionPipeline"),
     timestep=_timestep_argument(2),
+)
+
+
+def _stg_perturbed(kwargs: dict) -> bool:
+    """LTX-2's spatio-temporal guidance: in its perturbed blocks a call whose batch is all perturbed returns the
+    values without attending (`all_perturbed`, a bool or a 0-d tensor)."""
+    return kwargs.get("perturbation_mask") is not None and bool(kwargs.get("all_perturbed"))
+
+
+LTX2_VIDEO = TransformerAdapter(
+    family="ltx2_video",
+    # LTX-2 (2.0 to 2.5), audio and video in one transformer: each block's video self-attention is sparsified; the
+    # audio's own self-attention (1-D, short), the text and the audio-video cross-attentions stay dense.
+    class_names=("LTX2VideoTransformer3DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn1")),
+    layout=_grid_arguments_layout(
+        "LTX-2", 10, "LTX2Pipeline and LTX2ImageToVideoPipeline", "LTX2ConditionPipeline and its keyframe tokens"
+    ),
+    timestep=_timestep_argument(4),  # (B,) or per video token (B, N): image-to-video's conditioned frames are at 0
+    skips_attention=_stg_perturbed,
 )
 
 
@@ -289,7 +320,7 @@ MOCHI = TransformerAdapter(
 
 #: Registry of adapters, searched in order.
 ADAPTERS: list[TransformerAdapter] = [
-    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, MOCHI
+    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, LTX2_VIDEO, MOCHI
 ]
 
 

@@ -1,4 +1,4 @@
-"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video and Mochi adapters, and the Wan derivatives
+"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video, LTX-2 and Mochi adapters, and the Wan derivatives
 (ChronoEdit, SkyReels-V2, Wan VACE), on tiny random configs of the real diffusers transformer classes (built in code,
 called directly as their pipelines call them, CFG batch of 2)."""
 
@@ -14,6 +14,7 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
+    LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     SkyReelsV2Transformer3DModel,
@@ -105,6 +106,22 @@ def _ltx_video():
     return transformer, inputs
 
 
+def _ltx2_video():
+    # Audio and video in one transformer, with the perturbed-attention processors of spatio-temporal guidance.
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=2, caption_channels=16, perturbed_attn=True,
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 3 * 8 * 8, 8), audio_hidden_states=torch.randn(2, 5, 4),
+        encoder_hidden_states=torch.randn(2, 6, 16), audio_encoder_hidden_states=torch.randn(2, 6, 16),
+        timestep=torch.tensor([700.0, 700.0]), encoder_attention_mask=torch.ones(2, 6),
+        audio_encoder_attention_mask=torch.ones(2, 6), num_frames=3, height=8, width=8, audio_num_frames=5,
+    )
+    return transformer, inputs
+
+
 def _mochi():
     transformer = MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
@@ -171,6 +188,9 @@ FAMILIES = {
     ),
     "ltx_video": Family(
         _ltx_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
+    ),
+    "ltx2_video": Family(
+        _ltx2_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
     ),
     "chronoedit": Family(
         lambda: _wan_derivative(ChronoEditTransformer3DModel), ("blocks.0.attn1", "blocks.1.attn1"),
@@ -404,15 +424,75 @@ def test_flux_kontext_reference_image_of_the_output_size_is_a_second_frame(built
         dit_sparse.unsparsify(transformer)
 
 
-def test_ltx_video_conditioning_by_video_coords_is_a_clear_error(built):
-    transformer, inputs, _ = built("ltx_video")
-    coords = {key: value for key, value in inputs.items() if key not in ("num_frames", "height", "width")}
+@pytest.mark.parametrize("name, model, coords", [
+    ("ltx_video", "LTX-Video", (2, 3, 192)), ("ltx2_video", "LTX-2", (2, 3, 192, 2))
+])
+def test_ltx_conditioning_by_video_coords_is_a_clear_error(built, name, model, coords):
+    transformer, inputs, _ = built(name)
+    inputs = {key: value for key, value in inputs.items() if key not in ("num_frames", "height", "width")}
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
-        with pytest.raises(ValueError, match="without int num_frames, height and width .*LTXConditionPipeline"):
-            _forward(transformer, dict(coords, video_coords=torch.zeros(2, 3, 192)))
+        with pytest.raises(ValueError, match=f"{model} transformer called without int num_frames, height and width "
+                                             r".*\(LTX2?ConditionPipeline"):
+            _forward(transformer, dict(inputs, video_coords=torch.zeros(coords)))
     finally:
         dit_sparse.unsparsify(transformer)
+
+
+def test_ltx2_spatio_temporal_guidance_blocks_pass_values_through_without_attending(built, attention_probe):
+    # STG's call perturbs block 1 for the whole batch: that block's video self-attention returns its values without
+    # an attention call (not an error), every other block attends sparsely; a batch perturbed only in part attends.
+    transformer, inputs, _ = built("ltx2_video")
+    stg = dict(inputs, spatio_temporal_guidance_blocks=[1])
+    expected = _forward(transformer, stg)
+    dit_sparse.sparsify(transformer, "dense", block_size=16)
+    try:
+        dense = _forward(transformer, stg)
+        dense_stats = dit_sparse.sparsity_stats(transformer)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, built("ltx2_video")[2], atol=1e-3)  # the perturbation changed the output
+    assert len(attention_probe) == 1  # the dense method's full-mask call of block 0
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        sparse = _forward(transformer, stg)
+        assert len(attention_probe) == 2  # block 0 only
+        _forward(transformer, dict(stg, perturbation_mask=torch.tensor([0.0, 1.0])))
+        assert len(attention_probe) == 4  # both blocks: the second sample is not perturbed
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert dense_stats["attention_calls"] == 2  # the transformer hook counts the hooked sites it ran
+    assert not torch.allclose(sparse, expected, atol=1e-3)
+
+
+def test_ltx2_video_self_attention_mask_is_refused_clearly(built):
+    # IC-LoRA's multiplicative self-attention mask becomes an additive bias the sparse path does not combine with its
+    # own mask: a clear error naming the module, not a video attending where the mask forbids.
+    transformer, inputs, _ = built("ltx2_video")
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.attn1: got an attention mask"):
+            _forward(transformer, dict(inputs, video_self_attention_mask=torch.ones(2, 192, 192)))
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_ltx2_image_to_video_timesteps_per_token_follow_the_steps(built):
+    # LTX2ImageToVideoPipeline passes a timestep per video token (its conditioned first frame at 0): the step counter
+    # reads the largest, so the dense steps end on time.
+    transformer, inputs, _ = built("ltx2_video")
+    first_frame = torch.arange(3 * 8 * 8) < 8 * 8
+    dit_sparse.sparsify(transformer, "random", dense_steps=1, **SPARSE)
+    try:
+        densities = []
+        for value in (900.0, 900.0, 700.0):  # step 0 (cond and uncond calls), step 1
+            timestep = torch.where(first_frame, 0.0, value).expand(2, -1)
+            _forward(transformer, dict(inputs, timestep=timestep, audio_timestep=torch.full((2,), value)))
+            densities.append(dit_sparse.sparsity_stats(transformer, reset=True)["density"])
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert densities[:2] == [1.0, 1.0] and densities[2] < 1.0
 
 
 def test_patterns_that_read_q_and_k_build_their_mask_in_each_call(built, monkeypatch):
@@ -517,7 +597,8 @@ def test_no_adapter_error_lists_every_supported_class():
         dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")
     for name in (
         "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
-        "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "MochiTransformer3DModel",
+        "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
+        "MochiTransformer3DModel",
         "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
         "WanVACETransformer3DModel",
     ):
