@@ -2,8 +2,9 @@
 
 Chunked over query blocks: each block gathers only its kept key blocks, so memory stays O(S x block) per head and
 the work is proportional to the density. Each chunk's softmax over its keys (`_attend`) is torch's fused CPU flash
-attention for fp32 on a CPU (about twice as fast as the explicit fp32 scores that every other case computes; the
-fused kernel rounds fp16/bf16 scores to the input's precision), the same result to fp32 rounding.
+attention for fp32 on a CPU (one pass, where the explicit fp32 scores that every other case computes make several;
+the fused kernel rounds fp16/bf16 scores to the input's precision, so those stay explicit), the same result to fp32
+rounding.
 """
 
 from __future__ import annotations
