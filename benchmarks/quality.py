@@ -194,9 +194,8 @@ def main(argv=None) -> int:
             decay, radial_density = _nearest(radials, target)
             run(target, "radial", "radial", dict(block_size=BLOCK, decay_factor=decay),
                 note=f"decay_factor {decay} (mask density {radial_density:.3f}, nearest on the grid)")
-        for exact, name in ((False, "neighborhood (tile, STA)"), (True, "neighborhood (exact, NATTEN)")):
-            if "neighborhood" not in args.methods:
-                break
+        neighborhoods = ((False, "neighborhood (tile, STA)"), (True, "neighborhood (exact, NATTEN)"))
+        for exact, name in neighborhoods if "neighborhood" in args.methods else []:
             window, density = pick_window(windows[exact], target)
             run(target, name, "neighborhood", dict(window=window, tile=TILE, exact=exact),
                 note=f"window {window} (block density {density:.3f}; the most even window within 15% of the target)")
