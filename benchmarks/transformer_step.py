@@ -373,11 +373,14 @@ def findings(rows: list[dict]) -> list[str]:
     sparse = [r for r in rows if r["method"] not in ("diffusers", "skip-attention", "dense")]
     for key, mode, wanted, text in TARGETS:
         candidates = [r for r in sparse if r["model_key"] == key and (mode is None or r["mode"] in mode)]
-        best = max(candidates, key=lambda r: r.get("speedup_vs_eager_diffusers") or 0, default=None)
-        if best is None:
-            lines.append(f"{text}: not measured in this file")
+        related = [r for r in candidates if r.get("speedup_vs_eager_diffusers") is not None]
+        if not related:
+            lines.append(f"{text}: not measured in this file" + (
+                f" (no eager diffusers row of the model: its {', '.join(sorted({r['mode'] for r in candidates}))} "
+                "rows give their speedup against diffusers in the same mode only)" if candidates else ""))
             continue
-        got = best.get("speedup_vs_eager_diffusers") or 0
+        best = max(related, key=lambda r: r["speedup_vs_eager_diffusers"])
+        got = best["speedup_vs_eager_diffusers"]
         verdict = "met" if got >= wanted else "MISSED"
         lines.append(f"{text}: {verdict}, best {got:.2f}x ({best['method']}, {best['mode']}, density "
                      f"{best['density']:.3f})")

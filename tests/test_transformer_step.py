@@ -110,3 +110,26 @@ def test_regional_mode_compiles_each_block_where_the_class_names_no_repeated_blo
         compiled = [name for name, module in model.named_modules() if module._compiled_call_impl is not None]
     assert compiled == ["transformer_blocks.0", "transformer_blocks.1"]
     assert all(module._compiled_call_impl is None for module in model.modules())
+
+
+def _row(mode, method, ms, model_key="wan14"):
+    return dict(model="Wan2.1-14B 720p 81f", model_key=model_key, mode=mode, method=method, ms_sparse=ms,
+                density=0.1 if method == "neighborhood" else 1.0)
+
+
+def test_findings_judge_a_target_only_against_the_eager_diffusers_step_of_the_same_file():
+    regional = [_row("regional", "diffusers", 20000.0), _row("regional", "neighborhood", 9000.0)]
+    transformer_step.relate_to_eager_diffusers(regional)
+    (wan14,) = [line for line in transformer_step.findings(regional) if line.startswith("Wan2.1-14B 720p >= 2x")]
+    # No eager diffusers row: not judged (a regional speedup against compiled diffusers is another ratio), not MISSED.
+    assert "not measured in this file" in wan14 and "regional rows" in wan14 and "MISSED" not in wan14
+
+    rows = [_row("eager", "diffusers", 24000.0), _row("eager", "neighborhood", 13000.0)] + regional
+    transformer_step.relate_to_eager_diffusers(rows)
+    (wan14,) = [line for line in transformer_step.findings(rows) if line.startswith("Wan2.1-14B 720p >= 2x")]
+    assert wan14.startswith("Wan2.1-14B 720p >= 2x: met, best 2.67x (neighborhood, regional")  # 24000 / 9000
+
+    slow = [_row("eager", "diffusers", 24000.0), _row("eager", "neighborhood", 13000.0)]
+    transformer_step.relate_to_eager_diffusers(slow)
+    (wan14,) = [line for line in transformer_step.findings(slow) if line.startswith("Wan2.1-14B 720p >= 2x")]
+    assert wan14.startswith("Wan2.1-14B 720p >= 2x: MISSED, best 1.85x (neighborhood, eager")
