@@ -236,6 +236,17 @@ class _NoState(BaseState):
         pass
 
 
+def _refuse_copy(what: str) -> None:
+    """`copy.deepcopy` or pickling reached a dit-sparse hook. A deep copy would be wrong, not just incomplete:
+    diffusers' HookRegistry wraps `forward` in a closure that deepcopy keeps as is, so the copy's forward would run
+    the original module's hooks and weights."""
+    raise TypeError(
+        f"{what} cannot be deep-copied or pickled: a copy of a sparsified model would still run the original's hooks "
+        "(diffusers' hooks keep a reference to the original forward). Call dit_sparse.unsparsify(model) first, copy "
+        "or save it, then sparsify each model; to save weights, model.state_dict() works while sparsified"
+    )
+
+
 class TransformerHook(ModelHook):
     """Per transformer: derives the plan of each forward (layout, step) and publishes it to the attention calls."""
 
@@ -248,6 +259,9 @@ class TransformerHook(ModelHook):
         self.layers = layers
         # diffusers' `cache_context` sets the pipeline's step index on every StateManager of a stateful hook.
         self.cache_context = StateManager(_NoState)
+
+    def __reduce_ex__(self, protocol):
+        _refuse_copy("the transformer's dit-sparse hook")
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         self._begin_forward(module, args, kwargs)
@@ -305,6 +319,9 @@ class _Site:
         number = next(_SITE_NUMBERS)
         self.token = torch.tensor([number], dtype=torch.int64, device="cpu")  # on the host, whatever the default
         _SITES[number] = self
+
+    def __reduce_ex__(self, protocol):
+        _refuse_copy(f"the dit-sparse site of {self.name}")
 
 
 _SITE_NUMBERS = itertools.count()
@@ -481,6 +498,10 @@ def _attention_fake(query, key, value, site, attn_mask, scale) -> torch.Tensor:
 _INTERCEPTING_CLASSES: dict[type, type] = {}
 
 
+def _refuse_module_copy(module: torch.nn.Module, protocol) -> None:
+    _refuse_copy(f"sparsified {type(module).__name__} module")
+
+
 def _intercepting_class(cls: type) -> type:
     """The subclass of an attention module class whose `forward` is intercepted: one per class, shared by every
     module of it (so dynamo sees one type and one `forward` across blocks), named as the class it extends."""
@@ -492,7 +513,7 @@ def _intercepting_class(cls: type) -> type:
 
         _INTERCEPTING_CLASSES[cls] = type(
             cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__,
-                                   "_dit_sparse_extends": cls}
+                                   "_dit_sparse_extends": cls, "__reduce_ex__": _refuse_module_copy}
         )
     return _INTERCEPTING_CLASSES[cls]
 

@@ -1,5 +1,8 @@
 """sparsify / unsparsify on real diffusers Wan classes at tiny sizes (randomly initialised, built offline)."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +57,30 @@ def test_unsparsify_is_bit_identical_to_a_pipeline_never_wrapped(pipe):
         assert "forward" not in module.__dict__
     assert not torch.equal(sparse, never_wrapped)
     assert torch.equal(_render(pipe), never_wrapped)
+
+
+def test_a_sparsified_model_refuses_deepcopy_and_pickle_and_copies_once_unsparsified(pipe, dense_latents):
+    # diffusers' hooks keep the original forward in a closure that deepcopy does not copy: a copy would silently run
+    # the original's hooks and weights, so a copy is refused with a clear error instead.
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=0)
+    try:
+        for target in (pipe, pipe.transformer, pipe.transformer.blocks[0].attn1):
+            with pytest.raises(TypeError, match="unsparsify"):
+                copy.deepcopy(target)
+            with pytest.raises(TypeError, match="unsparsify"):
+                pickle.dumps(target)
+        assert dit_sparse.sparsity_stats(pipe)["method"] == "radial"  # the failed copies changed nothing
+    finally:
+        dit_sparse.unsparsify(pipe)
+    twin = copy.deepcopy(pipe.transformer)  # what the error advises
+    pipe.transformer, original = twin, pipe.transformer
+    try:
+        dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=0)
+        assert hooked_modules(original) == []
+        dit_sparse.unsparsify(pipe)
+        torch.testing.assert_close(_render(pipe), dense_latents, atol=1e-4, rtol=1e-4)
+    finally:
+        pipe.transformer = original
 
 
 def test_radial_changes_the_video_and_its_psnr_to_dense_is_reported(pipe, record_property):
