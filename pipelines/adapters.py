@@ -133,8 +133,11 @@ WAN = TransformerAdapter(
     # WanTransformer3DModel serves Wan 2.1 T2V/I2V and both Wan 2.2 experts (transformer, transformer_2). The Wan
     # architecture's derivatives with the same blocks and latents: ChronoEdit (image editing through video frames)
     # and SkyReels-V2 (T2V, I2V, diffusion forcing; its asynchronous mode's block-causal attention mask is refused
-    # as any mask is where the adapter expects none).
-    class_names=("WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel"),
+    # as any mask is where the adapter expects none), and Wan-Animate (its latents carry the reference frame first
+    # and the pose in extra channels, on the same grid; the face adapters' cross-attention to the motion features
+    # lies outside `blocks` and stays dense).
+    class_names=("WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
+                 "WanAnimateTransformer3DModel"),
     attention_sites=_sites(("blocks", "attn1")),
     layout=_wan_layout,
     timestep=_timestep_argument(1),

@@ -1,5 +1,5 @@
 """The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video, LTX-2 and Mochi adapters, and the Wan derivatives
-(ChronoEdit, SkyReels-V2, Wan VACE), on tiny random configs of the real diffusers transformer classes (built in code,
+(ChronoEdit, SkyReels-V2, Wan VACE, Wan-Animate), on tiny random configs of the real diffusers transformer classes (built in code,
 called directly as their pipelines call them, CFG batch of 2)."""
 
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     SkyReelsV2Transformer3DModel,
+    WanAnimateTransformer3DModel,
     WanVACETransformer3DModel,
 )
 
@@ -157,6 +158,24 @@ def _wan_vace():
     return transformer, inputs
 
 
+def _wan_animate():
+    # Latents of 4 channels: the noisy video, the reference and previous-segment latents and their mask (2 x 4 + 4
+    # channels), over the reference frame and 2 frames; the pose over those 2; 5 face frames of 4 x 4 pixels, which
+    # the face encoder's two stride-2 convolutions bring to 2 (plus the padding frame for the reference).
+    transformer = WanAnimateTransformer3DModel(
+        **{**_WAN_CONFIG, "in_channels": None, "out_channels": 4}, latent_channels=4, image_dim=8,
+        motion_encoder_channel_sizes={"4": 8}, motion_encoder_size=4, motion_style_dim=8, motion_dim=4,
+        motion_encoder_dim=8, face_encoder_hidden_dim=8, face_encoder_num_heads=2, inject_face_latents_blocks=1,
+        motion_encoder_batch_size=4,
+    )
+    inputs = dict(
+        hidden_states=torch.randn(2, 12, 3, 16, 16), timestep=torch.tensor([700, 700]),
+        encoder_hidden_states=torch.randn(2, 7, 32), encoder_hidden_states_image=torch.randn(2, 4, 8),
+        pose_hidden_states=torch.randn(2, 4, 2, 16, 16), face_pixel_values=torch.randn(2, 3, 5, 4, 4),
+    )
+    return transformer, inputs
+
+
 @dataclass(frozen=True)
 class Family:
     build: Callable
@@ -199,6 +218,9 @@ FAMILIES = {
     "skyreels_v2": Family(
         lambda: _wan_derivative(SkyReelsV2Transformer3DModel), ("blocks.0.attn1", "blocks.1.attn1"),
         VideoLayout(3, 8, 8), None, (0,),
+    ),
+    "wan_animate": Family(  # the face adapters (face_adapter.0, .1: cross-attention to the motion) stay dense
+        _wan_animate, ("blocks.0.attn1", "blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,),
     ),
     "wan_vace": Family(
         _wan_vace, ("blocks.0.attn1", "blocks.1.attn1", "vace_blocks.0.attn1", "vace_blocks.1.attn1"),
@@ -600,6 +622,6 @@ def test_no_adapter_error_lists_every_supported_class():
         "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
         "MochiTransformer3DModel",
         "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
-        "WanVACETransformer3DModel",
+        "WanVACETransformer3DModel", "WanAnimateTransformer3DModel",
     ):
         assert name in str(error.value)
