@@ -205,47 +205,71 @@ COGVIDEOX = TransformerAdapter(
 )
 
 
-# ---- FLUX.1 (and Kontext) ---------------------------------------------------------------------------------------
-def _flux_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
-    """The image tokens as `frames` x height x width from `img_ids` (N, 3) = (frame, row, column) per token.
+# ---- FLUX.1 (and Kontext), FLUX.2 ---------------------------------------------------------------------------------
+def _image_ids_layout(family: str, position: int) -> Callable[[torch.nn.Module, tuple, dict], VideoLayout]:
+    """The image tokens as `frames` x height x width from `img_ids` (argument `position`): (N, 3) = (frame, row,
+    column) per token for FLUX.1, (N, 4) = (frame, row, column, layer) for FLUX.2, whose layer axis is 0.
 
-    FLUX packs its latents (B, N, C), so the grid is only in the position ids: one frame for FLUX.1, two for Kontext
-    with a reference image of the output's size (its ids carry frame 1). Reads the ids on the host (one small copy
-    per forward).
+    FLUX packs its latents (B, N, C), so the grid is only in the position ids: one frame for a text-to-image call,
+    two for Kontext with a reference image of the output's size (its ids carry frame 1). Reads the ids on the host
+    (one small copy per forward).
     """
-    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
-    img_ids = _argument(args, kwargs, "img_ids", 4)
-    if not isinstance(img_ids, torch.Tensor) or img_ids.dim() not in (2, 3) or img_ids.shape[-1] != 3:
-        raise ValueError(
-            f"FLUX transformer called without img_ids (N, 3); got {getattr(img_ids, 'shape', type(img_ids).__name__)}"
-        )
-    ids = (img_ids[0] if img_ids.dim() == 3 else img_ids).detach().to("cpu", torch.int64)  # (N, 3)
-    frames, height, width = (int(ids[:, axis].max()) + 1 for axis in range(3))
-    layout = VideoLayout(frames, height, width)
-    grid = torch.stack(
-        torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
-    ).reshape(-1, 3)
-    if ids.shape != grid.shape or not torch.equal(ids, grid) or hidden_states.shape[1] != layout.video_len:
-        raise ValueError(
-            f"FLUX img_ids ({tuple(ids.shape)}) do not form a frames x height x width grid in raster order with one "
-            f"token each (e.g. a Kontext reference image of another size than the output); dit-sparse needs the "
-            f"image tokens on one {frames} x {height} x {width} grid"
-        )
+
+    def layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+        hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
+        img_ids = _argument(args, kwargs, "img_ids", position)
+        if not isinstance(img_ids, torch.Tensor) or img_ids.dim() not in (2, 3) or img_ids.shape[-1] not in (3, 4):
+            raise ValueError(
+                f"{family} transformer called without img_ids (N, 3) or (N, 4); got "
+                f"{getattr(img_ids, 'shape', type(img_ids).__name__)}"
+            )
+        ids = (img_ids[0] if img_ids.dim() == 3 else img_ids).detach().to("cpu", torch.int64)
+        layered = ids.shape[-1] == 4 and bool((ids[:, 3] != 0).any())
+        ids = ids[:, :3]
+        frames, height, width = (int(ids[:, axis].max()) + 1 for axis in range(3))
+        layout = VideoLayout(frames, height, width)
+        grid = torch.stack(
+            torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
+        ).reshape(-1, 3)
+        on_grid = ids.shape == grid.shape and torch.equal(ids, grid) and hidden_states.shape[1] == layout.video_len
+        if layered or not on_grid:
+            raise ValueError(
+                f"{family} img_ids ({tuple(img_ids.shape)}) do not form a frames x height x width grid in raster order "
+                f"with one token each (reference images: FLUX.1 Kontext's of another size than the output, or "
+                f"FLUX.2's, placed at frames 10, 20, ...); dit-sparse needs the image tokens on one {frames} x "
+                f"{height} x {width} grid"
+            )
+        return layout
+
     return layout
 
+
+_NO_RADIAL_ON_IMAGES = {
+    "radial": "radial attention decays with the distance between frames, and an image is one frame (its mask would "
+    "be dense); use 'random' or 'dense' (spatial methods such as 'neighborhood' fit images)",
+}
 
 FLUX = TransformerAdapter(
     family="flux",
     # FluxPipeline, FluxImg2ImgPipeline, FluxKontextPipeline (reference image of the output's size), ...
     class_names=("FluxTransformer2DModel",),
     attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
-    layout=_flux_layout,
+    layout=_image_ids_layout("FLUX", 4),
     timestep=_timestep_argument(3),
     text_position="prefix",
-    unsupported_methods={
-        "radial": "radial attention decays with the distance between frames, and an image is one frame (its "
-        "mask would be dense); use 'random' or 'dense' (spatial methods such as 'neighborhood' fit images)",
-    },
+    unsupported_methods=_NO_RADIAL_ON_IMAGES,
+)
+
+FLUX2 = TransformerAdapter(
+    family="flux2",
+    # Flux2Pipeline and Flux2KleinPipeline, text to image. Their reference images (image editing) are tokens of other
+    # sizes after the image's, at frames 10, 20, ...: no grid, refused by the layout with a clear error.
+    class_names=("Flux2Transformer2DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
+    layout=_image_ids_layout("FLUX.2", 3),
+    timestep=_timestep_argument(2),
+    text_position="prefix",
+    unsupported_methods=_NO_RADIAL_ON_IMAGES,
 )
 
 
@@ -323,7 +347,7 @@ MOCHI = TransformerAdapter(
 
 #: Registry of adapters, searched in order.
 ADAPTERS: list[TransformerAdapter] = [
-    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, LTX_VIDEO, LTX2_VIDEO, MOCHI
+    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, FLUX2, LTX_VIDEO, LTX2_VIDEO, MOCHI
 ]
 
 

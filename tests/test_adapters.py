@@ -1,6 +1,6 @@
-"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX, LTX-Video, LTX-2 and Mochi adapters, and the Wan derivatives
-(ChronoEdit, SkyReels-V2, Wan VACE, Wan-Animate), on tiny random configs of the real diffusers transformer classes (built in code,
-called directly as their pipelines call them, CFG batch of 2)."""
+"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX.1, FLUX.2, LTX-Video, LTX-2 and Mochi adapters, and the Wan
+derivatives (ChronoEdit, SkyReels-V2, Wan VACE, Wan-Animate), on tiny random configs of the real diffusers transformer
+classes (built in code, called directly as their pipelines call them, CFG batch of 2)."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import (
     ChronoEditTransformer3DModel,
     CogVideoXTransformer3DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
@@ -91,6 +92,25 @@ def _flux():
         hidden_states=torch.randn(2, 12 * 10, 8), encoder_hidden_states=torch.randn(2, 6, 16),
         pooled_projections=torch.randn(2, 8), timestep=torch.tensor([0.7, 0.7]), img_ids=_flux_ids(1, 12, 10),
         txt_ids=torch.zeros(6, 3),
+    )
+    return transformer, inputs
+
+
+def _flux2_ids(frame: int, height: int, width: int) -> torch.Tensor:
+    # (N, 4) = (frame, row, column, layer), as Flux2Pipeline's ids: the image at frame 0, references at 10, 20, ...
+    return F.pad(_flux_ids(1, height, width), (0, 1)) + torch.tensor([frame, 0, 0, 0])
+
+
+def _flux2():
+    transformer = Flux2Transformer2DModel(
+        in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=8, axes_dims_rope=(4, 4, 4, 4),
+    )
+    text_ids = F.pad(torch.arange(6.0)[:, None], (3, 0))  # (0, 0, 0, token)
+    inputs = dict(
+        hidden_states=torch.randn(2, 12 * 10, 8), encoder_hidden_states=torch.randn(2, 6, 16),
+        timestep=torch.tensor([0.7, 0.7]), img_ids=_flux2_ids(0, 12, 10), txt_ids=text_ids,
+        guidance=torch.tensor([4.0, 4.0]),
     )
     return transformer, inputs
 
@@ -204,6 +224,10 @@ FAMILIES = {
     ),
     "flux": Family(
         _flux, ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"), VideoLayout(1, 12, 10), "prefix", (6,)
+    ),
+    "flux2": Family(
+        _flux2, ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"), VideoLayout(1, 12, 10), "prefix",
+        (6,),
     ),
     "ltx_video": Family(
         _ltx_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
@@ -418,11 +442,12 @@ def test_transformers_of_two_families_get_their_own_config_and_shared_statistics
         dit_sparse.unsparsify([hunyuan, cogvideox])
 
 
-def test_radial_on_flux_is_refused_before_anything_changes(built):
-    transformer, _, _ = built("flux")
+@pytest.mark.parametrize("name", ["flux", "flux2"])
+def test_radial_on_flux_is_refused_before_anything_changes(built, name):
+    transformer, _, _ = built(name)
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
-        with pytest.raises(ValueError, match="'radial' does not apply to FluxTransformer2DModel: .* one frame"):
+        with pytest.raises(ValueError, match=f"'radial' does not apply to {type(transformer).__name__}: .* one frame"):
             dit_sparse.sparsify(transformer, "radial")
         assert dit_sparse.sparsity_stats(transformer)["method"] == "random"
     finally:
@@ -442,6 +467,24 @@ def test_flux_kontext_reference_image_of_the_output_size_is_a_second_frame(built
         assert attention_probe[0][4] == VideoLayout(2, 12, 10, 6, "prefix")
         with pytest.raises(ValueError, match="img_ids .* do not form a frames x height x width grid"):
             _forward(transformer, other_size)
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_flux2_reference_images_are_refused_clearly(built, attention_probe):
+    transformer, inputs, _ = built("flux2")
+    references = dict(  # Flux2Pipeline's image editing: a 6 x 5 reference image's tokens after the image's
+        inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8),
+        img_ids=torch.cat([_flux2_ids(0, 12, 10), _flux2_ids(10, 6, 5)]),
+    )
+    layered = dict(inputs, img_ids=_flux2_ids(0, 12, 10) + torch.tensor([0, 0, 0, 1]))
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        _forward(transformer, inputs)
+        assert attention_probe[0][4] == VideoLayout(1, 12, 10, 6, "prefix")
+        for call in (references, layered):
+            with pytest.raises(ValueError, match=r"FLUX.2 img_ids .* do not form a frames x height x width grid"):
+                _forward(transformer, call)
     finally:
         dit_sparse.unsparsify(transformer)
 
@@ -618,7 +661,8 @@ def test_no_adapter_error_lists_every_supported_class():
     with pytest.raises(ValueError, match="no dit-sparse adapter for transformer class 'Linear'") as error:
         dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")
     for name in (
-        "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
+        "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel",
+        "HunyuanVideo15Transformer3DModel",
         "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
         "MochiTransformer3DModel",
         "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
