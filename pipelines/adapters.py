@@ -273,6 +273,46 @@ FLUX2 = TransformerAdapter(
 )
 
 
+# ---- Qwen-Image ---------------------------------------------------------------------------------------------------
+def _qwen_image_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """The image tokens as the one (frames, height, width) shape of `img_shapes` (the same for every sample)."""
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
+    img_shapes = _argument(args, kwargs, "img_shapes", 4)
+    try:  # a list of [(frames, height, width), ...] per sample, or (the ControlNet pipelines) of one shape per sample
+        shapes = {tuple(tuple(int(size) for size in shape) for shape in
+                        ([sample] if all(isinstance(size, int) for size in sample) else sample))
+                  for sample in img_shapes}
+    except (TypeError, ValueError):
+        raise ValueError(f"Qwen-Image transformer called without img_shapes (a list of [(frames, height, width)] per "
+                         f"sample); got {img_shapes!r}") from None
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or len(next(iter(shapes))[0]) != 3:
+        raise ValueError(
+            f"Qwen-Image img_shapes {img_shapes!r} name more than one image per sample (the edit pipelines' reference "
+            "images, or layers) or differ between samples; dit-sparse needs the image tokens on one grid"
+        )
+    layout = VideoLayout(*next(iter(shapes))[0])
+    if hidden_states.shape[1] != layout.video_len:
+        raise ValueError(
+            f"Qwen-Image hidden_states have {hidden_states.shape[1]} tokens, but img_shapes {img_shapes!r} make "
+            f"{layout.video_len}"
+        )
+    return layout
+
+
+QWEN_IMAGE = TransformerAdapter(
+    family="qwen_image",
+    # QwenImagePipeline, its Img2Img, Inpaint and ControlNet variants (one image per sample); the joint
+    # attention mask the processor builds from the prompt's padding is a key-padding mask over text and image.
+    class_names=("QwenImageTransformer2DModel",),
+    attention_sites=_sites(("transformer_blocks", "attn")),
+    layout=_qwen_image_layout,
+    timestep=_timestep_argument(3),
+    text_position="prefix",
+    attention_mask="key_padding",
+    unsupported_methods=_NO_RADIAL_ON_IMAGES,
+)
+
+
 # ---- LTX-Video, LTX-2 ---------------------------------------------------------------------------------------------
 def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str):
     """The layout of a transformer whose packed latents (B, N, C) come with int `num_frames`, `height`, `width`
@@ -347,7 +387,8 @@ MOCHI = TransformerAdapter(
 
 #: Registry of adapters, searched in order.
 ADAPTERS: list[TransformerAdapter] = [
-    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, FLUX2, LTX_VIDEO, LTX2_VIDEO, MOCHI
+    WAN, WAN_VACE, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, COGVIDEOX, FLUX, FLUX2, QWEN_IMAGE, LTX_VIDEO, LTX2_VIDEO,
+    MOCHI,
 ]
 
 

@@ -1,6 +1,6 @@
-"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX.1, FLUX.2, LTX-Video, LTX-2 and Mochi adapters, and the Wan
-derivatives (ChronoEdit, SkyReels-V2, Wan VACE, Wan-Animate), on tiny random configs of the real diffusers transformer
-classes (built in code, called directly as their pipelines call them, CFG batch of 2)."""
+"""The HunyuanVideo, HunyuanVideo 1.5, CogVideoX, FLUX.1, FLUX.2, Qwen-Image, LTX-Video, LTX-2 and Mochi adapters,
+and the Wan derivatives (ChronoEdit, SkyReels-V2, Wan VACE, Wan-Animate), on tiny random configs of the real diffusers
+transformer classes (built in code, called directly as their pipelines call them, CFG batch of 2)."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +18,7 @@ from diffusers import (
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
+    QwenImageTransformer2DModel,
     SkyReelsV2Transformer3DModel,
     WanAnimateTransformer3DModel,
     WanVACETransformer3DModel,
@@ -115,6 +116,19 @@ def _flux2():
     return transformer, inputs
 
 
+def _qwen_image():
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=8, out_channels=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    )
+    inputs = dict(  # QwenImagePipeline's call: the prompts padded to 7 tokens, one 12 x 10 image per sample
+        hidden_states=torch.randn(2, 12 * 10, 8), encoder_hidden_states=torch.randn(2, 7, 16),
+        encoder_hidden_states_mask=_left_aligned_mask([5, 3], 7), timestep=torch.tensor([0.7, 0.7]),
+        img_shapes=[[(1, 12, 10)]] * 2,
+    )
+    return transformer, inputs
+
+
 def _ltx_video():
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
@@ -204,6 +218,7 @@ class Family:
     text_position: str | None
     text_lens: tuple[int, ...]  # per attention call of one module (Mochi attends one batch element at a time)
     padded_text: bool = False  # the inputs' text has padding the model must not attend to
+    text_mask: str = "encoder_attention_mask"  # the argument that carries that padding
 
 
 FAMILIES = {
@@ -228,6 +243,10 @@ FAMILIES = {
     "flux2": Family(
         _flux2, ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn"), VideoLayout(1, 12, 10), "prefix",
         (6,),
+    ),
+    "qwen_image": Family(
+        _qwen_image, ("transformer_blocks.0.attn", "transformer_blocks.1.attn"), VideoLayout(1, 12, 10), "prefix", (7,),
+        padded_text=True, text_mask="encoder_hidden_states_mask",
     ),
     "ltx_video": Family(
         _ltx_video, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"), VideoLayout(3, 8, 8), None, (0,)
@@ -368,8 +387,9 @@ def test_padded_text_tokens_get_no_attention(built, name, attention_probe):
         sparse = _forward(transformer, inputs)
         # In the model: new embeddings at the prompts' padded positions change no output.
         changed = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
-        padded = ~inputs["encoder_attention_mask"]
-        changed["encoder_hidden_states"][padded] = 5 * torch.randn(int(padded.sum()), 16)
+        padded = ~inputs[FAMILIES[name].text_mask]
+        text = changed["encoder_hidden_states"]
+        text[padded] = 5 * torch.randn(int(padded.sum()), text.shape[-1])
         torch.testing.assert_close(_forward(transformer, changed), sparse, atol=1e-6, rtol=0)
     finally:
         dit_sparse.unsparsify(transformer)
@@ -442,7 +462,7 @@ def test_transformers_of_two_families_get_their_own_config_and_shared_statistics
         dit_sparse.unsparsify([hunyuan, cogvideox])
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "qwen_image"])
 def test_radial_on_flux_is_refused_before_anything_changes(built, name):
     transformer, _, _ = built(name)
     dit_sparse.sparsify(transformer, "random", **SPARSE)
@@ -485,6 +505,24 @@ def test_flux2_reference_images_are_refused_clearly(built, attention_probe):
         for call in (references, layered):
             with pytest.raises(ValueError, match=r"FLUX.2 img_ids .* do not form a frames x height x width grid"):
                 _forward(transformer, call)
+    finally:
+        dit_sparse.unsparsify(transformer)
+
+
+def test_qwen_image_edit_reference_images_are_refused_clearly(built):
+    transformer, inputs, _ = built("qwen_image")
+    edit = dict(  # QwenImageEditPipeline: the reference image's tokens after the image's, a second shape per sample
+        inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8), img_shapes=[[(1, 12, 10), (1, 6, 5)]] * 2,
+    )
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        with pytest.raises(ValueError, match=r"img_shapes .* more than one image per sample"):
+            _forward(transformer, edit)
+        # QwenImageControlNetPipeline passes one shape per sample, not a list of them.
+        torch.testing.assert_close(_forward(transformer, dict(inputs, img_shapes=[(1, 12, 10)] * 2)),
+                                   _forward(transformer, inputs), atol=0, rtol=0)
+        with pytest.raises(ValueError, match=r"hidden_states have 120 tokens, but img_shapes .* make 100"):
+            _forward(transformer, dict(inputs, img_shapes=[[(1, 10, 10)]] * 2))
     finally:
         dit_sparse.unsparsify(transformer)
 
@@ -662,7 +700,7 @@ def test_no_adapter_error_lists_every_supported_class():
         dit_sparse.sparsify(torch.nn.Linear(4, 4), "random")
     for name in (
         "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel",
-        "HunyuanVideo15Transformer3DModel",
+        "QwenImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
         "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
         "MochiTransformer3DModel",
         "WanTransformer3DModel", "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel",
