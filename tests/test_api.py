@@ -64,6 +64,7 @@ def test_a_sparsified_model_refuses_deepcopy_and_pickle_and_copies_once_unsparsi
     # the original's hooks and weights, so a copy is refused with a clear error instead.
     dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=0)
     try:
+        sparse = _render(pipe)
         for target in (pipe, pipe.transformer, pipe.transformer.blocks[0].attn1):
             with pytest.raises(TypeError, match="unsparsify"):
                 copy.deepcopy(target)
@@ -72,11 +73,12 @@ def test_a_sparsified_model_refuses_deepcopy_and_pickle_and_copies_once_unsparsi
         assert dit_sparse.sparsity_stats(pipe)["method"] == "radial"  # the failed copies changed nothing
     finally:
         dit_sparse.unsparsify(pipe)
-    twin = copy.deepcopy(pipe.transformer)  # what the error advises
+    twin = copy.deepcopy(pipe.transformer)  # what the error advises: copy unsparsified, then sparsify the copy
     pipe.transformer, original = twin, pipe.transformer
     try:
         dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=0)
         assert hooked_modules(original) == []
+        assert torch.equal(_render(pipe), sparse)
         dit_sparse.unsparsify(pipe)
         torch.testing.assert_close(_render(pipe), dense_latents, atol=1e-4, rtol=1e-4)
     finally:
