@@ -116,6 +116,16 @@ def _latents(family: str, args: tuple, kwargs: dict, order: str) -> torch.Tensor
     return hidden_states
 
 
+def _filled(model: str, hidden_states: torch.Tensor, layout: VideoLayout, source: str) -> VideoLayout:
+    """`layout`, once the packed latents' (B, N, C) N tokens are checked to fill its grid exactly; `source` names
+    where the grid came from, for the error."""
+    if hidden_states.shape[1] != layout.video_len:
+        raise ValueError(
+            f"{model} hidden_states have {hidden_states.shape[1]} tokens, but {source} make {layout.video_len}"
+        )
+    return layout
+
+
 def _patched(sizes: tuple[int, int, int], patch: tuple[int, int, int]) -> VideoLayout:
     """The token grid of latents of (frames, height, width) `sizes` cut into (t, h, w) `patch`es, floored as the
     transformers' own patch embedding and RoPE do."""
@@ -285,18 +295,13 @@ def _qwen_image_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) 
     except (TypeError, ValueError):
         raise ValueError(f"Qwen-Image transformer called without img_shapes (a list of [(frames, height, width)] per "
                          f"sample); got {img_shapes!r}") from None
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or len(next(iter(shapes))[0]) != 3:
+    sample = next(iter(shapes)) if len(shapes) == 1 else ()  # every sample's shapes, when they agree
+    if len(sample) != 1 or len(sample[0]) != 3:
         raise ValueError(
             f"Qwen-Image img_shapes {img_shapes!r} name more than one image per sample (the edit pipelines' reference "
             "images, or layers) or differ between samples; dit-sparse needs the image tokens on one grid"
         )
-    layout = VideoLayout(*next(iter(shapes))[0])
-    if hidden_states.shape[1] != layout.video_len:
-        raise ValueError(
-            f"Qwen-Image hidden_states have {hidden_states.shape[1]} tokens, but img_shapes {img_shapes!r} make "
-            f"{layout.video_len}"
-        )
-    return layout
+    return _filled("Qwen-Image", hidden_states, VideoLayout(*sample[0]), f"img_shapes {img_shapes!r}")
 
 
 QWEN_IMAGE = TransformerAdapter(
@@ -328,13 +333,7 @@ def _grid_arguments_layout(model: str, first: int, supported: str, conditioning:
                 f"supports {supported}, not video_coords conditioning ({conditioning}), whose extra tokens do not "
                 "form a grid"
             )
-        grid = VideoLayout(*sizes)
-        if hidden_states.shape[1] != grid.video_len:
-            raise ValueError(
-                f"{model} hidden_states have {hidden_states.shape[1]} tokens, but num_frames x height x width is "
-                f"{sizes} ({grid.video_len} tokens)"
-            )
-        return grid
+        return _filled(model, hidden_states, VideoLayout(*sizes), f"num_frames x height x width {sizes}")
 
     return layout
 
