@@ -15,6 +15,9 @@ so a command cut off by its time limit continues where it stopped.
 Models: Wan2.1-1.3B 480p 81f (2 calls per step: cond, uncond), Wan2.1-14B 720p 81f (2 calls), HunyuanVideo 720p
 129f (1 call: guidance-distilled; 256 text tokens, 120 real), CogVideoX1.5-5B 1360x768 81f (1 call, CFG batched:
 batch 2), CogVideoX-5B 720x480 49f (`cogvideox5b`, the same), FLUX.1-dev 2048x2048 (1 call: guidance-distilled).
+Beyond issue 9's five (`--models`, not run by default): HunyuanVideo-1.5 480p 121f (`hunyuan15`, 2 calls: its
+guider's CFG), Qwen-Image 1328x1328 (`qwen_image`, 2 calls: true CFG with a negative prompt), FLUX.2-dev 2048x2048
+(`flux2`, 1 call: guidance-distilled).
 Per model and mode (eager; compiled = `torch.compile(transformer)` after `sparsify`; regional =
 `transformer.compile_repeated_blocks(fullgraph=True)` after `sparsify`, one compiled block per block class):
 - `diffusers`: the unwrapped transformer, diffusers' default attention (torch SDPA): the baseline, `ms_dense`;
@@ -122,6 +125,52 @@ def _flux_calls(height, width, text_len=512, text_dim=4096, pooled=768, channels
     return calls
 
 
+def _hunyuan15_calls(frames, height, width, text_lens=(120, 4), text_len=1000, glyph_len=256, image_tokens=729,
+                     text_dim=3584, glyph_dim=1472, image_dim=1152, channels=65):
+    def calls(device, dtype):
+        # HunyuanVideo15Pipeline, text to video: CFG by its guider, two calls of batch 1 (the prompt, the empty negative
+        # prompt: `text_lens` real tokens of the 1000 the Qwen2.5-VL prompt is padded to, int64 masks as the tokenizer
+        # gives them); no quoted glyph text, so byT5's 256 tokens are all masked; SigLIP's 729 image tokens are zeros;
+        # the latents carry the (empty) image condition and its mask: 32 + 32 + 1 channels.
+        return [dict(hidden_states=_randn(1, channels, frames, height, width, device=device, dtype=dtype),
+                     timestep=torch.tensor([999.0], device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(1, text_len, text_dim, device=device, dtype=dtype),
+                     encoder_attention_mask=(torch.arange(text_len, device=device)[None] < valid).long(),
+                     encoder_hidden_states_2=torch.zeros(1, glyph_len, glyph_dim, device=device, dtype=dtype),
+                     encoder_attention_mask_2=torch.zeros(1, glyph_len, dtype=torch.long, device=device),
+                     image_embeds=torch.zeros(1, image_tokens, image_dim, device=device, dtype=dtype))
+                for valid in text_lens]
+    return calls
+
+
+def _qwen_image_calls(height, width, text_lens=(128, 8), text_dim=3584, channels=64):
+    def calls(device, dtype):
+        # QwenImagePipeline with a negative prompt (true CFG, as its model card runs it): two calls of batch 1, each
+        # prompt at its own length (one prompt is never padded, so the pipeline passes no mask); latents packed 2x2.
+        return [dict(hidden_states=_randn(1, height * width, channels, device=device, dtype=dtype),
+                     timestep=torch.tensor([0.999], device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(1, text_len, text_dim, device=device, dtype=dtype),
+                     encoder_hidden_states_mask=None, img_shapes=[[(1, height, width)]])
+                for text_len in text_lens]
+    return calls
+
+
+def _flux2_calls(height, width, text_len=512, text_dim=15360, channels=128):
+    def calls(device, dtype):
+        # Flux2Pipeline (dev): guidance-distilled, one call of batch 1; latents packed 2x2 into (B, h*w, 128); ids
+        # (B, N, 4) int64 = (frame, row, column, layer), the text's tokens along the layer axis.
+        grid = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        image_ids = torch.stack([torch.zeros_like(grid[0]), *grid, torch.zeros_like(grid[0])], dim=-1)
+        text_ids = torch.zeros(text_len, 4, dtype=torch.long, device=device)
+        text_ids[:, 3] = torch.arange(text_len, device=device)
+        return [dict(hidden_states=_randn(1, height * width, channels, device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(1, text_len, text_dim, device=device, dtype=dtype),
+                     timestep=torch.tensor([0.999], device=device, dtype=dtype),
+                     guidance=torch.tensor([4.0], device=device), img_ids=image_ids.reshape(1, -1, 4),
+                     txt_ids=text_ids[None])]
+    return calls
+
+
 _WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
             qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024)
 _COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -148,6 +197,12 @@ MODELS = {
                              _cogvideox_calls(13, 60, 90, text_len=226, head_dim=64)),
     "flux": ModelSpec("FLUX.1-dev 2048x2048", "FluxTransformer2DModel", dict(guidance_embeds=True),
                       _flux_calls(128, 128)),
+    # The classes' defaults are these checkpoints' configs. HunyuanVideo-1.5's VAE compresses 16x in space (the
+    # pipeline's default size for the 480p model: 848 x 480); Qwen-Image's and FLUX.2's 8x, then pack 2x2.
+    "hunyuan15": ModelSpec("HunyuanVideo-1.5 480p 121f", "HunyuanVideo15Transformer3DModel", {},
+                           _hunyuan15_calls(31, 30, 53)),
+    "qwen_image": ModelSpec("Qwen-Image 1328x1328", "QwenImageTransformer2DModel", {}, _qwen_image_calls(83, 83)),
+    "flux2": ModelSpec("FLUX.2-dev 2048x2048", "Flux2Transformer2DModel", {}, _flux2_calls(128, 128)),
 }
 DEFAULT_MODELS = ("wan13", "wan14", "hunyuan", "cogvideox15", "flux")
 
@@ -167,6 +222,21 @@ SMOKE_MODELS = {
                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
                                  axes_dims_rope=(4, 6, 6), guidance_embeds=True),
                             _flux_calls(12, 10, text_len=6, text_dim=16, pooled=8, channels=8)),
+    "smoke-hunyuan15": ModelSpec("smoke HunyuanVideo-1.5", "HunyuanVideo15Transformer3DModel",
+                                 dict(in_channels=5, out_channels=2, num_attention_heads=2, attention_head_dim=16,
+                                      num_layers=2, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8,
+                                      image_embed_dim=12, rope_axes_dim=(4, 6, 6)),
+                                 _hunyuan15_calls(3, 8, 8, text_lens=(5, 2), text_len=7, glyph_len=3, image_tokens=5,
+                                                  text_dim=16, glyph_dim=8, image_dim=12, channels=5)),
+    "smoke-qwen-image": ModelSpec("smoke Qwen-Image", "QwenImageTransformer2DModel",
+                                  dict(in_channels=8, out_channels=2, num_layers=2, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)),
+                                  _qwen_image_calls(12, 10, text_lens=(7, 3), text_dim=16, channels=8)),
+    "smoke-flux2": ModelSpec("smoke FLUX.2", "Flux2Transformer2DModel",
+                             dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=8,
+                                  axes_dims_rope=(4, 4, 4, 4)),
+                             _flux2_calls(12, 10, text_len=6, text_dim=16, channels=8)),
 }
 
 

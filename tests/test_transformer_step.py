@@ -133,3 +133,53 @@ def test_findings_judge_a_target_only_against_the_eager_diffusers_step_of_the_sa
     transformer_step.relate_to_eager_diffusers(slow)
     (wan14,) = [line for line in transformer_step.findings(slow) if line.startswith("Wan2.1-14B 720p >= 2x")]
     assert wan14.startswith("Wan2.1-14B 720p >= 2x: MISSED, best 1.85x (neighborhood, eager")
+
+
+# The token grid each real-size model's step runs at, from its pipeline's rule at the labelled size: latent frames
+# (F - 1) // 4 + 1, latent pixels px // 8 (HunyuanVideo-1.5: // 16), then the transformer's patch (2 x 2 but for
+# HunyuanVideo-1.5; CogVideoX 1.5 pads 21 latent frames to 22 and pairs them; FLUX.2 and Qwen-Image pack 2 x 2).
+REAL_GRIDS = {
+    "wan13": (21, 480 // 16, 832 // 16),
+    "wan14": (21, 720 // 16, 1280 // 16),
+    "hunyuan": (33, 720 // 16, 1280 // 16),
+    "cogvideox15": (22 // 2, 768 // 16, 1360 // 16),
+    "cogvideox5b": (13, 480 // 16, 720 // 16),
+    "flux": (1, 2048 // 16, 2048 // 16),
+    "hunyuan15": (31, 480 // 16, 848 // 16),
+    "qwen_image": (1, 1328 // 16, 1328 // 16),
+    "flux2": (1, 2048 // 16, 2048 // 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(transformer_step.MODELS))
+def test_each_real_size_spec_builds_and_its_calls_make_the_labelled_token_grid(name):
+    import torch
+
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    spec = transformer_step.MODELS[name]
+    model = transformer_step.build(spec, torch.device("meta"), torch.bfloat16)  # the real config, no memory
+    adapter = find_adapter(model)
+    calls = spec.calls(torch.device("cpu"), torch.bfloat16)
+    assert adapter is not None and calls
+    for kwargs in calls:
+        layout = adapter.layout(model, (), kwargs)
+        assert (layout.frames, layout.height, layout.width) == REAL_GRIDS[name]
+
+
+def test_the_smoke_models_of_the_newer_families_run_every_row(tmp_path):
+    # HunyuanVideo-1.5 (its byT5 tokens all padding, as a prompt without glyph text gives), Qwen-Image (no mask, two
+    # text lengths), FLUX.2 ((B, N, 4) ids): each row of each method the family takes is timed, none fails.
+    models = ["smoke-hunyuan15", "smoke-qwen-image", "smoke-flux2"]
+    argv = ["--smoke", "--models", *models, "--modes", "eager", "--warmup", "0", "--repeats", "1",
+            "--methods", "radial", "random", "draft", "--out", str(tmp_path)]
+    assert transformer_step.main(argv) == 0
+    (path,) = tmp_path.glob("transformer_step-*.json")
+    result = json.loads(path.read_text())
+    rows = {(row["model"], row["method"]) for row in result["rows"]}
+    labels = [transformer_step.SMOKE_MODELS[m].label for m in models]
+    expected = {(label, method) for label in labels for method in ("diffusers", "skip-attention", "dense", "random",
+                                                                    "draft")}
+    assert rows == expected | {("smoke HunyuanVideo-1.5", "radial")}  # radial refuses images
+    assert sorted(note.split(":")[0] for note in result["notes"]) == ["smoke FLUX.2", "smoke Qwen-Image"]
+    assert all("radial skipped" in note for note in result["notes"])
