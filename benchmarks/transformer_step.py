@@ -17,7 +17,8 @@ Models: Wan2.1-1.3B 480p 81f (2 calls per step: cond, uncond), Wan2.1-14B 720p 8
 batch 2), CogVideoX-5B 720x480 49f (`cogvideox5b`, the same), FLUX.1-dev 2048x2048 (1 call: guidance-distilled).
 Beyond issue 9's five (`--models`, not run by default): HunyuanVideo-1.5 480p 121f (`hunyuan15`, 2 calls: its
 guider's CFG), Qwen-Image 1328x1328 (`qwen_image`, 2 calls: true CFG with a negative prompt), FLUX.2-dev 2048x2048
-(`flux2`, 1 call: guidance-distilled).
+(`flux2`, 1 call: guidance-distilled), Mochi 1 848x480 163f (`mochi`, 1 call, CFG batched: batch 2;
+not `--modes regional`: diffusers' Mochi attention drops each sample's text padding by value, a graph break).
 Per model and mode (eager; compiled = `torch.compile(transformer)` after `sparsify`; regional =
 `transformer.compile_repeated_blocks(fullgraph=True)` after `sparsify`, one compiled block per block class):
 - `diffusers`: the unwrapped transformer, diffusers' default attention (torch SDPA): the baseline, `ms_dense`;
@@ -171,6 +172,17 @@ def _flux2_calls(height, width, text_len=512, text_dim=15360, channels=128):
     return calls
 
 
+def _mochi_calls(frames, height, width, text_lens=(0, 60), text_len=256, text_dim=4096, channels=12):
+    def calls(device, dtype):
+        # MochiPipeline: CFG batches the empty negative prompt (its mask all False, as the pipeline sets it for "")
+        # and the prompt into one call of batch 2; T5's 256 tokens, `text_lens` of them real.
+        mask = torch.arange(text_len, device=device)[None] < torch.tensor(text_lens, device=device)[:, None]
+        return [dict(hidden_states=_randn(2, channels, frames, height, width, device=device, dtype=dtype),
+                     encoder_hidden_states=_randn(2, text_len, text_dim, device=device, dtype=dtype),
+                     timestep=torch.tensor([999.0, 999.0], device=device, dtype=dtype), encoder_attention_mask=mask)]
+    return calls
+
+
 _WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
             qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024)
 _COGVIDEOX_5B = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -203,6 +215,8 @@ MODELS = {
                            _hunyuan15_calls(31, 30, 53)),
     "qwen_image": ModelSpec("Qwen-Image 1328x1328", "QwenImageTransformer2DModel", {}, _qwen_image_calls(83, 83)),
     "flux2": ModelSpec("FLUX.2-dev 2048x2048", "Flux2Transformer2DModel", {}, _flux2_calls(128, 128)),
+    # Mochi's VAE compresses 6x in time, 8x in space; its transformer patches 2 x 2.
+    "mochi": ModelSpec("Mochi 1 848x480 163f", "MochiTransformer3DModel", {}, _mochi_calls(28, 60, 106)),
 }
 DEFAULT_MODELS = ("wan13", "wan14", "hunyuan", "cogvideox15", "flux")
 
@@ -237,6 +251,11 @@ SMOKE_MODELS = {
                                   num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=8,
                                   axes_dims_rope=(4, 4, 4, 4)),
                              _flux2_calls(12, 10, text_len=6, text_dim=16, channels=8)),
+    "smoke-mochi": ModelSpec("smoke Mochi", "MochiTransformer3DModel",
+                             dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                  pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
+                                  max_sequence_length=8),
+                             _mochi_calls(3, 16, 16, text_lens=(0, 5), text_len=8, text_dim=16, channels=4)),
 }
 
 

@@ -148,6 +148,7 @@ REAL_GRIDS = {
     "hunyuan15": (31, 480 // 16, 848 // 16),
     "qwen_image": (1, 1328 // 16, 1328 // 16),
     "flux2": (1, 2048 // 16, 2048 // 16),
+    "mochi": ((163 - 1) // 6 + 1, 480 // 16, 848 // 16),  # Mochi's VAE: 6x in time
 }
 
 
@@ -169,8 +170,9 @@ def test_each_real_size_spec_builds_and_its_calls_make_the_labelled_token_grid(n
 
 def test_the_smoke_models_of_the_newer_families_run_every_row(tmp_path):
     # HunyuanVideo-1.5 (its byT5 tokens all padding, as a prompt without glyph text gives), Qwen-Image (no mask, two
-    # text lengths), FLUX.2 ((B, N, 4) ids): each row of each method the family takes is timed, none fails.
-    models = ["smoke-hunyuan15", "smoke-qwen-image", "smoke-flux2"]
+    # text lengths), FLUX.2 ((B, N, 4) ids), Mochi (the negative prompt's text all padding): each row of each method
+    # the family takes is timed, none fails.
+    models = ["smoke-hunyuan15", "smoke-qwen-image", "smoke-flux2", "smoke-mochi"]
     argv = ["--smoke", "--models", *models, "--modes", "eager", "--warmup", "0", "--repeats", "1",
             "--methods", "radial", "random", "draft", "--out", str(tmp_path)]
     assert transformer_step.main(argv) == 0
@@ -180,6 +182,6 @@ def test_the_smoke_models_of_the_newer_families_run_every_row(tmp_path):
     labels = [transformer_step.SMOKE_MODELS[m].label for m in models]
     expected = {(label, method) for label in labels for method in ("diffusers", "skip-attention", "dense", "random",
                                                                     "draft")}
-    assert rows == expected | {("smoke HunyuanVideo-1.5", "radial")}  # radial refuses images
+    assert rows == expected | {("smoke HunyuanVideo-1.5", "radial"), ("smoke Mochi", "radial")}  # not on images
     assert sorted(note.split(":")[0] for note in result["notes"]) == ["smoke FLUX.2", "smoke Qwen-Image"]
     assert all("radial skipped" in note for note in result["notes"])
