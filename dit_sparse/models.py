@@ -78,6 +78,20 @@ def resolve_model_label(model: str | None) -> tuple[str, str | None]:
     return (os.path.abspath(model) if os.path.isdir(model) else model), None
 
 
+def _check_makes_videos(model: str, pipe) -> None:
+    """`render`, `eval` and the app call a pipeline with `num_frames` and read `.frames`: an image pipeline (FLUX,
+    Qwen-Image, ...) is refused by name, before its weights move to the device, instead of failing on its first
+    call."""
+    import inspect
+
+    if "num_frames" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(
+            f"model {model!r} is a {type(pipe).__name__}, an image pipeline (its call takes no num_frames): render, "
+            "eval and the app make videos; sparsify an image pipeline from Python instead, e.g. "
+            "dit_sparse.sparsify(pipe, 'neighborhood') (README, 'Supported models')"
+        )
+
+
 def load_pipeline(model: str | None, device: str, dtype: str, progress_bar: bool = False):
     """The pipeline of a `check_model`-checked `model` on `device` in `dtype` (a name such as "float32"): None /
     "tiny" the tiny trained model (the random one while it is absent; `resolve_model_label` gives the note),
@@ -101,6 +115,7 @@ def load_pipeline(model: str | None, device: str, dtype: str, progress_bar: bool
             pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
         except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError ... for a bad model
             raise ValueError(f"cannot load model {model!r}: {type(exc).__name__}: {exc}") from exc
+        _check_makes_videos(model, pipe)
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe

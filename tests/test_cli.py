@@ -348,6 +348,31 @@ def test_load_pipeline_tiny_random_is_the_tiny_random_pipeline_in_the_dtype_aske
     assert type(pipe).__name__ == "WanPipeline" and pipe.transformer.dtype == torch.bfloat16
 
 
+def _tiny_flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                         axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    return FluxPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, None, None, transformer)
+
+
+def test_a_hub_image_pipeline_is_refused_by_name_before_anything_renders(tmp_path, monkeypatch, capsys):
+    # render / eval / the app call the pipeline with num_frames; FLUX's call takes none. The refusal names the class
+    # (not a TypeError from inside the first call) and leaves no video or manifest row; a video pipeline loaded the
+    # same way passes the check.
+    from diffusers import DiffusionPipeline
+
+    loaded = {"org/flux": _tiny_flux_pipeline(), "org/wan": build_tiny_wan_pipeline()}
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda name, **kwargs: loaded[name])
+    assert _render(tmp_path, "--prompt", "a red circle", "--model", "org/flux") == 2
+    error = capsys.readouterr().err
+    assert "'org/flux' is a FluxPipeline, an image pipeline" in error and "\n" not in error.strip()
+    assert _files(tmp_path / "out") == []
+    assert models.load_pipeline("org/wan", "cpu", "float32") is loaded["org/wan"]
+
+
 def test_option_values_are_parsed_as_bool_int_float_or_string():
     values = ("true", "False", "12", "0.5", "1e-3", "wan")
     assert [cli.parse_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
