@@ -241,15 +241,14 @@ def _image_ids_layout(family: str, position: int) -> Callable[[torch.nn.Module, 
         grid = torch.stack(
             torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
         ).reshape(-1, 3)
-        on_grid = ids.shape == grid.shape and torch.equal(ids, grid) and hidden_states.shape[1] == layout.video_len
-        if layered or not on_grid:
+        if layered or ids.shape != grid.shape or not torch.equal(ids, grid):
             raise ValueError(
                 f"{family} img_ids ({tuple(img_ids.shape)}) do not form a frames x height x width grid in raster order "
                 f"with one token each (reference images: FLUX.1 Kontext's of another size than the output, or "
                 f"FLUX.2's, placed at frames 10, 20, ...); dit-sparse needs the image tokens on one {frames} x "
                 f"{height} x {width} grid"
             )
-        return layout
+        return _filled(family, hidden_states, layout, f"img_ids {tuple(img_ids.shape)}")
 
     return layout
 

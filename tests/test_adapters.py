@@ -487,6 +487,8 @@ def test_flux_kontext_reference_image_of_the_output_size_is_a_second_frame(built
         assert attention_probe[0][4] == VideoLayout(2, 12, 10, 6, "prefix")
         with pytest.raises(ValueError, match="img_ids .* do not form a frames x height x width grid"):
             _forward(transformer, other_size)
+        with pytest.raises(ValueError, match=r"FLUX hidden_states have 241 tokens, but img_ids \(240, 3\) make 240"):
+            _forward(transformer, dict(kontext, hidden_states=torch.randn(2, 2 * 12 * 10 + 1, 8)))
     finally:
         dit_sparse.unsparsify(transformer)
 
