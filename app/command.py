@@ -6,7 +6,7 @@ import argparse
 import tempfile
 
 from dit_sparse.eval.runner import DEFAULT_WARMUP_STEPS
-from dit_sparse.models import MODEL_HELP, check_model
+from dit_sparse.pipelines.models import MODEL_HELP, check_model
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860

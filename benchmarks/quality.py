@@ -60,11 +60,12 @@ RANDOM = dict(
 
 def _pipeline(model_dir: str | None, random: bool):
     """(pipeline, label, settings): the trained tiny model (or the export at `model_dir`), else the random one."""
-    from dit_sparse.pipelines import tiny, tiny_random
+    from dit_sparse.pipelines import tiny
+    from dit_sparse.pipelines.tiny import random_tiny
 
     if not random and (model_dir or tiny.available()):
         return tiny.load(folder=model_dir or tiny.MODEL_DIR), tiny.TINY_LABEL, TRAINED
-    return tiny_random.build_tiny_wan_pipeline(seed=0), tiny_random.TINY_RANDOM_LABEL, RANDOM
+    return random_tiny.build_tiny_wan_pipeline(seed=0), random_tiny.TINY_RANDOM_LABEL, RANDOM
 
 
 def _layout(size: dict):

@@ -1,4 +1,4 @@
-"""CPU A/B experiments for the tiny model's VAE recipe (see pipelines/TRAINING_NOTES.md).
+"""CPU A/B experiments for the tiny model's VAE recipe (see pipelines/tiny/TRAINING_NOTES.md).
 
     python benchmarks/vae_recipe.py --variants 'base;recipe;{"lr":2e-4,"unit_gain":true}' --steps 200 --size 48 --frames 9
     python benchmarks/vae_recipe.py --probe   # the plain-colour collapse probe
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from dit_sparse.pipelines import train_tiny as tt
-from dit_sparse.pipelines.caption_score import EVALUATION_SEED, score
-from dit_sparse.pipelines.shapes_dataset import render_videos, video_params
+from dit_sparse.pipelines.tiny import train as tt
+from dit_sparse.pipelines.tiny.caption_score import EVALUATION_SEED, score
+from dit_sparse.pipelines.tiny.shapes import render_videos, video_params
 
 BASE = dict(
     lr=5e-4, betas=(0.9, 0.99), clamp=True, fast=False, sample=True, logvar_bias=None, kl=1e-4, first_weight=4.0,
@@ -35,7 +35,7 @@ VARIANTS = {
     "zero": dict(zero_init=True),
     "gain": dict(unit_gain=True),  # variance-preserving signal path: the latent reaches the decoder at unit scale
     "gainzero": dict(unit_gain=True, zero_init=True),
-    "recipe": dict(lr=1e-4, clamp=False, fast=True, zero_init=True, unit_gain=True, logvar_bias=-6.0),  # train_tiny's
+    "recipe": dict(lr=1e-4, clamp=False, fast=True, zero_init=True, unit_gain=True, logvar_bias=-6.0),  # tiny.train's
     "recipe-mode": dict(lr=1e-4, clamp=False, fast=True, zero_init=True, unit_gain=True, sample=False),
 }
 

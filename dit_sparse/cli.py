@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse import models
 from dit_sparse.config import CONFIGS, make_config
-from dit_sparse.pipelines import tiny
+from dit_sparse.pipelines import models, tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
 # ---- defaults: the tiny trained model's own size and steps (`render`'s, the demo's and the app's).

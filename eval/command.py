@@ -7,8 +7,8 @@ import os
 
 from dit_sparse import cli
 from dit_sparse.eval.runner import DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
-from dit_sparse.models import MODEL_HELP
 from dit_sparse.pipelines import tiny
+from dit_sparse.pipelines.models import MODEL_HELP
 
 
 def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dit_sparse.eval import metrics
     from dit_sparse.eval.report import write_report
     from dit_sparse.eval.runner import make_plan, method_means, render_all, score_videos, score_workers
-    from dit_sparse.models import resolve_model_label
+    from dit_sparse.pipelines.models import resolve_model_label
 
     plan = make_plan(
         suite=args.suite, methods=args.methods, options=args.option, block_size=args.block_size, model=args.model,

@@ -21,7 +21,7 @@ import numpy as np
 
 from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
 from dit_sparse.files import write_atomic
-from dit_sparse.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM, random_weights_origin
+from dit_sparse.pipelines.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM, random_weights_origin
 
 #: The side-by-side videos' third column shows |method - baseline| times a gain: a power of two chosen per prompt so
 #: that the 99.9th percentile of the largest difference reaches full brightness, at most `MAX_DIFF_GAIN` (shown in
@@ -85,7 +85,7 @@ def describe_run(plan: EvalPlan, notes: list[str]) -> dict:
     import diffusers
     import torch
 
-    from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
+    from dit_sparse.pipelines.tiny.random_tiny import TINY_RANDOM_LABEL
 
     try:
         from importlib.metadata import version
@@ -128,7 +128,7 @@ def reproduce_command(plan: EvalPlan) -> str:
 
     name = plan.suite.name
     suite = name if name in BUILT_IN or name.startswith("vbench") else plan.suite.source
-    from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
+    from dit_sparse.pipelines.tiny.random_tiny import TINY_RANDOM_LABEL
 
     model = plan.model or TINY
     if model == TINY and plan.model_label == TINY_RANDOM_LABEL:

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from dit_sparse.pipelines.shapes_dataset import (
+from dit_sparse.pipelines.tiny.shapes import (
     BACKGROUND_COLOURS,
     BACKGROUNDS,
     DIRECTIONS,

@@ -10,7 +10,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 
 import dit_sparse
 from dit_sparse.hooks import hooked_modules
-from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 from dit_sparse.video import psnr
 
 # 17 frames at 96 px: 5 latent frames of 6 x 6 tokens, 180 video tokens, 12 blocks of 16.

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from dit_sparse.pipelines import caption_score as cs
-from dit_sparse.pipelines import shapes_dataset as sd
+from dit_sparse.pipelines.tiny import caption_score as cs
+from dit_sparse.pipelines.tiny import shapes as sd
 
 from dit_sparse.video import read_video, write_mp4
 

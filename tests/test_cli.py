@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from dit_sparse import cli, models
-from dit_sparse.pipelines import tiny
-from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
+from dit_sparse import cli
+from dit_sparse.pipelines import models, tiny
+from dit_sparse.pipelines.tiny.random_tiny import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
 from dit_sparse.video import read_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -332,7 +332,7 @@ def test_demo_uses_the_trained_model_when_it_is_there(tmp_path, capsys, small_de
 def test_the_demo_defaults_are_the_trained_models_size_steps_and_a_shapes_caption_at_a_half_dense_radial():
     from dit_sparse.layout import VideoLayout
     from dit_sparse.patterns.radial import radial
-    from dit_sparse.pipelines.shapes_dataset import parse_caption
+    from dit_sparse.pipelines.tiny.shapes import parse_caption
 
     dense, sparse = cli.demo_jobs()
     assert (dense.frames, dense.height, dense.width, dense.steps) == (81, 160, 160, tiny.DEFAULT_STEPS)

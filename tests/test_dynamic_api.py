@@ -13,7 +13,7 @@ import dit_sparse
 from dit_sparse.hooks import session_of
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns.vdit import DEFAULT_PATTERN, HeadPattern, vdit_mask
-from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

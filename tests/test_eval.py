@@ -15,7 +15,7 @@ from dit_sparse import cli
 from dit_sparse.config import CONFIGS
 from dit_sparse.eval import report as report_module
 from dit_sparse.eval import runner, suites
-from dit_sparse.pipelines.shapes_dataset import build_tokenizer, parse_caption
+from dit_sparse.pipelines.tiny.shapes import build_tokenizer, parse_caption
 from dit_sparse.video import read_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +35,7 @@ def test_tiny_suite_is_20_plus_captions_in_the_tiny_models_vocabulary_covering_i
     parsed = [parse_caption(p.prompt) for p in suite.prompts]
     for prompt in suite.prompts:
         assert tokenizer.unk_token_id not in tokenizer(prompt.prompt)["input_ids"]
-    from dit_sparse.pipelines.shapes_dataset import DIRECTIONS, SHAPE_COLOURS, SHAPES
+    from dit_sparse.pipelines.tiny.shapes import DIRECTIONS, SHAPE_COLOURS, SHAPES
 
     assert {p["shape"] for p in parsed} == set(SHAPES) and {p["colour"] for p in parsed} == set(SHAPE_COLOURS)
     assert {p["direction"] for p in parsed} == set(DIRECTIONS)
@@ -264,7 +264,7 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
 
 
 def test_eval_runs_a_random_wan_folder_built_by_the_script_and_no_videos_keeps_stills_only(tmp_path):
-    from dit_sparse.pipelines import random_wan
+    from dit_sparse.pipelines.tiny import random_wan
 
     folder = tmp_path / "wan-smoke"
     assert random_wan.main(["--config", "smoke", "--out", str(folder), "--dtype", "float32"]) == 0
@@ -290,7 +290,7 @@ def test_eval_runs_a_random_wan_folder_built_by_the_script_and_no_videos_keeps_s
 
 
 def test_random_weights_origin_reads_the_marker_of_a_folder_only(tmp_path):
-    from dit_sparse.models import RANDOM_WEIGHTS_MARKER, random_weights_origin
+    from dit_sparse.pipelines.models import RANDOM_WEIGHTS_MARKER, random_weights_origin
 
     assert random_weights_origin(str(tmp_path)) is None  # a folder without the marker: a model like any other
     assert random_weights_origin("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") is None and random_weights_origin(None) is None
@@ -317,7 +317,7 @@ def test_the_random_wan_13b_config_has_the_real_models_size():
     import torch
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from dit_sparse.pipelines.random_wan import CONFIGS
+    from dit_sparse.pipelines.tiny.random_wan import CONFIGS
 
     with torch.device("meta"):  # no memory, no time: only the shapes
         transformer = WanTransformer3DModel(**CONFIGS["wan2.1-1.3b"]["transformer"])

@@ -307,7 +307,7 @@ def test_config_rejects_bad_values_by_name(options, message):
 
 
 def test_sparsify_neighborhood_on_a_tiny_wan_pipeline():
-    from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(seed=0)
     # 17 frames at 96 px: 5 latent frames of 6 x 6 tokens.

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from dit_sparse.pipelines import shapes_dataset as sd
-from dit_sparse.pipelines.tiny_random import VOCABULARY as TINY_VOCABULARY
-from dit_sparse.pipelines.tiny_random import build_tiny_tokenizer
+from dit_sparse.pipelines.tiny import shapes as sd
+from dit_sparse.pipelines.tiny.random_tiny import VOCABULARY as TINY_VOCABULARY
+from dit_sparse.pipelines.tiny.random_tiny import build_tiny_tokenizer
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 64
 

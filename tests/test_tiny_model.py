@@ -3,7 +3,7 @@ runs on every core (the training tests' module pins torch to one thread for its 
 
 import pytest
 from dit_sparse.pipelines import tiny
-from dit_sparse.pipelines import train_tiny as tt
+from dit_sparse.pipelines.tiny import train as tt
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ from dit_sparse.pipelines import train_tiny as tt
 def test_the_shipped_tiny_model_follows_at_least_8_of_10_captions():
     """The issue's bar: 10 evaluation prompts at fixed seeds, the demo's size and settings (`tiny.DEFAULT_STEPS`
     steps), checked with OpenCV. Minutes on a CPU (10 renders of 81 frames at 160 x 160 px)."""
-    from dit_sparse.pipelines.caption_score import caption_following
+    from dit_sparse.pipelines.tiny.caption_score import caption_following
 
     config, _ = tt.PRESETS["default"]
     pipe = tiny.load()
@@ -28,7 +28,7 @@ def test_channels_last_convolutions_keep_the_weights_and_the_decode():
     """The CPU speed-up `tiny.load` applies: every Conv3d weight channels-last, same values, same decode (the
     oracle: the same VAE with contiguous weights)."""
     import torch
-    from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 
     vae = build_tiny_wan_pipeline(seed=0).vae
     before = {name: value.clone() for name, value in vae.state_dict().items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 from dit_sparse.pipelines import tiny
-from dit_sparse.pipelines import train_tiny as tt
+from dit_sparse.pipelines.tiny import train as tt
 
 SMOKE_MODEL, _ = tt.PRESETS["smoke"]
 
@@ -219,7 +219,7 @@ def test_the_default_model_has_2000_video_tokens_and_fits_in_30_mb():
 
 
 def test_tiny_load_says_how_to_make_the_model_when_the_folder_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_tiny"):
+    with pytest.raises(FileNotFoundError, match="tiny.train"):
         tiny.load(folder=tmp_path / "nowhere")
     with pytest.raises(TypeError, match="torch.dtype"):
         tiny.load(dtype="float32", folder=tmp_path)
@@ -291,7 +291,7 @@ def _smoke_trainer(**train_changes):
 
 
 def test_paired_batches_hold_each_video_and_its_reversed_twin_under_the_same_noise_and_sigma(monkeypatch):
-    from dit_sparse.pipelines.shapes_dataset import OPPOSITE, parse_caption
+    from dit_sparse.pipelines.tiny.shapes import OPPOSITE, parse_caption
 
     trainer = _smoke_trainer(pair_reversed=True, batch_size=4, pool_size=8, pool_refresh=2, caption_dropout=0.0)
     seen = {}

@@ -5,11 +5,10 @@
 # metrics in one process per core. Stage FA4 first, in calls that follow each other while the machine is warm:
 #   call 1, carry [".fa4/1", ".whl"]:  . scripts/device/env.sh 2
 #   call 2, carry [".fa4/2", ".whl"]:  bash scripts/device/eval_wan13.sh
-# A call sends the tree with its carries (64 MiB at most): move docs/training/tiny_v4.compact.pt (19 MB) out of the
-# checkout for these calls and back afterwards. Then unpack report.tgz under benchmarks/results/.
+# Then unpack report.tgz under benchmarks/results/.
 . scripts/device/env.sh 2
 name=eval-wan13-random-h200-$(date +%F)
-python3 -P -m dit_sparse.pipelines.random_wan --config wan2.1-1.3b --out /tmp/wan13-random --device cuda 2>&1 | tail -1
+python3 -P -m dit_sparse.pipelines.tiny.random_wan --config wan2.1-1.3b --out /tmp/wan13-random --device cuda 2>&1 | tail -1
 python3 -P -m dit_sparse eval --model /tmp/wan13-random --suite benchmarks/wan13_eval_prompts.txt --frames 81 \
   --height 480 --width 832 --steps 6 --device cuda --dtype bfloat16 --no-videos --output-dir /tmp/$name \
   --cache-dir /tmp/eval-wan13-cache > $OUT/eval.log 2>&1

@@ -8,10 +8,10 @@ while true; do
   python3 -c "import sys;sys.exit(0 if $REM>0.6 else 1)" || break
   grep -q "(done)" /tmp/train.log 2>/dev/null && break
   if [ ! -f /tmp/nocompile ]; then
-    python3 -m dit_sparse.pipelines.train_tiny --checkpoint /tmp/tiny.pt --minutes $REM --device cuda --compile --save-every 1.5 "$@" >> /tmp/train.log 2>&1 && break
+    python3 -m dit_sparse.pipelines.tiny.train --checkpoint /tmp/tiny.pt --minutes $REM --device cuda --compile --save-every 1.5 "$@" >> /tmp/train.log 2>&1 && break
     echo "=== compile run failed rc $?: eager from now" >> /tmp/train.log; touch /tmp/nocompile
   else
-    python3 -m dit_sparse.pipelines.train_tiny --checkpoint /tmp/tiny.pt --minutes $REM --device cuda --save-every 1.5 "$@" >> /tmp/train.log 2>&1 && break
+    python3 -m dit_sparse.pipelines.tiny.train --checkpoint /tmp/tiny.pt --minutes $REM --device cuda --save-every 1.5 "$@" >> /tmp/train.log 2>&1 && break
     echo "=== eager run failed rc $?" >> /tmp/train.log; sleep 5
   fi
 done

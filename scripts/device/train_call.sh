@@ -1,6 +1,6 @@
 #!/bin/bash
-# One `run` call on the device machine for the tiny model's training (pipelines/TRAINING_NOTES.md), from the repo root:
-#   bash scripts/device/train_call.sh SECS MINUTES [train_tiny flags]   (carry [".whl", "runs"]; MINUTES an integer)
+# One `run` call on the device machine for the tiny model's training (pipelines/tiny/TRAINING_NOTES.md), from the repo root:
+#   bash scripts/device/train_call.sh SECS MINUTES [tiny.train flags]   (carry [".whl", "runs"]; MINUTES an integer)
 # Sets up a fresh machine, (re)starts the background run until MINUTES after the first call on this machine, watches
 # its log for SECS, then copies the log and the checkpoint (split into 15 MB parts) to $OUT. Rejoin with cat ckpt.a?.
 SECS=$1; MIN=$2; shift 2

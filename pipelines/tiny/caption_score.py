@@ -19,8 +19,8 @@ import numpy as np
 
 from dit_sparse.video import to_uint8
 
-from .shapes_dataset import DIRECTIONS, SHAPE_COLOURS, parse_caption, video_params
-from .tiny import DEFAULT_STEPS
+from .shapes import DIRECTIONS, SHAPE_COLOURS, parse_caption, video_params
+from . import DEFAULT_STEPS
 
 BORDER = 3  # pixels of each edge the background is fitted to
 FOREGROUND_THRESHOLD = 40  # max channel difference (of 255) from the background estimate that makes a pixel "blob"

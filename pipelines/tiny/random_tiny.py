@@ -39,7 +39,7 @@ def build_tiny_tokenizer(vocabulary: Sequence[str] = VOCABULARY) -> PreTrainedTo
     """A lower-casing word-level tokenizer over `vocabulary` that appends `</s>` like T5's.
 
     Ids: `SPECIAL_TOKENS` first (0, 1, 2), then the words in order, so a vocabulary that extends `VOCABULARY` at
-    its end keeps every id of this one (the trained tiny model's tokenizer does, see `shapes_dataset.VOCABULARY`).
+    its end keeps every id of this one (the trained tiny model's tokenizer does, see `shapes.VOCABULARY`).
     """
     words = tuple(vocabulary)
     if len(set(words)) != len(words) or set(words) & set(SPECIAL_TOKENS):

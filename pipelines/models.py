@@ -2,9 +2,9 @@
 
 A model name is `TINY` (the tiny trained model, `dit_sparse.pipelines.tiny`; while its folder is absent, the tiny
 random pipeline, with `resolve_model_label`'s note saying so), `TINY_RANDOM` (the tiny random pipeline,
-`dit_sparse.pipelines.tiny_random`), a local diffusers folder or a hub id; None means `TINY`. `check_model` checks a
-name before anything is loaded, `resolve_model_label` gives the label it is recorded under (manifests, resume keys,
-reports), and `load_pipeline` loads it.
+`dit_sparse.pipelines.tiny.random_tiny`), a local diffusers folder or a hub id; None means `TINY`. `check_model`
+checks a name before anything is loaded, `resolve_model_label` gives the label it is recorded under (manifests, resume
+keys, reports), and `load_pipeline` loads it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ MODEL_HELP = (
 )
 #: What the tiny random pipeline's videos are worth (the fallback note and eval's report say it).
 RANDOM_WEIGHTS = "its videos are noise, so only timing and agreement with the baseline mean anything"
-#: the file `python -m dit_sparse.pipelines.random_wan` leaves in the pipeline folders it writes
+#: the file `python -m dit_sparse.pipelines.tiny.random_wan` leaves in the pipeline folders it writes
 RANDOM_WEIGHTS_MARKER = "dit_sparse_random_weights.json"
 
 
@@ -63,7 +63,7 @@ def resolve_model_label(model: str | None) -> tuple[str, str | None]:
     """The label a `check_model`-checked model is recorded under (a folder: its absolute path; a hub id: itself),
     and a note to print when the tiny random pipeline stands in for the absent trained model; loads nothing."""
     from dit_sparse.pipelines import tiny
-    from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL
+    from dit_sparse.pipelines.tiny.random_tiny import TINY_RANDOM_LABEL
 
     if model in (None, TINY):
         if tiny.available():
@@ -105,7 +105,7 @@ def load_pipeline(model: str | None, device: str, dtype: str, progress_bar: bool
     if model in (None, TINY) and tiny.available():
         pipe = tiny.load(device, torch_dtype)
     elif model in (None, TINY, TINY_RANDOM):
-        from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+        from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 
         pipe = build_tiny_wan_pipeline(dtype=torch_dtype).to(device)
     else:

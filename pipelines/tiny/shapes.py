@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tiny_random import VOCABULARY as TINY_VOCABULARY
-from .tiny_random import build_tiny_tokenizer
+from .random_tiny import VOCABULARY as TINY_VOCABULARY
+from .random_tiny import build_tiny_tokenizer
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -78,7 +78,7 @@ CIRCUMRADIUS = {
     "triangle": HALF_SIDE["triangle"] * 2 / math.sqrt(3.0),
 }
 
-#: Every word a caption can use (the template's and the names'), and the tokenizer's vocabulary: tiny_random's
+#: Every word a caption can use (the template's and the names'), and the tokenizer's vocabulary: random_tiny's
 #: words first (their ids unchanged), then the ones captions add.
 CAPTION_WORDS = tuple(
     dict.fromkeys(
@@ -93,7 +93,7 @@ VOCABULARY = TINY_VOCABULARY + tuple(word for word in CAPTION_WORDS if word not 
 
 
 def build_tokenizer():
-    """The word-level tokenizer of the trained tiny model (tiny_random's, over `VOCABULARY`)."""
+    """The word-level tokenizer of the trained tiny model (random_tiny's, over `VOCABULARY`)."""
     return build_tiny_tokenizer(VOCABULARY)
 
 

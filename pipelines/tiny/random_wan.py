@@ -1,7 +1,7 @@
 """A random-weight Wan 2.1 text-to-video pipeline folder at a real model's size, for timing `dit-sparse eval` on a GPU
 without downloading weights:
 
-    python -m dit_sparse.pipelines.random_wan --config wan2.1-1.3b --out wan13-random
+    python -m dit_sparse.pipelines.tiny.random_wan --config wan2.1-1.3b --out wan13-random
     dit-sparse eval --model wan13-random --suite tiny --frames 81 --height 480 --width 832 --steps 8 --device cuda
 
 The transformer has Wan2.1-T2V-1.3B's exact config (as `benchmarks/transformer_step.py`'s "wan13") and the VAE
@@ -20,7 +20,7 @@ import os
 import torch
 
 from dit_sparse.files import write_atomic
-from dit_sparse.models import RANDOM_WEIGHTS_MARKER
+from dit_sparse.pipelines.models import RANDOM_WEIGHTS_MARKER
 
 #: Transformer configs by name; "smoke" is a toy of the same classes for tests.
 _WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -45,7 +45,7 @@ def build_random_wan_pipeline(config: str = "wan2.1-1.3b", seed: int = 0, device
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from dit_sparse.pipelines.tiny_random import build_tiny_tokenizer
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_tokenizer
 
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; allowed: {sorted(CONFIGS)}")

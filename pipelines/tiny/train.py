@@ -1,7 +1,7 @@
 """Train the tiny reference Wan model on the shapes dataset; resumable in time-boxed chunks; export a diffusers folder.
 
-    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny.pt --minutes 9 --device cuda   # repeat
-    python -m dit_sparse.pipelines.train_tiny --checkpoint runs/tiny.pt --minutes 0 --export pipelines/tiny_model
+    python -m dit_sparse.pipelines.tiny.train --checkpoint runs/tiny.pt --minutes 9 --device cuda   # repeat
+    python -m dit_sparse.pipelines.tiny.train --checkpoint runs/tiny.pt --minutes 0 --export pipelines/tiny_model
 
 The model is Wan 2.1's architecture at toy sizes, in the real diffusers/transformers classes, trained from scratch
 the way Wan is trained, in two phases:
@@ -13,7 +13,7 @@ the way Wan is trained, in two phases:
    residual branches, a small posterior variance: with PyTorch's default init the decoder's output stopped
    depending on its input within a few steps) at lr 1e-4, and trains through `vae_encode` / `vae_decode` (the
    same function as diffusers' encode / decode, in 2 causal chunks instead of one per latent frame, and without
-   the output clamp, which would stop the gradient of an overshooting pixel). See pipelines/TRAINING_NOTES.md.
+   the output clamp, which would stop the gradient of an overshooting pixel). See pipelines/tiny/TRAINING_NOTES.md.
    Then the latents' per-channel mean and std are measured and written into the VAE's config (`latents_mean`,
    `latents_std`), which is how `WanPipeline` un-normalises latents before decoding.
 2. `WanTransformer3DModel` with a tiny `UMT5EncoderModel` (word-level tokenizer), jointly, by rectified flow on the
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from dit_sparse.files import atomic_path
 
-from .shapes_dataset import (
+from .shapes import (
     BACKGROUND_COLOURS,
     DIRECTIONS,
     OPPOSITE,
@@ -65,7 +65,7 @@ from .shapes_dataset import (
     shape_alpha,
     video_params,
 )
-from .tiny import DEFAULT_STEPS
+from . import DEFAULT_STEPS
 
 TEXT_LEN = 512  # WanPipeline's default max_sequence_length: text embeddings are zero-padded to it
 CHECKPOINT_FORMAT = 1
@@ -290,7 +290,7 @@ def build_components(config: ModelConfig, seed: int = 0, vae_init: bool = True) 
 
 def init_vae(vae, zero_residuals: bool = True, logvar_bias: float | None = -6.0, unit_gain: bool = True) -> None:
     """Training-friendly init of a fresh `AutoencoderKLWan` (weights only; the architecture stays diffusers'). See
-    pipelines/TRAINING_NOTES.md for the experiments behind it.
+    pipelines/tiny/TRAINING_NOTES.md for the experiments behind it.
 
     - `unit_gain`: the convolutions on the signal path (conv_in/out, the resamplers, the shortcuts; not the residual
       branches) get a variance-preserving init (Kaiming normal, linear gain, zero bias) and `quant_conv` /
@@ -1139,7 +1139,7 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
         "",
         "## Data",
         "",
-        f"`dit_sparse.pipelines.shapes_dataset` (seed {config.data_seed}; {trainer.next_index:,} videos drawn): "
+        f"`dit_sparse.pipelines.tiny.shapes` (seed {config.data_seed}; {trainer.next_index:,} videos drawn): "
         f"{len(SHAPES)} shapes ({', '.join(SHAPES)}) in {len(SHAPE_COLOURS)} colours ({', '.join(SHAPE_COLOURS)}), "
         f"moving {len(DIRECTIONS)} ways ({', '.join(DIRECTIONS)}) at a constant speed over a plain background or a "
         f"vertical or horizontal gradient ({len(BACKGROUND_COLOURS)} colours, never the shape's). Captions: "
@@ -1153,13 +1153,13 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
         f"- Parameters: transformer {sizes['transformer']:,}, VAE {sizes['vae']:,}, "
         f"text encoder {sizes['text_encoder']:,}.",
         "",
-        "- Model (`train_tiny.ModelConfig`): " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()),
-        "- Training (`train_tiny.TrainConfig`, as of the last chunk): "
+        "- Model (`tiny.train.ModelConfig`): " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()),
+        "- Training (`tiny.train.TrainConfig`, as of the last chunk): "
         + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(train_config).items()),
         "",
         "## Training",
         "",
-        f"`python -m dit_sparse.pipelines.train_tiny` (seed {trainer.seed}), trained on {trained_on}, exported on "
+        f"`python -m dit_sparse.pipelines.tiny.train` (seed {trainer.seed}), trained on {trained_on}, exported on "
         f"{_device_text(trainer.device)}: VAE {trainer.vae_step:,} steps in {trainer.seconds['vae'] / 60:.1f} "
         f"min, then transformer + text encoder {trainer.dit_step:,} steps in {trainer.seconds['dit'] / 60:.1f} min "
         f"(batch {train_config.batch_size}). Rectified flow (target noise - x0), Wan's time shift "
@@ -1182,13 +1182,13 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
             f"**{result['n_ok']} / {len(result['prompts'])}** prompts followed: rendered at {config.frames} frames, "
             f"{config.width} x {config.height} px, {steps} steps, guidance {guidance}, "
             f"seeds 0..{len(result['prompts']) - 1}, "
-            "checked with OpenCV (`dit_sparse.pipelines.caption_score`: the main blob's colour is the caption's, its "
-            "centroid moves within 45 degrees of the captioned direction by at least 10% of the frame).",
+            "checked with OpenCV (`dit_sparse.pipelines.tiny.caption_score`: the main blob's colour is the caption's, "
+            "its centroid moves within 45 degrees of the captioned direction by at least 10% of the frame).",
             "",
             f"The ceiling set by the VAE: the same prompts' true videos, encoded and decoded, pass "
             f"{result['reconstructed_ok']} / {len(result['prompts'])}.",
             "",
-            "Which words the transformer reads (`train_tiny.caption_sensitivity`: the flow loss on 16 evaluation "
+            "Which words the transformer reads (`tiny.train.caption_sensitivity`: the flow loss on 16 evaluation "
             "videos, same noise, sigmas 0.5 / 0.8 / 0.95, by the caption it is given; equal losses mean the words "
             f"that differ are ignored): {_losses_text(result['sensitivity'])}.",
             "",
@@ -1207,7 +1207,7 @@ def model_card(trainer: Trainer, result: dict | None, steps: int, guidance: floa
 # ---- the command line --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dit_sparse.pipelines.train_tiny", description=__doc__.split("\n\n")[0]
+        prog="python -m dit_sparse.pipelines.tiny.train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file: resumed if it exists, written at the end")
     parser.add_argument(

@@ -1,8 +1,13 @@
 """The shipped tiny TRAINED Wan text-to-video model (tiny-shapes-wan): `load()` gives its `WanPipeline`.
 
 It is a `save_pretrained` folder (`pipelines/tiny_model/`, safetensors) of the real diffusers/transformers classes,
-trained by `dit_sparse.pipelines.train_tiny` on `dit_sparse.pipelines.shapes_dataset`: prompts such as
+trained by `dit_sparse.pipelines.tiny.train` on `dit_sparse.pipelines.tiny.shapes`: prompts such as
 "a red circle moves right on a blue background". Its model card is the folder's README.md.
+
+The package is the tiny-model lab; this module is its loader. Beside it: `random_tiny` (the tiny UNTRAINED Wan
+pipeline, built in code), `random_wan` (a random-weight pipeline folder at a real Wan's size, for GPU timing),
+`shapes` (the procedural dataset), `train` (training and export), `caption_score` (caption following, checked with
+OpenCV) and TRAINING_NOTES.md (the experiments behind the recipe).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import warnings
 import torch
 
 TINY_LABEL = "tiny-shapes-wan"
-#: The model folder shipped inside the package.
-MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_model")
+#: The model folder shipped inside the package (`pipelines/tiny_model/`, beside this package).
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny_model")
 #: Denoising steps the model is rendered with (the CLI's and the demo's default, caption scoring's): at 8 its shapes
 #: vanish; 25 and 50 follow the same number of captions.
 DEFAULT_STEPS = 25
@@ -40,8 +45,8 @@ def load(
     if not available(folder):
         raise FileNotFoundError(
             f"the tiny trained model is not at {os.fspath(folder)!r} (no model_index.json). Train and export it with "
-            "`python -m dit_sparse.pipelines.train_tiny --checkpoint CKPT --minutes 10` (repeat until done) then "
-            f"`python -m dit_sparse.pipelines.train_tiny --checkpoint CKPT --minutes 0 --export {os.fspath(folder)}`"
+            "`python -m dit_sparse.pipelines.tiny.train --checkpoint CKPT --minutes 10` (repeat until done) then "
+            f"`python -m dit_sparse.pipelines.tiny.train --checkpoint CKPT --minutes 0 --export {os.fspath(folder)}`"
         )
     from diffusers import WanPipeline
 
