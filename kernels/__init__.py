@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import numbers
 import os
 
 import torch
@@ -134,7 +136,8 @@ def _check_4d(name: str, x) -> None:
 
 
 def check_qkv(q, k, v) -> None:
-    """Raise ValueError unless q, k, v are 4-D tensors (B, S, H, D) of one shape, one dtype and one device."""
+    """Raise ValueError unless q, k, v are 4-D tensors (B, S, H, D) of one shape, every size >= 1, one floating
+    dtype and one device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, x)
     if not (q.shape == k.shape == v.shape):
@@ -143,13 +146,23 @@ def check_qkv(q, k, v) -> None:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must have a floating dtype (float16, bfloat16, float32, ...), got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if 0 in q.shape:
+        raise ValueError(f"q, k, v must have every size >= 1 (B, S, H, D), got {tuple(q.shape)}")
 
 
 def check_scale(scale, head_dim: int) -> float:
-    """The softmax scale: `scale` as a float, or 1/sqrt(head_dim) for None."""
-    return head_dim ** -0.5 if scale is None else float(scale)
+    """The softmax scale: `scale` (a finite real number) as a float, or 1/sqrt(head_dim) for None."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None (1/sqrt(D)), got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(scale)
 
 
 def check_mask(mask, batch: int, heads: int, seq_len: int) -> None:
@@ -275,7 +288,7 @@ def dense_attention(
     A backend with no dense pass of its own (fa4: no key-padding mask without a mask_mod) runs this on the first
     backend `auto` takes that has one (on a GPU, our Triton kernel). Every argument is checked here.
     """
-    _check_4d("q", q)
+    check_qkv(q, q, q)  # q's own rules; k and v follow q's
     _check_keys_for(q, k, v, key_valid, ("k", "v", "key_valid"))
     _check_out(out, q)
     scale = check_scale(scale, q.shape[-1])

@@ -450,3 +450,14 @@ def test_dense_attention_of_text_rows_matches_sdpa(no_override):
         *(x.transpose(1, 2) for x in (q[:, :7], k, v)), attn_mask=key_valid[:, None, None, :]
     ).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_check_backend_names_the_backend_the_device_and_what_is_missing(no_override):
+    for name in ("auto", "reference"):
+        kernels.check_backend(name, "cpu")
+    with pytest.raises(ValueError, match=r"backend 'fa4' cannot run on cpu here: the fa4 backend needs a CUDA GPU"):
+        kernels.check_backend("fa4", "cpu")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cpu here: .*TRITON_INTERPRET=1"):
+        kernels.check_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'fa4', 'triton', 'reference'\), got 'cuda'"):
+        kernels.check_backend("cuda", "cpu")
