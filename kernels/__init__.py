@@ -194,8 +194,9 @@ def _check_keys_for(q: torch.Tensor, k, v, key_valid, names: tuple[str, str, str
 def _check_out(out, q: torch.Tensor) -> None:
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
                             or out.device != q.device):
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(getattr(out, 'shape', ()))} "
-                         f"{getattr(out, 'dtype', type(out).__name__)} on {getattr(out, 'device', None)}")
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', type(out).__name__)} on "
+                         f"{getattr(out, 'device', None)}")
 
 
 # ---- the public calls -------------------------------------------------------------------------------------------

@@ -494,8 +494,8 @@ def block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the kept key blocks of `mask` (plus, optionally, every valid extra key) in one launch.
 
-    q, k, v: (B, S, H, D) fp16/bf16/fp32, any strides, S == mask.seq_len, D in `triton_backend.HEAD_DIMS`. extra_k/extra_v
-    (B, T, H, D), e.g. the joint text keys, extra_key_valid (B, T) bool (False: padding, zero weight). Returns
+    q, k, v: (B, S, H, D) fp16/bf16/fp32, any strides, S == mask.seq_len, D in `triton_backend.HEAD_DIMS`;
+    extra_k/extra_v (B, T, H, D), e.g. the joint text keys, extra_key_valid (B, T) bool (False: padding, zero weight). Returns
     out (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (-inf for rows with no kept key: their output is zero).
     `out`, when given, is written in place (any strides, e.g. a slice of the joint sequence's output).
     """

@@ -426,8 +426,8 @@ def test_masks_keep_what_backends_derive_in_their_one_cache(no_override):
 
     g = torch.Generator().manual_seed(4)
     q, k, v = _qkv(2, 64, 2, 16, g)
-    per_head = BlockMask.from_block_dense(torch.rand(1, 2, 4, 4, generator=g) < 0.6, 64, 16,
-                                          permutation=torch.stack([torch.randperm(64, generator=g) for _ in range(2)])[None])
+    orders = torch.stack([torch.randperm(64, generator=g) for _ in range(2)])[None]  # (1, H, S)
+    per_head = BlockMask.from_block_dense(torch.rand(1, 2, 4, 4, generator=g) < 0.6, 64, 16, permutation=orders)
     fields = {field.name for field in dataclasses.fields(BlockMask)}
     first = kernels.block_sparse_attention(q, k, v, per_head)
     kept = dict(per_head._cache)
@@ -459,5 +459,5 @@ def test_check_backend_names_the_backend_the_device_and_what_is_missing(no_overr
         kernels.check_backend("fa4", "cpu")
     with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cpu here: .*TRITON_INTERPRET=1"):
         kernels.check_backend("triton", torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'fa4', 'triton', 'reference'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"one of \('auto', 'fa4', 'triton', 'reference'\), got 'cuda'"):
         kernels.check_backend("cuda", "cpu")
