@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import unwrap_module
 
-from dit_sparse import hooks
+from dit_sparse import hooks, kernels
 from dit_sparse.config import MethodConfig, make_config
 from dit_sparse.patterns import is_static
 from dit_sparse.profile import Profile
@@ -58,6 +58,17 @@ def _check_attention_backend(transformer: torch.nn.Module, sites) -> None:
             )
 
 
+def _weights_device(transformer: torch.nn.Module) -> torch.device | None:
+    """Where `transformer` runs, when its weights say so: None under offloading (accelerate's hooks, as
+    `enable_model_cpu_offload` sets; diffusers' group offloading), which moves them per call, and on meta."""
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if hasattr(module, "_hf_hook") or (registry is not None and "group_offloading" in registry.hooks):
+            return None
+    weight = next(transformer.parameters(), None)
+    return None if weight is None or weight.device.type == "meta" else weight.device
+
+
 def _config_for(transformer: torch.nn.Module, adapter, method: str | MethodConfig, options: dict) -> MethodConfig:
     """The config `transformer` runs: a method name takes its family's defaults for the options the user left unset
     (radial's `hunyuan` variant on HunyuanVideo); a config object is taken as given."""
@@ -89,7 +100,9 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     and its per-layer, per-head settings (checked against each transformer: class, layers, heads); `options` then
     override the rest (e.g. `refresh=5`).
     Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
-    with `torch.compile`. Every check happens before anything is changed.
+    with `torch.compile`. Every check happens before anything is changed; a named `backend` (e.g. "fa4") is checked
+    against the device the transformer's weights are on (move the pipeline there first), except under model CPU
+    offload, where the weights do not say where it runs: the first attention call checks it then.
     """
     if profile is not None:
         profile, profile_config = _profile_config(profile, method, options)
@@ -107,6 +120,9 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
             plan.append((transformer, adapter, profile_config))
         else:
             plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
+        device = _weights_device(transformer)
+        if device is not None:
+            kernels.check_backend(plan[-1][2].backend, device)
     unsparsify(pipe)
     sessions: list[hooks.SparseSession] = []  # transformers with one config share steps, masks and statistics
     for transformer, adapter, config in plan:

@@ -7,31 +7,18 @@ import torch.nn.functional as F
 
 from dit_sparse import kernels
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import BACKENDS
 from dit_sparse.layout import VideoLayout
 
 
-def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend) -> VideoLayout | None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {getattr(x, 'shape', type(x).__name__)}")
-    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]):
-        raise ValueError(
-            f"q, k, v must agree on (B, S, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not isinstance(mask, BlockMask):
-        raise TypeError(f"mask must be a dit_sparse.BlockMask, got {type(mask).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale) -> float:
+    """The call's rules (the kernels' own, `kernels.check_*`, and the layout's), checked before anything runs;
+    returns the scale."""
+    kernels.check_qkv(q, k, v)
+    kernels.check_backend_name(backend)
     batch, seq_len, heads, _ = q.shape
     if layout is not None and layout.seq_len != seq_len:
         raise ValueError(f"layout {layout} covers {layout.seq_len} tokens, but q has S={seq_len}")
-    video_len = seq_len if layout is None else layout.video_len
-    mask.check_fits(batch, heads, video_len)
+    kernels.check_mask(mask, batch, heads, seq_len if layout is None else layout.video_len)
     if text_padding_mask is not None:
         text_len = 0 if layout is None else layout.text_len
         if text_padding_mask.dtype != torch.bool or tuple(text_padding_mask.shape) != (batch, text_len):
@@ -39,7 +26,7 @@ def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend) -> VideoLay
                 f"text_padding_mask must be bool ({batch}, {text_len}), got {text_padding_mask.dtype} "
                 f"{tuple(text_padding_mask.shape)}"
             )
-    return layout
+    return kernels.check_scale(scale, q.shape[-1])
 
 
 def _full_mask_on_cpu(q: torch.Tensor, mask: BlockMask, backend: str) -> bool:
@@ -73,8 +60,7 @@ def sparse_attention(
     (B, text_len) bool marks real text tokens (True) and padding (False, zero weight). `scale` defaults to
     1/sqrt(D). A query block with no kept key block and no text gets zeros. Output: (B, S, H, D), q's dtype.
     """
-    layout = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale)
     if layout is None or layout.text_len == 0:
         if _full_mask_on_cpu(q, mask, backend):
             # A full mask is dense attention: torch's fused SDPA computes it 2-3x faster than the reference kernel's

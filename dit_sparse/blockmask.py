@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -103,6 +106,9 @@ class BlockMask:
 
     Bm and Hm are 1 when the mask is shared over the batch or the heads. A query block with no kept key block gets a
     zero output, and so does a query row that no kept key allows.
+
+    What backends derive from a mask (its FA4 tensors, an int32 permutation, its copy on another device, ...) is kept
+    with it through `cached(key, build)`, one private dict dropped with the mask.
     """
 
     kv_block_indices: torch.Tensor
@@ -115,6 +121,7 @@ class BlockMask:
     token_boxes: TokenBoxes | None = None
     kv_permutation: torch.Tensor | None = None
     rows_all_kept: bool = False
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -192,15 +199,20 @@ class BlockMask:
         k_order = q_order if self.kv_permutation is None else self.kv_permutation.to(self.device).long()
         return tuple(x if x.dim() == 3 else x.view(1, 1, -1) for x in (q_order, k_order))
 
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """`build()`, computed once per `key` and kept with this mask (dropped with it): what a backend derives from
+        the mask and would otherwise recompute per call. Keys name what is kept, e.g. `("on_device", "cuda:0")`."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def in_blocked_order(self) -> "BlockMask":
         """The same kept blocks with no permutation: the mask a kernel runs on q, k, v already gathered into the
         blocked order (kept with this mask, built once)."""
-        cached = self.__dict__.get("_dit_sparse_blocked")
-        if cached is None:
-            cached = BlockMask(self.kv_block_indices, self.kv_block_counts, self.seq_len, self.q_block_size,
-                               self.kv_block_size, rows_all_kept=self.rows_all_kept)
-            object.__setattr__(self, "_dit_sparse_blocked", cached)
-        return cached
+        return self.cached("in_blocked_order", lambda: BlockMask(
+            self.kv_block_indices, self.kv_block_counts, self.seq_len, self.q_block_size, self.kv_block_size,
+            rows_all_kept=self.rows_all_kept,
+        ))
 
     @property
     def has_token_boxes(self) -> bool:

@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-BACKENDS = ("auto", "fa4", "triton", "reference")
+from dit_sparse import kernels
+
+#: Allowed values of every method's `backend`: "auto" plus the kernel registry's names.
+BACKENDS = ("auto",) + kernels.BACKENDS
 
 
 def _choice(default: str, choices: tuple[str, ...]):

@@ -98,21 +98,17 @@ def mask_for_heads(mask: BlockMask, offset: int, count: int, total: int) -> Bloc
         return mask
     if heads != total:
         raise ValueError(f"mask has {heads} heads; the module has {total} ({count} on this rank)")
-    cache = mask.__dict__.setdefault("_dit_sparse_head_slices", {})
-    key = (offset, count)
-    if key not in cache:
-        rows = slice(offset, offset + count)
+    rows = slice(offset, offset + count)
 
-        def per_head(x):
-            return x if x is None or x.dim() != 3 or x.shape[1] == 1 else x[:, rows].contiguous()
+    def per_head(x):
+        return x if x is None or x.dim() != 3 or x.shape[1] == 1 else x[:, rows].contiguous()
 
-        cache[key] = BlockMask(
-            mask.kv_block_indices[:, rows].contiguous(), mask.kv_block_counts[:, rows].contiguous(), mask.seq_len,
-            mask.q_block_size, mask.kv_block_size, per_head(mask.permutation),
-            None if mask.kv_block_partial is None else mask.kv_block_partial[:, rows].contiguous(), mask.token_boxes,
-            per_head(mask.kv_permutation), mask.rows_all_kept,
-        )
-    return cache[key]
+    return mask.cached(("heads", offset, count), lambda: BlockMask(
+        mask.kv_block_indices[:, rows].contiguous(), mask.kv_block_counts[:, rows].contiguous(), mask.seq_len,
+        mask.q_block_size, mask.kv_block_size, per_head(mask.permutation),
+        None if mask.kv_block_partial is None else mask.kv_block_partial[:, rows].contiguous(), mask.token_boxes,
+        per_head(mask.kv_permutation), mask.rows_all_kept,
+    ))
 
 
 def config_for_heads(config: MethodConfig, offset: int, count: int) -> MethodConfig:

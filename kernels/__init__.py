@@ -1,55 +1,54 @@
 """Block-sparse attention kernels behind one dispatch: `block_sparse_attention(q, k, v, mask, backend=...)`.
 
-Backends, fastest first (what `backend="auto"` tries):
-
-- `"fa4"`: FlashAttention-4 block-sparse (`flash-attn-4`, the `dit-sparse[fa4]` extra), CUDA capability 9.x/10.x,
-  fp16/bf16, head_dim 64/96/128, block sizes FA4's tiles accept (`fa4.block_constraints_error`), whole blocks only
-  (no `token_boxes` in-block masking).
-- `"triton"`: our Triton kernel (`triton_block_sparse.py`): any CUDA GPU Triton runs on, fp16/bf16/fp32, head_dim
-  16/32/64/128, in-block masking included; on CPU only under `TRITON_INTERPRET=1` (tests).
-- `"reference"`: plain PyTorch, any device, any head_dim: the oracle.
+The backends are the records of `REGISTRY` (`backend.Backend`: where each runs, the dtypes, head dims and masks it
+takes, its calls), fastest first: `fa4` (FlashAttention-4, `fa4.py`), `triton` (our kernel, `triton_block_sparse.py`,
+its record in `triton_backend.py`), `reference` (plain PyTorch, any device: the oracle, `reference.py`).
+`describe_backends()` gives the table for the docs.
 
 `auto` takes the first backend that can run the call (device, dtype, head_dim, block sizes); the environment variable
 `DIT_SPARSE_BACKEND` replaces `auto` with a named backend. Asking for a backend that cannot run raises a ValueError
 that says what is missing. The choice is logged once per (backend, device, reason) on the "dit_sparse" logger.
-flash_attn is imported only on a CUDA machine whose GPU FA4 supports.
+flash_attn is imported only on a CUDA machine whose GPU FA4 supports. The arguments are checked once, here (and in
+`dit_sparse.sparse_attention`); the backends' calls trust them.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
+import math
+import numbers
 import os
 
 import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
 
-from . import reference
+from . import fa4, reference, triton_backend
+from .backend import Backend, write_into
 
-#: Backends in order of preference for `backend="auto"`.
-BACKENDS = ("fa4", "triton", "reference")
+#: The backend records, fastest first: the order `backend="auto"` tries. A new backend is one module and one line.
+REGISTRY: dict[str, Backend] = {record.name: record for record in (fa4.BACKEND, triton_backend.BACKEND,
+                                                                    reference.BACKEND)}
+#: Backend names in order of preference for `backend="auto"`.
+BACKENDS = tuple(REGISTRY)
 ENV_VAR = "DIT_SPARSE_BACKEND"
 
 logger = logging.getLogger("dit_sparse")
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+def _record(backend: str) -> Backend:
+    """The record named `backend`; a ValueError naming the allowed names for anything else ("auto" included)."""
+    record = REGISTRY.get(backend) if isinstance(backend, str) else None
+    if record is None:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return record
 
 
-@functools.lru_cache(maxsize=None)
-def _import_error(module: str) -> str | None:
-    """None when `module` imports, else the error text (tried once per process)."""
-    try:
-        importlib.import_module(module)
-    except Exception as error:  # ImportError, or a broken install raising something else
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def check_backend_name(backend) -> None:
+    """Raise ValueError unless `backend` is "auto" or a registry name."""
+    if backend != "auto":
+        _record(backend)
 
 
 def unavailable_reason(
@@ -60,52 +59,37 @@ def unavailable_reason(
     mask: BlockMask | None = None,
 ) -> str | None:
     """Why `backend` cannot run a call on `device` with this dtype, head_dim and mask; None when it can."""
-    device = torch.device(device)
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                return "the triton backend needs CUDA, and torch.cuda.is_available() is False"
-        elif not (device.type == "cpu" and _interpreting()):
-            return f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}"
-        error = _import_error("triton")
-        if error:
-            return f"the triton backend needs the `triton` package: {error}"
-        if dtype is not None and dtype not in TRITON_DTYPES:
-            return f"the triton backend takes dtypes {TRITON_DTYPES}, got {dtype}"
-        if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
-            return f"the triton backend supports head_dim {TRITON_HEAD_DIMS}, got {head_dim}"
-        if mask is not None and min(mask.q_block_size, mask.kv_block_size) < 16:
-            return f"the triton backend needs block sizes >= 16, got {mask.block_size}"
-        return None
-    if backend == "fa4":
-        if mask is not None and mask.token_boxes is not None:
-            return ("the fa4 backend runs whole blocks only, and this mask masks tokens inside blocks (token_boxes, "
-                    "e.g. an exact neighborhood window): use triton or reference")
-        if device.type != "cuda" or not torch.cuda.is_available():
-            return f"the fa4 backend needs a CUDA GPU of capability 9.x or 10.x, got device {device}"
-        capability = torch.cuda.get_device_capability(device)
-        if capability[0] not in (9, 10):
-            return f"the fa4 backend needs CUDA capability 9.x or 10.x, this GPU is {capability[0]}.{capability[1]}"
-        error = _import_error("flash_attn.cute")
-        if error:
-            return f"the fa4 backend needs `flash_attn.cute` (pip install 'dit-sparse[fa4]'): {error}"
-        from . import fa4
-
-        if dtype is not None and dtype not in fa4.DTYPES:
-            return f"the fa4 backend takes dtypes {fa4.DTYPES}, got {dtype}"
-        if head_dim is not None and head_dim not in fa4.HEAD_DIMS:
-            return f"the fa4 backend supports head_dim {fa4.HEAD_DIMS}, got {head_dim}"
-        if mask is not None:
-            return fa4.block_constraints_error(mask, head_dim or 128, capability)
-        return None
-    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return _record(backend).unavailable_reason(torch.device(device), dtype, head_dim, mask)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` here (for some dtype and head_dim), in order of preference."""
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Raise ValueError unless `backend` ("auto" or a registry name) can run on `device` here (its hardware and
+    package; dtype, head_dim and block sizes are the call's, checked then). "auto" always can (reference)."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return
+    device = torch.device(device)
+    reason = REGISTRY[backend].device_reason(device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} cannot run on {device} here: {reason}")
+
+
+def describe_backends() -> str:
+    """The registry as a Markdown table (backend, where, dtypes, head dims, in-block masking, what), `auto`'s order."""
+    def names(values):
+        return "any" if values is None else "/".join(str(v).replace("torch.", "") for v in values)
+
+    rows = ["| backend | where | dtypes | head_dim | tokens masked inside blocks | what |", "|---|---|---|---|---|---|"]
+    for record in REGISTRY.values():
+        dtypes = "any floating" if record.dtypes is None else names(record.dtypes)
+        rows.append(f"| `{record.name}` | {record.where} | {dtypes} | {names(record.head_dims)} | "
+                    f"{'yes' if record.token_boxes else 'no'} | {record.summary} |")
+    return "\n".join(rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,8 +100,7 @@ def _log_choice(backend: str, device: str, detail: str) -> None:
 def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None) -> str:
     """The backend that will run this call: `backend` itself (checked), or for "auto" the env override or the
     fastest available one. Raises ValueError naming what is missing."""
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     requested = backend
     if backend == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
@@ -132,56 +115,91 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None
         _log_choice(backend, str(q.device), f" (requested {requested})")
         return backend
     skipped = []
-    for name in BACKENDS:
-        if name == "triton" and q.device.type == "cpu":
-            skipped.append("triton: the CPU interpreter is for tests only")
+    for record in REGISTRY.values():
+        if record.auto_skips_cpu is not None and q.device.type == "cpu":
+            skipped.append(f"{record.name}: {record.auto_skips_cpu}")
             continue
-        reason = unavailable_reason(name, q.device, q.dtype, q.shape[-1], mask)
+        reason = record.unavailable_reason(q.device, q.dtype, q.shape[-1], mask)
         if reason is None:
-            _log_choice(name, str(q.device), f" (auto; skipped: {'; '.join(skipped)})" if skipped else " (auto)")
-            return name
+            _log_choice(record.name, str(q.device), f" (auto; skipped: {'; '.join(skipped)})" if skipped else " (auto)")
+            return record.name
         skipped.append(reason)
     raise AssertionError("the reference backend is always available")  # pragma: no cover
 
 
-def _on_device(mask: BlockMask, device: torch.device) -> BlockMask:
-    """`mask` on `device`, moved once and kept with the mask."""
-    if mask.device == device:
-        return mask
-    moved = mask.__dict__.setdefault("_dit_sparse_on_device", {})
-    key = str(device)
-    if key not in moved:
-        moved[key] = mask.to(device)
-    return moved[key]
+# ---- the argument rules, checked once at the public edge ------------------------------------------------------
 
 
-def _check_call(q, k, v, mask, extra_k, extra_v, extra_key_valid) -> None:
+def _check_4d(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {getattr(x, 'shape', type(x).__name__)}")
+
+
+def check_qkv(q, k, v) -> None:
+    """Raise ValueError unless q, k, v are 4-D tensors (B, S, H, D) of one shape, every size >= 1, one floating
+    dtype and one device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {getattr(x, 'shape', type(x).__name__)}")
+        _check_4d(name, x)
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape (B, S, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        differ = "(B, S, H)" if not (q.shape[:3] == k.shape[:3] == v.shape[:3]) else "the head_dim D"
+        raise ValueError(f"q, k, v must have one shape (B, S, H, D); they differ on {differ}: {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must have a floating dtype (float16, bfloat16, float32, ...), got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if 0 in q.shape:
+        raise ValueError(f"q, k, v must have every size >= 1 (B, S, H, D), got {tuple(q.shape)}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: `scale` (a finite real number) as a float, or 1/sqrt(head_dim) for None."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None (1/sqrt(D)), got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+def check_mask(mask, batch: int, heads: int, seq_len: int) -> None:
+    """Raise unless `mask` is a BlockMask serving a call of `batch` x `heads` over `seq_len` tokens."""
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask must be a dit_sparse.BlockMask, got {type(mask).__name__}")
-    batch, seq_len, heads, _ = q.shape
     mask.check_fits(batch, heads, seq_len)
-    if (extra_k is None) != (extra_v is None) or (extra_key_valid is not None and extra_k is None):
-        raise ValueError("extra_k and extra_v go together, and extra_key_valid needs them")
-    if extra_k is not None:
-        if extra_k.shape != extra_v.shape or extra_k.dim() != 4 or extra_k.shape[0] != batch or \
-                extra_k.shape[2:] != q.shape[2:]:
-            raise ValueError(f"extra_k/extra_v must be (B={batch}, T, H={heads}, D={q.shape[-1]}), got "
-                             f"{tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
-        if extra_k.dtype != q.dtype or extra_v.dtype != q.dtype:
-            raise ValueError(f"extra_k/extra_v must have q's dtype {q.dtype}, got {extra_k.dtype}, {extra_v.dtype}")
-        if extra_key_valid is not None and (
-            extra_key_valid.dtype != torch.bool or tuple(extra_key_valid.shape) != tuple(extra_k.shape[:2])
-        ):
-            raise ValueError(f"extra_key_valid must be bool {tuple(extra_k.shape[:2])}, got "
-                             f"{extra_key_valid.dtype} {tuple(extra_key_valid.shape)}")
+
+
+def _check_keys_for(q: torch.Tensor, k, v, key_valid, names: tuple[str, str, str]) -> None:
+    """k, v (B, T, H, D) keys for q (B, S, H, D) in q's dtype and device; `key_valid` (B, T) bool or None."""
+    keys = f"{names[0]}/{names[1]}"
+    _check_4d(names[0], k)
+    _check_4d(names[1], v)
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"{keys} must be (B={q.shape[0]}, T, H={q.shape[2]}, D={q.shape[-1]}), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{keys} must have q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{keys} must be on q's device {q.device}, got {k.device}, {v.device}")
+    if key_valid is not None and (not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool
+                                  or tuple(key_valid.shape) != tuple(k.shape[:2])):
+        raise ValueError(f"{names[2]} must be bool {tuple(k.shape[:2])}, got "
+                         f"{getattr(key_valid, 'dtype', type(key_valid).__name__)} "
+                         f"{tuple(getattr(key_valid, 'shape', ()))}")
+
+
+def _check_out(out, q: torch.Tensor) -> None:
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', type(out).__name__)} on "
+                         f"{getattr(out, 'device', None)}")
+
+
+# ---- the public calls -------------------------------------------------------------------------------------------
 
 
 def block_sparse_attention(
@@ -203,28 +221,36 @@ def block_sparse_attention(
     (B, T) bool marks the real ones (False: padding, exactly zero weight). Returns (out (B, S, H, D) in q's dtype,
     lse (B, H, S) fp32). A query with no kept key and no valid extra key gets zeros and lse -inf. `out`, when given
     ((B, S, H, D), q's dtype, any strides, e.g. a slice of the joint sequence's output), receives the result.
+    Every argument is checked here, before anything runs; the backends trust it.
     """
-    _check_call(q, k, v, mask, extra_k, extra_v, extra_key_valid)
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
-                         f"{out.dtype} on {out.device}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    check_qkv(q, k, v)
+    batch, seq_len, heads, head_dim = q.shape
+    check_mask(mask, batch, heads, seq_len)
+    if (extra_k is None) != (extra_v is None) or (extra_key_valid is not None and extra_k is None):
+        raise ValueError("extra_k and extra_v go together, and extra_key_valid needs them")
+    if extra_k is not None:
+        _check_keys_for(q, extra_k, extra_v, extra_key_valid, ("extra_k", "extra_v", "extra_key_valid"))
+    _check_out(out, q)
+    scale = check_scale(scale, head_dim)
+    check_backend_name(backend)
+    return _dispatch(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out)
+
+
+def _dispatch(q, k, v, mask: BlockMask, scale: float, backend: str, extra_k=None, extra_v=None,
+                     extra_key_valid=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_sparse_attention` of arguments it has checked: the dispatch."""
     mask = _on_device(mask, q.device)
     if mask.per_head_order:
         return _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out)
     name = resolve_backend(backend, q, mask)
-    if name == "triton":
-        from . import triton_block_sparse
+    return REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
 
-        return triton_block_sparse.block_sparse_attention(
-            q, k, v, mask, scale, extra_k=extra_k, extra_v=extra_v, extra_key_valid=extra_key_valid, out=out
-        )
-    if name == "fa4":
-        return _fa4_attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
-    result, lse = reference.block_sparse_attention(q, k, v, mask, scale)
-    if extra_k is not None:
-        result, lse = reference.extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
-    return _into(out, result), lse
+
+def _on_device(mask: BlockMask, device: torch.device) -> BlockMask:
+    """`mask` on `device`, moved once and kept with the mask."""
+    if mask.device == device:
+        return mask
+    return mask.cached(("on_device", str(device)), lambda: mask.to(device))
 
 
 def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out):
@@ -240,55 +266,11 @@ def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, e
 
     q_in = gather(q, q_order)
     k_in, v_in = gather(k, k_order), gather(v, k_order)
-    result, lse = block_sparse_attention(
-        q_in, k_in, v_in, mask.in_blocked_order(), scale=scale, backend=backend, extra_k=extra_k, extra_v=extra_v,
-        extra_key_valid=extra_key_valid,
-    )
+    result, lse = _dispatch(q_in, k_in, v_in, mask.in_blocked_order(), scale, backend, extra_k, extra_v,
+                                   extra_key_valid)
     inverse = inverse_order(q_order).expand(batch, heads, -1)  # (B, H, S)
     lse = lse.gather(2, inverse)
-    return _into(out, gather(result, inverse)), lse
-
-
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
-
-
-def _fa4_attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
-    """FA4 over the kept blocks; extra keys and the inverse permutation in one Triton pass that continues FA4's
-    (out, lse) exactly (no merge pass)."""
-    from . import fa4
-
-    permuted = mask.permutation is not None
-    if permuted:
-        perm = mask.permutation
-        q_in, k_in, v_in = (x.index_select(1, perm) for x in (q, k, v))
-    else:
-        q_in, k_in, v_in = q, k, v
-    result, lse = fa4.block_sparse_attention(q_in, k_in, v_in, mask, scale)
-    if extra_k is not None and unavailable_reason("triton", q.device, q.dtype, q.shape[-1]) is None:
-        from . import triton_block_sparse
-
-        perm32 = triton_block_sparse._permutation_int32(mask) if permuted else None
-        return triton_block_sparse.extend_attention(
-            result, lse, q, extra_k, extra_v, extra_key_valid, scale, permutation=perm32, out=out
-        )
-    if permuted:
-        inverse = _inverse_permutation(mask)
-        result, lse = result.index_select(1, inverse), lse.index_select(2, inverse)
-    if extra_k is not None:
-        result, lse = reference.extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
-    return _into(out, result), lse
-
-
-def _inverse_permutation(mask: BlockMask) -> torch.Tensor:
-    cached = mask.__dict__.get("_dit_sparse_inverse_perm")
-    if cached is None:
-        cached = inverse_order(mask.permutation)
-        object.__setattr__(mask, "_dit_sparse_inverse_perm", cached)
-    return cached
+    return write_into(out, gather(result, inverse)), lse
 
 
 def dense_attention(
@@ -304,23 +286,34 @@ def dense_attention(
     """Dense attention of q (B, Sq, H, D) over k/v (B, Sk, H, D) with optional key padding `key_valid` (B, Sk) bool,
     memory-bounded on every backend (no Sq x Sk tensor). Used for the joint text queries. Returns (out, lse).
 
-    The fa4 backend runs this through our Triton kernel (FA4 has no key-padding mask without a mask_mod).
+    A backend with no dense pass of its own (fa4: no key-padding mask without a mask_mod) runs this on the first
+    backend `auto` takes that has one (on a GPU, our Triton kernel). Every argument is checked here.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = backend
-    if backend in ("auto", "fa4"):
-        name = "triton" if q.device.type == "cuda" else "reference"
-    if name == "triton" and unavailable_reason("triton", q.device, q.dtype, q.shape[-1]) is None:
-        from . import triton_block_sparse
+    check_qkv(q, q, q)  # q's own rules; k and v follow q's
+    _check_keys_for(q, k, v, key_valid, ("k", "v", "key_valid"))
+    _check_out(out, q)
+    scale = check_scale(scale, q.shape[-1])
+    check_backend_name(backend)
+    return _dispatch_dense(q, k, v, key_valid, scale, backend, out)
 
-        return triton_block_sparse.dense_attention(q, k, v, key_valid, scale, out=out)
-    if name == "triton" and backend == "triton":
-        raise ValueError(
-            f"backend 'triton' cannot run here: {unavailable_reason('triton', q.device, q.dtype, q.shape[-1])}"
+
+def _dispatch_dense(q, k, v, key_valid, scale: float, backend: str, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dense_attention` of arguments it has checked: the dispatch."""
+    record = None if backend == "auto" else REGISTRY[backend]
+    if record is None or record.dense_attention is None:
+        record = next(
+            candidate for candidate in REGISTRY.values()
+            if candidate.dense_attention is not None
+            and not (candidate.auto_skips_cpu is not None and q.device.type == "cpu")
+            and candidate.unavailable_reason(q.device, q.dtype, q.shape[-1]) is None
         )
-    result, lse = reference.dense_attention(q, k, v, key_valid, scale)
-    return _into(out, result), lse
+    else:
+        reason = record.unavailable_reason(q.device, q.dtype, q.shape[-1])
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run here: {reason}")
+    return record.dense_attention(q, k, v, key_valid, scale, out)
 
 
-__all__ = ["BACKENDS", "available_backends", "block_sparse_attention", "dense_attention", "resolve_backend",
-           "unavailable_reason"]
+__all__ = ["BACKENDS", "REGISTRY", "Backend", "available_backends", "block_sparse_attention", "check_backend",
+           "check_backend_name", "check_mask", "check_qkv", "check_scale", "dense_attention", "describe_backends",
+           "resolve_backend", "unavailable_reason"]

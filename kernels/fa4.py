@@ -14,12 +14,14 @@ is the tail block whenever it is kept, because `kv_block_indices` ascend.
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
 
-from dit_sparse.blockmask import BlockMask
+from dit_sparse.blockmask import BlockMask, inverse_order
+
+from . import reference, triton_backend
+from .backend import Backend, import_error, write_into
 
 #: head dims FA4's forward is built for on SM90/SM100 (the ones we test).
 HEAD_DIMS = (64, 96, 128)
@@ -66,16 +68,9 @@ def fa4_block_dense(tensors: FA4BlockSparse, n_kv_blocks: int) -> torch.Tensor:
     return dense[..., :n_kv_blocks]
 
 
-_converted: "weakref.WeakKeyDictionary[BlockMask, FA4BlockSparse]" = weakref.WeakKeyDictionary()
-
-
 def cached_fa4_block_sparse(mask: BlockMask) -> FA4BlockSparse:
     """`to_fa4_block_sparse(mask)`, computed once per mask and dropped with it."""
-    tensors = _converted.get(mask)
-    if tensors is None:
-        tensors = to_fa4_block_sparse(mask)
-        _converted[mask] = tensors
-    return tensors
+    return mask.cached("fa4_block_sparse", lambda: to_fa4_block_sparse(mask))
 
 
 def block_constraints_error(mask: BlockMask, head_dim: int, capability: tuple[int, int]) -> str | None:
@@ -101,7 +96,7 @@ def block_constraints_error(mask: BlockMask, head_dim: int, capability: tuple[in
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4 block-sparse forward; q, k, v (B, S, H, D) bf16/fp16 on CUDA, checked by the dispatch.
+    """FA4 block-sparse forward; q, k, v (B, S, H, D) bf16/fp16 on CUDA, checked at the public edge.
 
     Returns (out (B, S, H, D), lse (B, H, S) fp32) in the mask's blocked token order when the mask has a
     permutation (the caller un-permutes, fused with the text pass when there is one).
@@ -124,19 +119,70 @@ def block_sparse_attention(
 def _per_batch_and_head(mask: BlockMask, tensors: FA4BlockSparse, batch: int, heads: int) -> tuple:
     """The four tensors materialised at (B, H, ...), kept with the mask: FA4 compiles one kernel per broadcast
     pattern of these tensors, so shared and per-head masks then share one compiled kernel."""
-    cache = mask.__dict__.setdefault("_dit_sparse_fa4_expanded", {})
-    if (batch, heads) not in cache:
-        cache[(batch, heads)] = tuple(
-            t.expand(batch, heads, *t.shape[2:]).contiguous()
-            for t in (tensors.mask_block_cnt, tensors.mask_block_idx, tensors.full_block_cnt, tensors.full_block_idx)
-        )
-    return cache[(batch, heads)]
+    return mask.cached(("fa4_per_batch_and_head", batch, heads), lambda: tuple(
+        t.expand(batch, heads, *t.shape[2:]).contiguous()
+        for t in (tensors.mask_block_cnt, tensors.mask_block_idx, tensors.full_block_cnt, tensors.full_block_idx)
+    ))
 
 
 def _empty_rows(mask: BlockMask, tensors: FA4BlockSparse) -> torch.Tensor:
-    cached = mask.__dict__.get("_dit_sparse_empty_rows")
-    if cached is None:
+    def build():
         rows = torch.arange(mask.seq_len, device=mask.device) // mask.q_block_size
-        cached = tensors.full_block_cnt[..., rows] == 0  # (Bm, Hm, S) in blocked order
-        object.__setattr__(mask, "_dit_sparse_empty_rows", cached)
-    return cached
+        return tensors.full_block_cnt[..., rows] == 0  # (Bm, Hm, S) in blocked order
+
+    return mask.cached("fa4_empty_rows", build)
+
+
+def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
+    """FA4 over the kept blocks; extra keys and the inverse permutation in one Triton pass that continues FA4's
+    (out, lse) exactly (no merge pass)."""
+    permuted = mask.permutation is not None
+    if permuted:
+        perm = mask.permutation
+        q_in, k_in, v_in = (x.index_select(1, perm) for x in (q, k, v))
+    else:
+        q_in, k_in, v_in = q, k, v
+    result, lse = block_sparse_attention(q_in, k_in, v_in, mask, scale)
+    if extra_k is not None and triton_backend.BACKEND.unavailable_reason(q.device, q.dtype, q.shape[-1]) is None:
+        from . import triton_block_sparse
+
+        perm32 = triton_block_sparse._permutation_int32(mask) if permuted else None
+        return triton_block_sparse.extend_attention(
+            result, lse, q, extra_k, extra_v, extra_key_valid, scale, permutation=perm32, out=out
+        )
+    if permuted:
+        inverse = mask.cached("inverse_permutation", lambda: inverse_order(mask.permutation))
+        result, lse = result.index_select(1, inverse), lse.index_select(2, inverse)
+    if extra_k is not None:
+        result, lse = reference.extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
+    return write_into(out, result), lse
+
+
+def _device_reason(device: torch.device) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the fa4 backend needs a CUDA GPU of capability 9.x or 10.x, got device {device}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] not in (9, 10):
+        return f"the fa4 backend needs CUDA capability 9.x or 10.x, this GPU is {capability[0]}.{capability[1]}"
+    error = import_error("flash_attn.cute")
+    if error:
+        return f"the fa4 backend needs `flash_attn.cute` (pip install 'dit-sparse[fa4]'): {error}"
+    return None
+
+
+def _mask_reason(mask: BlockMask, head_dim: int | None, device: torch.device) -> str | None:
+    return block_constraints_error(mask, head_dim or 128, torch.cuda.get_device_capability(device))
+
+
+BACKEND = Backend(
+    name="fa4",
+    where="CUDA capability 9.x / 10.x (Hopper, Blackwell), with `pip install 'dit-sparse[fa4]'`",
+    summary="FlashAttention-4's block-sparse kernel (`flash-attn-4`, CuTe DSL); whole blocks only; the mask is "
+            "converted to its block tensors once and kept with the mask; the joint text in one Triton pass after it",
+    device_reason=_device_reason,
+    dtypes=DTYPES,
+    head_dims=HEAD_DIMS,
+    token_boxes=False,
+    attention=_attention,
+    mask_reason=_mask_reason,
+)

@@ -33,23 +33,16 @@ tensors under TRITON_INTERPRET=1 (tests). No host syncs: every size comes from t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-#: head dims the kernels are built for (tl.arange needs a power of two; the MMA wants >= 16).
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .backend import interpreting
+from .triton_backend import DTYPES, HEAD_DIMS  # the same tiles as the attention kernel's
 #: tokens a chunk of the counting sort ranks among themselves: per token SORT_CHUNK label compares, per problem
 #: K x S / SORT_CHUNK counts (at Hunyuan: 512 compares a token, 0.9 MB of counts a problem)
 SORT_CHUNK = 512
 SORT_TILE = 128  # tokens compared at once in a chunk: SORT_TILE x SORT_TILE labels
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---- assignment ------------------------------------------------------------------------------------------------
@@ -139,8 +132,8 @@ def assign(x_low: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, 
     best = torch.empty(problems, seq_len, dtype=torch.float32, device=x.device)
     args = (x, c_low, half_norms, labels, best, *x.stride(), *c_low.stride(), seq_len, clusters)
     options = dict(HEAD_DIM=dim, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                   UPCAST=_interpreting() and x.dtype == torch.bfloat16)
-    if _interpreting():  # one big tile: few programs for the interpreter
+                   UPCAST=interpreting() and x.dtype == torch.bfloat16)
+    if interpreting():  # one big tile: few programs for the interpreter
         block_n = 64
         _assign_kernel[(triton.cdiv(seq_len, block_n), problems)](*args, BLOCK_N=block_n, BLOCK_K=32, **options)
     else:
@@ -281,7 +274,7 @@ def cluster_means(x: torch.Tensor, order: torch.Tensor, ends: torch.Tensor,
     _cluster_means_kernel[(clusters, problems)](
         flat, order.reshape(problems, seq_len).contiguous(), ends.reshape(problems, clusters).contiguous(), old, new,
         sizes, *flat.stride(), *old.stride(), seq_len, clusters, HEAD_DIM=dim,
-        BLOCK=64, **({} if _interpreting() else dict(num_warps=4)),
+        BLOCK=64, **({} if interpreting() else dict(num_warps=4)),
     )
     return new.view(*lead, clusters, dim), sizes.view(*lead, clusters)
 
@@ -302,7 +295,7 @@ def update(x: torch.Tensor, labels: torch.Tensor,
 
 
 def _check_device(x: torch.Tensor, name: str) -> None:
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"the k-means kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), {name} is on "
                          f"{x.device}")
 

@@ -13,6 +13,8 @@ import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
 
+from .backend import Backend, write_into
+
 
 def _cpu_flash_op():
     """torch's fused CPU attention returning the log-sum-exp, `aten::_scaled_dot_product_flash_attention_for_cpu`,
@@ -173,3 +175,28 @@ def extend_attention(
         out[:, rows] = (out0[:, rows].float() * weight_first + extra_out * weight_extra).to(q.dtype)
         lse[:, :, rows] = total
     return out, lse
+
+
+def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
+    result, lse = block_sparse_attention(q, k, v, mask, scale)
+    if extra_k is not None:
+        result, lse = extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
+    return write_into(out, result), lse
+
+
+def _dense_attention(q, k, v, key_valid, scale, out):
+    result, lse = dense_attention(q, k, v, key_valid, scale)
+    return write_into(out, result), lse
+
+
+BACKEND = Backend(
+    name="reference",
+    where="anywhere, CPU included",
+    summary="plain PyTorch, chunked over query blocks (memory O(S x block)), fp32 accumulation; the oracle",
+    device_reason=lambda device: None,
+    dtypes=None,
+    head_dims=None,
+    token_boxes=True,
+    attention=_attention,
+    dense_attention=_dense_attention,
+)

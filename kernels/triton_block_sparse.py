@@ -31,9 +31,7 @@ from triton.runtime.errors import OutOfResources
 
 from dit_sparse.blockmask import BlockMask
 
-#: head dims the kernel is built for (tl.arange needs a power of two; the MMA wants >= 16).
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .backend import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -269,12 +267,8 @@ GPU_CONFIGS_EXTRA = (
 _chosen_configs: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _autotune_enabled() -> bool:
-    return os.environ.get("DIT_SPARSE_TRITON_AUTOTUNE", "1") != "0" and not _interpreting()
+    return os.environ.get("DIT_SPARSE_TRITON_AUTOTUNE", "1") != "0" and not interpreting()
 
 
 def _candidate_configs(q_block: int | None, kv_block: int | None, head_dim: int, device: torch.device):
@@ -305,7 +299,7 @@ def _launch(config, args: dict, grid_rows: int, grid_bh: int, splits: int):
     bm, bn, warps, stages = config
     grid = (triton.cdiv(grid_rows, bm), grid_bh, splits)
     kwargs = dict(BLOCK_M=bm, BLOCK_N=bn)
-    if not _interpreting():
+    if not interpreting():
         kwargs.update(num_warps=warps, num_stages=stages)
     _block_sparse_fwd[grid](**args, **kwargs)
 
@@ -340,54 +334,16 @@ def _run(key: tuple, configs, args: dict, grid_rows: int, grid_bh: int, splits: 
     _launch(config, args, grid_rows, grid_bh, splits)
 
 
-# ---- argument checks ---------------------------------------------------------------------------------------------
+# ---- the launcher's own limit ----------------------------------------------------------------------------------
+# Every other argument rule is checked once at the public edge (`kernels.block_sparse_attention`,
+# `sparse_attention`) and by the backend record (`triton_backend.py`); the kernel indexes within a batch entry in int32.
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str = "q, k, v") -> None:
-    for name, x in zip(("q", "k", "v"), (q, k, v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"{name} has dtype {x.dtype}; the Triton backend takes {DTYPES}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device}, q on {q.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{what} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"{what}: shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported by the Triton backend; supported: {HEAD_DIMS}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {q.device}")
-    for name, x in zip(("q", "k", "v"), (q, k, v)):
+def _check_int32_span(*tensors: torch.Tensor) -> None:
+    for name, x in zip(("q", "k", "v"), tensors):
         span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
         if span >= 2**31:
             raise ValueError(f"{name} spans {span} elements within one batch entry; the kernel indexes in int32")
-
-
-def _check_mask(q: torch.Tensor, mask: BlockMask) -> None:
-    batch, seq_len, heads, _ = q.shape
-    if mask.seq_len != seq_len:
-        raise ValueError(f"mask was built for seq_len {mask.seq_len}, but q has S={seq_len}")
-    mask_batch, mask_heads = mask.kv_block_counts.shape[:2]
-    if mask_batch not in (1, batch) or mask_heads not in (1, heads):
-        raise ValueError(f"mask has (batch, heads) ({mask_batch}, {mask_heads}); q has ({batch}, {heads})")
-    for name in ("q_block_size", "kv_block_size"):
-        if getattr(mask, name) < 16:
-            raise ValueError(f"mask.{name} is {getattr(mask, name)}; the Triton backend needs >= 16")
-    if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device}, q on {q.device}")
-
-
-def _check_extra(q, extra_k, extra_v, extra_key_valid) -> None:
-    _check_qkv(q, extra_k, extra_v, "q, extra_k, extra_v")
-    if extra_key_valid is not None:
-        if extra_key_valid.dtype != torch.bool or tuple(extra_key_valid.shape) != tuple(extra_k.shape[:2]):
-            raise ValueError(
-                f"extra_key_valid must be bool {tuple(extra_k.shape[:2])}, got {extra_key_valid.dtype} "
-                f"{tuple(extra_key_valid.shape)}"
-            )
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
@@ -403,12 +359,7 @@ def _broadcast_strides(x: torch.Tensor) -> tuple:
 
 
 def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} "
-                         f"on {out.device}")
-    return out
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -417,11 +368,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _permutation_int32(mask: BlockMask) -> torch.Tensor:
     """The mask's permutation as int32 on its device, converted once and kept with the mask."""
-    cached = mask.__dict__.get("_dit_sparse_perm_int32")
-    if cached is None:
-        cached = mask.permutation.to(device=mask.device, dtype=torch.int32).contiguous()
-        object.__setattr__(mask, "_dit_sparse_perm_int32", cached)
-    return cached
+    return mask.cached("int32_permutation",
+                       lambda: mask.permutation.to(device=mask.device, dtype=torch.int32).contiguous())
 
 
 def _base_args(q, k, v, out, lse, scale):
@@ -463,8 +411,7 @@ def _box_lists(mask: BlockMask) -> tuple:
     """For a mask with in-block masking: each row's kept blocks reordered into whole blocks then masked ones (partial
     blocks and the short tail block), the count of whole ones, the partial flags in the new order (int8), and the
     boxes as contiguous int32. Computed once per mask and kept with it."""
-    cached = mask.__dict__.get("_dit_sparse_box_lists")
-    if cached is None:
+    def build():
         idx, cnt = mask.kv_block_indices, mask.kv_block_counts
         slots = torch.arange(idx.shape[-1], device=idx.device)
         valid = slots < cnt[..., None]
@@ -474,14 +421,14 @@ def _box_lists(mask: BlockMask) -> tuple:
         # A stable sort on (invalid, masked) keeps each run ascending.
         order = torch.sort((~valid).to(torch.int8) * 2 + masked.to(torch.int8), dim=-1, stable=True).indices
         boxes = mask.token_boxes
-        cached = (
+        return (
             idx.gather(-1, order).contiguous(),
             (valid & ~masked).sum(-1, dtype=torch.int32).contiguous(),
             mask.kv_block_partial.gather(-1, order).to(torch.int8).contiguous(),
             boxes.query_lo.contiguous(), boxes.query_hi.contiguous(), boxes.key_coords.contiguous(),
         )
-        object.__setattr__(mask, "_dit_sparse_box_lists", cached)
-    return cached
+
+    return mask.cached("triton_box_lists", build)
 
 
 def _sparse_args(mask: BlockMask, seq_len: int) -> dict:
@@ -547,17 +494,12 @@ def block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the kept key blocks of `mask` (plus, optionally, every valid extra key) in one launch.
 
-    q, k, v: (B, S, H, D) fp16/bf16/fp32, any strides, S == mask.seq_len, D in `HEAD_DIMS`. extra_k/extra_v
-    (B, T, H, D), e.g. the joint text keys, extra_key_valid (B, T) bool (False: padding, zero weight). Returns
+    q, k, v: (B, S, H, D) fp16/bf16/fp32, any strides, S == mask.seq_len, D in `triton_backend.HEAD_DIMS`;
+    extra_k/extra_v (B, T, H, D), e.g. the joint text keys, extra_key_valid (B, T) bool (False: padding, zero weight). Returns
     out (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (-inf for rows with no kept key: their output is zero).
     `out`, when given, is written in place (any strides, e.g. a slice of the joint sequence's output).
     """
-    _check_qkv(q, k, v)
-    if k.shape != q.shape:
-        raise ValueError(f"q and k must have the same shape for self-attention, got {tuple(q.shape)}, {tuple(k.shape)}")
-    _check_mask(q, mask)
-    if extra_k is not None:
-        _check_extra(q, extra_k, extra_v, extra_key_valid)
+    _check_int32_span(q, k, v)
     batch, seq_len, heads, head_dim = q.shape
     out = _output(out, q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
@@ -598,7 +540,7 @@ def extend_attention(
     pass. With `permutation` (S,) int32, row r of out0/lse0 belongs to original query perm[r]; q and the result are in
     the original order (the inverse permutation is fused into the store).
     """
-    _check_extra(q, extra_k, extra_v, extra_key_valid)
+    _check_int32_span(q, extra_k, extra_v)
     batch, seq_len, heads, head_dim = q.shape
     out = _output(out, q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
@@ -633,7 +575,7 @@ def dense_attention(
     lse (B, H, Sq) fp32). The keys are split over enough programs to fill the GPU (or into `splits` parts);
     partial results are merged by their log-sum-exps.
     """
-    _check_extra(q, k, v, key_valid)
+    _check_int32_span(q, k, v)
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     configs = _candidate_configs(None, None, head_dim, q.device)

@@ -232,3 +232,26 @@ def test_non_native_attention_backend_is_rejected(pipe):
     finally:
         processor._attention_backend = None
     assert hooked_modules(pipe.transformer) == []
+
+
+def test_a_backend_that_cannot_run_on_the_pipelines_device_is_refused_by_sparsify(pipe, monkeypatch):
+    """fa4 (or triton without TRITON_INTERPRET) on a CPU pipeline: refused by sparsify, nothing changed; under model
+    CPU offload the device is not known from the weights, so the first attention call refuses it instead."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dit_sparse.sparsify(pipe, "random", density=0.5, block_size=16)
+    try:
+        with pytest.raises(ValueError, match="backend 'fa4' cannot run on cpu here: .*CUDA GPU"):
+            dit_sparse.sparsify(pipe, "radial", backend="fa4")
+        with pytest.raises(ValueError, match="backend 'triton' cannot run on cpu here: .*TRITON_INTERPRET=1"):
+            dit_sparse.sparsify(pipe, "dense", block_size=16, backend="triton")
+        assert dit_sparse.sparsity_stats(pipe)["method"] == "random"  # the earlier setting is still in place
+    finally:
+        dit_sparse.unsparsify(pipe)
+    offloaded = build_tiny_wan_pipeline(seed=0)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    dit_sparse.sparsify(offloaded, "dense", block_size=16, backend="fa4")
+    try:
+        with pytest.raises(ValueError, match="backend 'fa4' cannot run here: .*CUDA GPU"):
+            _render(offloaded, num_inference_steps=1)
+    finally:
+        dit_sparse.unsparsify(offloaded)

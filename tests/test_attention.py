@@ -151,3 +151,31 @@ def test_bad_inputs_raise_with_the_values():
         sparse_attention(q, q, q, mask, backend="cuda-magic")
     with pytest.raises(ValueError, match="covers 70 tokens"):
         sparse_attention(q, q, q, mask, VideoLayout(2, 5, 7))
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["sparse mask", "full mask"])
+def test_integer_tensors_an_empty_batch_and_a_bad_scale_are_refused_by_name(full):
+    """Refused at the edge with the argument and what is allowed, on every path (a sparse mask used to return a
+    truncated int64 result, batch 0 a torch max() error, scale="abc" a float() error)."""
+    from dit_sparse import kernels
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 64, 2, 16, generator=g)
+    mask = BlockMask.full(64, 16) if full else _random_block_mask(64, 16, 2, g, density=0.5)
+    ints = torch.randint(-3, 3, (1, 64, 2, 16), generator=g)
+    calls = [lambda *t, **kw: sparse_attention(*t, mask, **kw),
+             lambda *t, **kw: kernels.block_sparse_attention(*t, mask, **kw),
+             lambda *t, **kw: kernels.dense_attention(*t, **kw)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"q, k, v must have a floating dtype .*got torch.int64"):
+            call(ints, ints, ints)
+        with pytest.raises(ValueError, match=r"q, k, v must have every size >= 1 \(B, S, H, D\), got \(0, 64, 2, 16\)"):
+            call(q[:0], q[:0], q[:0])
+        with pytest.raises(TypeError, match=r"scale must be a real number or None \(1/sqrt\(D\)\), got 'abc'"):
+            call(q, q, q, scale="abc")
+        with pytest.raises(ValueError, match="scale must be finite, got nan"):
+            call(q, q, q, scale=float("nan"))
+    import numpy as np
+
+    torch.testing.assert_close(sparse_attention(q, q, q, mask, scale=np.float32(0.25)),
+                               sparse_attention(q, q, q, mask, scale=0.25))

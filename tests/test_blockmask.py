@@ -58,6 +58,23 @@ def test_rows_all_kept_is_what_the_counts_say_and_survives_derived_masks():
             assert derived.rows_all_kept == mask.rows_all_kept
 
 
+def test_cached_builds_once_per_key_and_each_mask_keeps_its_own():
+    mask = BlockMask.full(64, 16)
+    builds = []
+
+    def build(value):
+        return lambda: builds.append(value) or value
+
+    assert mask.cached("a", build(1)) == 1 and mask.cached("a", build(2)) == 1  # built once, then kept
+    assert mask.cached(("a", 2), build(3)) == 3 and builds == [1, 3]
+    other = BlockMask.full(64, 16)
+    assert other.cached("a", build(4)) == 4  # another mask: its own cache
+    moved = mask.to("meta")
+    assert moved.cached("a", build(5)) == 5  # a derived mask starts empty
+    assert mask.in_blocked_order() is mask.in_blocked_order()
+    assert "_cache" not in repr(mask)
+
+
 def test_blockmask_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="power of two"):
         BlockMask.full(64, 48)

@@ -384,6 +384,63 @@ def test_bad_inputs_raise_before_launch_with_both_values(no_override):
                                        extra_key_valid=torch.ones(1, 4, dtype=torch.bool))
 
 
+def test_config_backends_are_auto_plus_the_registry():
+    from dit_sparse.config import BACKENDS, MethodConfig
+
+    assert kernels.BACKENDS == tuple(kernels.REGISTRY) == ("fa4", "triton", "reference")
+    assert BACKENDS == ("auto",) + kernels.BACKENDS
+    for name in kernels.BACKENDS:
+        assert MethodConfig(backend=name).backend == name
+        assert f"`{name}`" in kernels.describe_backends()
+    with pytest.raises(ValueError, match="fa4.*triton.*reference"):
+        MethodConfig(backend="cuda")
+
+
+def test_dispatch_and_auto_read_the_registry(no_override, monkeypatch):
+    """A record added to the table is a backend: named, taken by auto in its place, refused by its own rules."""
+    calls = []
+
+    def attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
+        calls.append(scale)
+        return reference.BACKEND.attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
+
+    record = kernels.Backend(name="reference", where="here", summary="a counted reference",
+                             device_reason=lambda device: None, dtypes=(torch.float32,), head_dims=(16,),
+                             token_boxes=False, attention=attention)
+    monkeypatch.setitem(kernels.REGISTRY, "reference", record)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 64, 2, 16, g)
+    mask = _mask(64, 16, 16, (1, 1), g)
+    out, lse = kernels.block_sparse_attention(q, k, v, mask, scale=0.5)
+    assert calls == [0.5]
+    torch.testing.assert_close(out, reference.block_sparse_attention(q, k, v, mask, 0.5)[0])
+    with pytest.raises(ValueError, match="backend 'reference' cannot run here: .*head_dim \\(16,\\), got 32"):
+        kernels.resolve_backend("reference", _qkv(1, 64, 2, 32, g)[0], mask)
+    assert "float32" in kernels.unavailable_reason("reference", "cpu", torch.float16)
+
+
+def test_masks_keep_what_backends_derive_in_their_one_cache(no_override):
+    """The dispatch keeps the moved, reordered and converted masks with the mask, through `BlockMask.cached`, and
+    sets no attribute on it: a second call builds nothing new."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _qkv(2, 64, 2, 16, g)
+    orders = torch.stack([torch.randperm(64, generator=g) for _ in range(2)])[None]  # (1, H, S)
+    per_head = BlockMask.from_block_dense(torch.rand(1, 2, 4, 4, generator=g) < 0.6, 64, 16, permutation=orders)
+    fields = {field.name for field in dataclasses.fields(BlockMask)}
+    first = kernels.block_sparse_attention(q, k, v, per_head)
+    kept = dict(per_head._cache)
+    assert "in_blocked_order" in kept
+    second = kernels.block_sparse_attention(q, k, v, per_head)
+    assert set(vars(per_head)) == fields and per_head._cache.keys() == kept.keys()
+    assert all(per_head._cache[key] is value for key, value in kept.items())
+    torch.testing.assert_close(first, second)
+    expected = _sdpa_with_lse(q, k, v, per_head.to_dense(), 16**-0.5)
+    torch.testing.assert_close(first[0], expected[0].float(), atol=1e-5, rtol=1e-5)
+    assert fa4.cached_fa4_block_sparse(per_head) is per_head._cache["fa4_block_sparse"]
+
+
 def test_dense_attention_of_text_rows_matches_sdpa(no_override):
     g = torch.Generator().manual_seed(2)
     q, k, v = _qkv(2, 40, 2, 16, g)
@@ -393,3 +450,14 @@ def test_dense_attention_of_text_rows_matches_sdpa(no_override):
         *(x.transpose(1, 2) for x in (q[:, :7], k, v)), attn_mask=key_valid[:, None, None, :]
     ).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_check_backend_names_the_backend_the_device_and_what_is_missing(no_override):
+    for name in ("auto", "reference"):
+        kernels.check_backend(name, "cpu")
+    with pytest.raises(ValueError, match=r"backend 'fa4' cannot run on cpu here: the fa4 backend needs a CUDA GPU"):
+        kernels.check_backend("fa4", "cpu")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on cpu here: .*TRITON_INTERPRET=1"):
+        kernels.check_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"one of \('auto', 'fa4', 'triton', 'reference'\), got 'cuda'"):
+        kernels.check_backend("cuda", "cpu")

@@ -1,0 +1,93 @@
+"""`Backend`: the record each attention backend provides, and the few helpers the records share.
+
+The table of records is `dit_sparse.kernels.REGISTRY` (fastest first, the order `backend="auto"` tries); `auto`, the
+errors, `MethodConfig.backend`'s allowed values and `describe_backends()` all read it. A new backend is one module
+that defines `BACKEND = Backend(...)` plus its line in that table. A record knows no model and no pattern.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dit_sparse.blockmask import BlockMask
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(module: str) -> str | None:
+    """None when `module` imports, else the error text (tried once per process)."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # ImportError, or a broken install raising something else
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`: tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def write_into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """`result`, copied into `out` when one is given (a backend's `out=` contract)."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention backend: where it runs, what it takes, and its calls.
+
+    - `name`: what `backend=` says; `where`, `summary`: one line each for the docs (`describe_backends`).
+    - `device_reason(device) -> str | None`: why it cannot run on `device` here (hardware, package); None when it can.
+    - `dtypes`: the q/k/v dtypes it takes (None: any floating dtype); `head_dims`: the head dims (None: any).
+    - `token_boxes`: whether it masks tokens inside kept blocks (`BlockMask.token_boxes`, e.g. exact windows).
+    - `mask_reason(mask, head_dim, device) -> str | None`: why it cannot take this mask's block sizes (None: it can).
+    - `attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out) -> (out, lse)`: the block-sparse call,
+      the joint text keys (`extra_k`) continuing each row's softmax; arguments already checked at the public edge,
+      the mask on q's device with one shared token order (`kernels.block_sparse_attention` documents the contract).
+    - `dense_attention(q, k, v, key_valid, scale, out) -> (out, lse)`: dense attention with key padding (the text
+      queries), or None when the backend has none: its text queries run on the first backend `auto` takes that has.
+    - `auto_skips_cpu`: why `auto` never takes it on a CPU though it can run there (None: auto may).
+    """
+
+    name: str
+    where: str
+    summary: str
+    device_reason: Callable[[torch.device], str | None]
+    dtypes: tuple[torch.dtype, ...] | None
+    head_dims: tuple[int, ...] | None
+    token_boxes: bool
+    attention: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    dense_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    mask_reason: Callable[[BlockMask, int | None, torch.device], str | None] | None = None
+    auto_skips_cpu: str | None = None
+
+    def unavailable_reason(
+        self,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        head_dim: int | None = None,
+        mask: BlockMask | None = None,
+    ) -> str | None:
+        """Why this backend cannot run a call on `device` with this dtype, head_dim and mask; None when it can."""
+        if mask is not None and mask.token_boxes is not None and not self.token_boxes:
+            return (f"the {self.name} backend runs whole blocks only, and this mask masks tokens inside blocks "
+                    "(token_boxes, e.g. an exact neighborhood window): use triton or reference")
+        reason = self.device_reason(device)
+        if reason is not None:
+            return reason
+        if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
+            return f"the {self.name} backend takes dtypes {self.dtypes}, got {dtype}"
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            return f"the {self.name} backend supports head_dim {self.head_dims}, got {head_dim}"
+        if mask is not None and self.mask_reason is not None:
+            return self.mask_reason(mask, head_dim, device)
+        return None
