@@ -12,9 +12,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
 
-def add_app_command(commands, common: argparse.ArgumentParser) -> None:
-    """Add the `app` subcommand to `dit-sparse`'s subparsers (`common`: --device, --dtype, --fps)."""
-    app = commands.add_parser("app", parents=[common], help="Gradio app: dense and sparse side by side, with timings")
+def add_app_arguments(app: argparse.ArgumentParser) -> None:
+    """Add the `app` command's own arguments to its parser (`dit_sparse.cli` adds --device, --dtype, --fps)."""
     app.add_argument("--model", default=None, help=f"the model box's initial value: {MODEL_HELP}")
     app.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}; 0.0.0.0: all)")
     app.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")

@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 
-from dit_sparse import cli
+from dit_sparse.eval import render
 from dit_sparse.eval.runner import DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
 from dit_sparse.models import MODEL_HELP
 from dit_sparse.pipelines import tiny
 
 
-def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
-    """Add the `eval` subcommand to `dit-sparse`'s subparsers (`common`: --device, --dtype, --fps)."""
-    evaluate = commands.add_parser(
-        "eval", parents=[common], help="speed and fidelity of methods against the dense baseline, with a report"
-    )
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """Add the `eval` command's own arguments to its parser (`dit_sparse.cli` adds --device, --dtype, --fps)."""
     evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
     evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
-    model_size = (f"the tiny trained model's own: {cli.DEFAULT_FRAMES} frames, {cli.DEFAULT_HEIGHT} px, "
+    model_size = (f"the tiny trained model's own: {render.DEFAULT_FRAMES} frames, {render.DEFAULT_HEIGHT} px, "
                   f"{tiny.DEFAULT_STEPS} steps; other models: {DEFAULT_FRAMES} frames, {DEFAULT_SIZE} px, "
                   f"{DEFAULT_STEPS} steps")
     evaluate.add_argument("--frames", type=int, default=None, help=f"4k+1 (default: {model_size})")

@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from dit_sparse import cli  # noqa: E402
 from dit_sparse.config import CONFIGS  # noqa: E402
-from dit_sparse.eval import runner  # noqa: E402
+from dit_sparse.eval import render, runner  # noqa: E402
 from dit_sparse.video import read_video  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
@@ -146,7 +146,8 @@ def test_the_page_starts_at_the_demos_settings(app):
     config = json.load(urllib.request.urlopen(app["url"] + "config", timeout=10))
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
     assert [values[name] for name in ("prompt", "frames", "height", "width", "steps", "model")] == [
-        cli.DEMO_PROMPT, cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, cli.DEFAULT_STEPS, "tiny",
+        render.DEMO_PROMPT, render.DEFAULT_FRAMES, render.DEFAULT_HEIGHT, render.DEFAULT_WIDTH, render.DEFAULT_STEPS,
+        "tiny",
     ]  # fmt: skip
 
 

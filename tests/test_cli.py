@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dit_sparse import cli, models
+from dit_sparse.eval import render
 from dit_sparse.pipelines import tiny
 from dit_sparse.pipelines.tiny_random import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
 from dit_sparse.video import read_video
@@ -25,7 +26,7 @@ def _render(tmp_path, *extra, out="out"):
 
 
 def _rows(folder):
-    with open(folder / cli.MANIFEST_NAME, encoding="utf-8") as file:
+    with open(folder / render.MANIFEST_NAME, encoding="utf-8") as file:
         return [json.loads(line) for line in file]
 
 
@@ -64,7 +65,7 @@ def trained_model(monkeypatch, trained_model_folder):
 @pytest.fixture
 def render_calls(monkeypatch):
     """Counts `render_video` calls by prompt; `fail_on` makes the render of that prompt raise."""
-    real = cli.render_video
+    real = render.render_video
     calls = []
     fail_on = set()
 
@@ -74,7 +75,7 @@ def render_calls(monkeypatch):
             raise RuntimeError(f"render of {job.prompt!r} failed (simulated)")
         return real(pipe, job)
 
-    monkeypatch.setattr(cli, "render_video", counting)
+    monkeypatch.setattr(render, "render_video", counting)
     counting.calls, counting.fail_on = calls, fail_on
     return counting
 
@@ -94,7 +95,7 @@ def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_
     out = tmp_path / "out"
     rows = _rows(out)
     assert [row["prompt"] for row in rows] == ["a red fox runs", "a blue boat"]
-    assert _files(out) == sorted([cli.MANIFEST_NAME, *(row["file"] for row in rows)])
+    assert _files(out) == sorted([render.MANIFEST_NAME, *(row["file"] for row in rows)])
     for row in rows:
         assert read_video(out / row["file"]).shape == (9, 64, 96, 3)
         assert row["file"].endswith(".mp4") and row["file"].startswith(row["prompt"].replace(" ", "-"))
@@ -125,7 +126,7 @@ def test_an_interrupted_batch_resumes_with_only_the_unfinished_video(tmp_path, r
     out = tmp_path / "out"
     (first,) = _rows(out)
     assert first["prompt"] == "a cat sleeps"
-    assert _files(out) == sorted([cli.MANIFEST_NAME, first["file"]])  # no partial mp4, no row for the failure
+    assert _files(out) == sorted([render.MANIFEST_NAME, first["file"]])  # no partial mp4, no row for the failure
 
     render_calls.fail_on.clear()
     render_calls.calls.clear()
@@ -151,10 +152,10 @@ def test_a_video_whose_mp4_is_gone_is_rendered_again(tmp_path, render_calls):
 def test_a_manifest_line_torn_by_a_crash_is_skipped_and_closed_off(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / cli.MANIFEST_NAME).write_text('{"prompt": "a cat", "seed', encoding="utf-8")
+    (out / render.MANIFEST_NAME).write_text('{"prompt": "a cat", "seed', encoding="utf-8")
     assert _render(tmp_path, "--prompt", "a cat") == 0
     assert "manifest.jsonl:1: skipping" in capsys.readouterr().err
-    lines = (out / cli.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    lines = (out / render.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
     assert lines[0] == '{"prompt": "a cat", "seed' and json.loads(lines[1])["prompt"] == "a cat"
 
 
@@ -181,6 +182,19 @@ def test_txt_prompts_skip_blank_lines_and_comments(tmp_path, render_calls):
     assert _render(tmp_path, "--prompts", str(prompts), "--frames", "5") == 0
     assert render_calls.calls == ["a cat", "a dog"]
 
+
+
+def test_render_takes_tuple_options_as_eval_does(tmp_path):
+    # `--option window=1,4,4` is the tuple eval's `--option neighborhood.window=1,4,4` gives (one option parser):
+    # each token of the 3 latent frames of 4 x 4 tokens attends to its own frame only, a third of the keys.
+    small = [arg for arg in SMALL if arg not in ("--block-size", "16")]
+    argv = ["render", *small, "--output-dir", str(tmp_path / "out"), "--prompt", "a cat", "--method", "neighborhood",
+            "--option", "window=1,4,4", "--option", "tile=1,4,4"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (row,) = _rows(tmp_path / "out")
+    assert (row["options"]["window"], row["options"]["tile"]) == ([1, 4, 4], [1, 4, 4])
+    assert row["density"] == pytest.approx(1 / 3, abs=1e-6)
+    assert render.parse_option_value("3,4,4") == (3, 4, 4) == render.parse_option_value("(3, 4, 4)")
 
 BAD_INPUTS = [
     (["--prompt", "x", "--method", "sparse"], ["'sparse'", "radial"]),
@@ -295,7 +309,7 @@ def small_demo(monkeypatch):
     (radial drops some); 2 steps."""
     for name, value in [("DEFAULT_FRAMES", 17), ("DEFAULT_HEIGHT", 96), ("DEFAULT_WIDTH", 96), ("DEFAULT_STEPS", 2),
                         ("DEMO_BLOCK_SIZE", 16)]:  # fmt: skip
-        monkeypatch.setattr(cli, name, value)
+        monkeypatch.setattr(render, name, value)
 
 
 def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, capsys, small_demo):
@@ -334,12 +348,12 @@ def test_the_demo_defaults_are_the_trained_models_size_steps_and_a_shapes_captio
     from dit_sparse.patterns.radial import radial
     from dit_sparse.pipelines.shapes_dataset import parse_caption
 
-    dense, sparse = cli.demo_jobs()
+    dense, sparse = render.demo_jobs()
     assert (dense.frames, dense.height, dense.width, dense.steps) == (81, 160, 160, tiny.DEFAULT_STEPS)
-    assert cli.wan_video_tokens(dense.frames, dense.height, dense.width) == 2100  # 21 latent frames of 10 x 10
+    assert render.wan_video_tokens(dense.frames, dense.height, dense.width) == 2100  # 21 latent frames of 10 x 10
     assert parse_caption(dense.prompt) == {"colour": "red", "shape": "circle", "direction": "right"}
-    assert (dense.method, sparse.method, sparse.options["block_size"]) == ("dense", "radial", cli.DEMO_BLOCK_SIZE)
-    density = float(radial(VideoLayout(21, 10, 10), block_size=cli.DEMO_BLOCK_SIZE).density)
+    assert (dense.method, sparse.method, sparse.options["block_size"]) == ("dense", "radial", render.DEMO_BLOCK_SIZE)
+    density = float(radial(VideoLayout(21, 10, 10), block_size=render.DEMO_BLOCK_SIZE).density)
     assert 0.4 < density < 0.6  # sparse, yet not the near-empty mask of a block larger than a frame (0.16 at 128)
 
 
@@ -375,5 +389,5 @@ def test_a_hub_image_pipeline_is_refused_by_name_before_anything_renders(tmp_pat
 
 def test_option_values_are_parsed_as_bool_int_float_or_string():
     values = ("true", "False", "12", "0.5", "1e-3", "wan")
-    assert [cli.parse_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
-    assert cli.parse_value("-2.5") == -2.5
+    assert [render.parse_option_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
+    assert render.parse_option_value("-2.5") == -2.5

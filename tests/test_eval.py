@@ -13,8 +13,8 @@ from headless_chromium import screenshot
 
 from dit_sparse import cli
 from dit_sparse.config import CONFIGS
+from dit_sparse.eval import render, runner, suites
 from dit_sparse.eval import report as report_module
-from dit_sparse.eval import runner, suites
 from dit_sparse.pipelines.shapes_dataset import build_tokenizer, parse_caption
 from dit_sparse.video import read_video
 
@@ -147,7 +147,6 @@ def test_methods_default_to_every_config_and_options_fill_in_defaults():
 def test_eval_sizes_default_to_the_trained_tiny_models_own_and_to_small_ones_for_other_models(tmp_path, monkeypatch):
     """At 8 steps the trained model's shapes vanish, so eval runs it at its training size and steps; the random
     pipeline (or any other model) keeps the fast small defaults; flags given always win."""
-    from dit_sparse import cli
     from dit_sparse.pipelines import tiny
 
     def sizes(plan):
@@ -160,8 +159,8 @@ def test_eval_sizes_default_to_the_trained_tiny_models_own_and_to_small_ones_for
     monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path / "model"))
     trained = runner.make_plan(suite="tiny")
     assert trained.model_label == tiny.TINY_LABEL
-    assert sizes(trained) == (cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, tiny.DEFAULT_STEPS) == (
-        81, 160, 160, 25)
+    assert sizes(trained) == (
+        render.DEFAULT_FRAMES, render.DEFAULT_HEIGHT, render.DEFAULT_WIDTH, tiny.DEFAULT_STEPS) == (81, 160, 160, 25)
     assert sizes(runner.make_plan(suite="tiny", model="tiny-random")) == (17, 128, 128, 8)
     assert sizes(runner.make_plan(suite="tiny", frames=9, steps=3)) == (9, 160, 160, 3)
 
