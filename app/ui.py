@@ -183,13 +183,24 @@ class Renderer:
                 pipe, dense_job, self.device, self.dtype, self.cache_dir, self.warmup_steps)
             sparse, sparse_row, sparse_cached = runner.render_cached(
                 pipe, job, self.device, self.dtype, self.cache_dir, self.warmup_steps)  # fmt: skip
+        layers, heads = attention_shape(pipe)
         return {
-            "job": job, "model_note": note, "dense_video": self.mp4(dense_job, dense),
+            "job": job, "model_note": note, "layers": layers, "heads": heads, "dense_video": self.mp4(dense_job, dense),
             "sparse_video": self.mp4(job, sparse), "dense": dense_row, "sparse": sparse_row,
             "dense_cached": dense_cached, "sparse_cached": sparse_cached,
             "speedup": dense_row["seconds"] / sparse_row["seconds"], "psnr": metrics.psnr(dense, sparse),
             "ssim": metrics.ssim(dense, sparse),
         }  # fmt: skip
+
+
+def attention_shape(pipe) -> tuple[int, int | None]:
+    """How many self-attention layers dit-sparse hooks in `pipe`, and their heads (None where the module does not say):
+    the layers and heads the mask view may show."""
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    sites = [site for module in runner.transformers_of(pipe) for site in find_adapter(module).attention_sites(module)]
+    layers = max((site.layer for site in sites), default=-1) + 1
+    return layers, getattr(sites[0].module, "heads", None) if sites else None
 
 
 def mask_view(state: dict | None, layer, head):
@@ -202,6 +213,10 @@ def mask_view(state: dict | None, layer, head):
         layer, head = int(layer or 0), int(head or 0)
         if layer < 0 or head < 0:
             raise ValueError(f"layer and head must be >= 0, got layer={layer}, head={head}")
+        for name, value, count in (("layer", layer, state.get("layers")), ("head", head, state.get("heads"))):
+            if count is not None and value >= count:
+                raise ValueError(f"{name} must be in 0..{count - 1} (the model has {count} self-attention {name}s), "
+                                 f"got {value}")
         config = make_config(state["method"], **state["config"])
         layout = VideoLayout(*state["layout"])
         if not (is_static(config) or is_per_layer(config)):
@@ -329,7 +344,7 @@ def build_app(
                 message = " ".join(str(exc).split()) or type(exc).__name__
                 raise gr.Error(message, duration=None, print_exception=False) from exc
             state = {"method": values["method"], "config": result["sparse"]["config"],
-                     "layout": result["sparse"]["layout"]}  # fmt: skip
+                     "layout": result["sparse"]["layout"], "layers": result["layers"], "heads": result["heads"]}
             figure, note = mask_view(state, values["layer"], values["head"])
             psnr_value = None if math.isinf(result["psnr"]) else round(result["psnr"], 3)
             return (result["dense_video"], result["sparse_video"], round(result["dense"]["seconds"], 3),

@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --fps: every command has them, with one meaning."""
+    """--device, --dtype, --fps and --threads: every command has them, with one meaning (`apply_run_settings`)."""
     from dit_sparse.eval.render import DEFAULT_FPS, DTYPES
 
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -43,6 +43,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
     )
     parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help=f"mp4 frame rate (default {DEFAULT_FPS})")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
+    )
 
 
 def _add_render_arguments(render: argparse.ArgumentParser) -> None:
@@ -133,20 +136,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the `dit-sparse` command line; returns the exit status (2 for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser(command_of(argv)).parse_args(argv)
         args.argv = argv
-        args.device = args.device or _default_device()
-        args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        from dit_sparse.eval.render import apply_run_settings  # torch comes in only once the arguments parse
+
+        apply_run_settings(args)
         return args.run(args)
     except ValueError as exc:
         print(f"dit-sparse: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised

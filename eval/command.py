@@ -12,7 +12,8 @@ from dit_sparse.pipelines import tiny
 
 
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
-    """Add the `eval` command's own arguments to its parser (`dit_sparse.cli` adds --device, --dtype, --fps)."""
+    """Add the `eval` command's own arguments to its parser (`dit_sparse.cli` adds --device, --dtype, --fps,
+    --threads)."""
     evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
@@ -33,9 +34,6 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
         help=f"steps of the untimed warm-up call per method (default {DEFAULT_WARMUP_STEPS}; 0: none)",
     )  # fmt: skip
-    evaluate.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
-    )
     evaluate.add_argument("--output-dir", default="eval-out", help="where the report goes (default eval-out/)")
     evaluate.add_argument(
         "--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)"
@@ -64,12 +62,8 @@ def run_eval(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, cache_dir=args.cache_dir, side_by_side_videos=args.side_by_side_videos,
     )  # fmt: skip
     score_workers(1, args.score_workers)  # a bad value fails before anything renders
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    render.check_output_dir(plan.output_dir)
+    render.check_output_dir(plan.cache_dir, "--cache-dir")
     notes = []
     if not plan.device.startswith("cuda"):
         notes.append(

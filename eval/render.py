@@ -30,6 +30,7 @@ import numpy as np
 
 from dit_sparse import models
 from dit_sparse.config import make_config
+from dit_sparse.files import write_atomic
 from dit_sparse.pipelines import tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
@@ -60,6 +61,7 @@ WAN_PATCH = 2
 SIZE_MULTIPLE = WAN_SPATIAL_FACTOR * WAN_PATCH  # 16
 
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_SEED = 2**63 - 1  # a signed 64-bit int: torch.Generator.manual_seed and numpy's int64 both take it
 
 
 # ---- checks ------------------------------------------------------------------------------------------------------
@@ -69,6 +71,15 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
+
+
+def check_seed(seed) -> int:
+    """A noise seed: an int in 0 .. 2**63 - 1 (what `torch.Generator.manual_seed` takes; beyond 64 bits it fails with
+    "Overflow when unpacking long long" once the model has loaded)."""
+    check_int("seed", seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in 0..{MAX_SEED} (2**63 - 1), got {seed}")
+    return seed
 
 
 def check_frames(frames) -> int:
@@ -101,6 +112,54 @@ def wan_video_tokens(frames: int, height: int, width: int) -> int:
     """Video tokens one Wan transformer call sees for a video of this size."""
     latent_frames = (frames - 1) // WAN_TEMPORAL_FACTOR + 1
     return latent_frames * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+
+
+def check_device(device: str) -> str:
+    """A torch device this machine has: "cpu", "cuda" / "cuda:N" with a CUDA GPU there, "mps" on Apple silicon;
+    anything else is a ValueError that says which devices exist here."""
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        available += ["cuda"] + [f"cuda:{index}" for index in range(count)]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        available.append("mps")
+    if device not in available:
+        why = ""
+        if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+            why = f" (this torch {torch.__version__} sees no CUDA GPU)"
+        raise ValueError(f"device {device!r} is not available here{why}; available: {', '.join(available)}")
+    return device
+
+
+def apply_run_settings(args: argparse.Namespace) -> None:
+    """What every command does with --device, --dtype and --threads before anything else: the default device (cuda
+    if there is one, else cpu), checked; the default dtype (bfloat16 on cuda, float32 otherwise); torch's CPU threads
+    (None: torch's default)."""
+    import torch
+
+    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.threads is not None:
+        torch.set_num_threads(check_int("threads", args.threads, 1))
+
+
+def check_output_dir(path: str, flag: str = "--output-dir") -> str:
+    """Make sure the folder `path` exists (created if needed) and can be written: a probe file is created and removed,
+    so a render is never lost to a folder it cannot write. A file in its place, or a folder that cannot be created
+    or written, is a ValueError naming it."""
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dit-sparse-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from exc
+    return path
 
 
 # ---- one video's settings ----------------------------------------------------------------------------------------
@@ -162,7 +221,7 @@ def make_job(prompt, settings: dict, model: str) -> RenderJob:
     config = make_config(settings["method"], **settings["options"])
     return RenderJob(
         prompt=prompt.strip(),
-        seed=check_int("seed", settings["seed"], 0),
+        seed=check_seed(settings["seed"]),
         method=settings["method"],
         options=config.options(),
         frames=check_frames(settings["frames"]),
@@ -316,12 +375,8 @@ def finished_videos(output_dir: str) -> dict[str, dict]:
     """Key hash -> manifest row, for the rows whose mp4 is on disk."""
     finished = {}
     for row in read_manifest(os.path.join(output_dir, MANIFEST_NAME)):
-        try:
-            row_hash = key_hash(row)
-        except KeyError:
-            continue
-        if isinstance(row.get("file"), str) and os.path.isfile(os.path.join(output_dir, row["file"])):
-            finished[row_hash] = row
+        if row_key(row) is not None and _has_file(output_dir, row):
+            finished[row_key(row)] = row
     return finished
 
 
@@ -367,15 +422,49 @@ def merge_manifest_shards(output_dir: str) -> int:
                 seen.add(text)
                 rows.append(row)
                 added += 1
-    temporary = f"{manifest}.merging"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, manifest)
+    write_manifest(manifest, rows)
     for _, name in shards:
         os.remove(os.path.join(output_dir, name))
     return added
+
+
+def write_manifest(path: str, rows: list[dict]) -> None:
+    """Replace the manifest at `path` with `rows`, atomically (a temporary file renamed over it)."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def tidy_output_dir(output_dir: str, jobs: list[RenderJob]) -> None:
+    """Clear what a killed or edited earlier run left in `output_dir` before this one renders: the hidden partial mp4s
+    of this run's videos (`.<file>.*.part.mp4`, left by a kill during the write) are removed, and the manifest keeps
+    one row per key, the last, and only while its mp4 is there (a deleted mp4's row goes; its re-render appends a
+    new one). Only one process may call it at a time."""
+    if not os.path.isdir(output_dir):
+        return
+    prefixes = tuple(f".{job.file_name()}." for job in jobs)  # atomic_path's temporary names
+    for name in os.listdir(output_dir):
+        if name.startswith(prefixes) and name.endswith(".part.mp4"):
+            os.remove(os.path.join(output_dir, name))
+    manifest = os.path.join(output_dir, MANIFEST_NAME)
+    rows = read_manifest(manifest)
+    last = {row_key(row): index for index, row in enumerate(rows)}
+    kept = [
+        row for index, row in enumerate(rows)
+        if row_key(row) is None or (last[row_key(row)] == index and _has_file(output_dir, row))
+    ]  # fmt: skip
+    if len(kept) != len(rows):
+        write_manifest(manifest, kept)
+
+
+def row_key(row: dict) -> str | None:
+    """The key hash of a manifest row, None for a row that is not a video's (a field missing)."""
+    try:
+        return key_hash(row)
+    except KeyError:
+        return None
+
+
+def _has_file(output_dir: str, row: dict) -> bool:
+    return isinstance(row.get("file"), str) and os.path.isfile(os.path.join(output_dir, row["file"]))
 
 
 def pending_jobs(jobs: list[RenderJob], finished: dict[str, dict]) -> list[RenderJob]:
@@ -451,6 +540,7 @@ def render_jobs(
     manifest = os.path.join(output_dir, MANIFEST_NAME)
     if rank == 0:
         merge_manifest_shards(output_dir)  # rows a run that died before its merge left behind
+        tidy_output_dir(output_dir, jobs)
     if processes > 1:
         state.wait_for_everyone()
     finished = finished_videos(output_dir)
@@ -495,6 +585,7 @@ def run_render(args: argparse.Namespace) -> int:
     check_fps(args.fps)
     check_int("num_processes", args.num_processes, 1)
     jobs = jobs_from_args(args)
+    check_output_dir(args.output_dir)
     if args.num_processes > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--num-processes is for a plain run; under `accelerate launch` or torchrun leave it out")
@@ -565,6 +656,7 @@ def demo_jobs() -> list[RenderJob]:
 def run_demo(args: argparse.Namespace) -> int:
     check_fps(args.fps)
     dense, radial = demo_jobs()
+    check_output_dir(args.output_dir)
     print_model_label(None)
     tokens = wan_video_tokens(dense.frames, dense.height, dense.width)
     print(
@@ -574,12 +666,14 @@ def run_demo(args: argparse.Namespace) -> int:
     rendered = {}
     rows = render_jobs([dense, radial], args.output_dir, None, args.device, args.dtype, args.fps, rendered)
     print(f"\n{'method':<8} {'seconds':>8} {'density':>8}")
-    for row in rows:
+    for job, row in zip((dense, radial), rows):
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
-        print(f"{row['method']:<8} {row['seconds']:>8.2f} {density:>8}")
+        reused = "" if job.key_hash() in rendered else "  (reused: an earlier run's video and seconds)"
+        print(f"{row['method']:<8} {row['seconds']:>8.2f} {density:>8}{reused}")
     print(f"PSNR radial vs dense: {demo_psnr(dense, radial, args.output_dir, rendered)}")
-    for row in rows:
-        print(f"wrote {os.path.join(args.output_dir, row['file'])}")
+    for job, row in zip((dense, radial), rows):
+        path = os.path.join(args.output_dir, row["file"])
+        print(f"wrote {path}" if job.key_hash() in rendered else f"reused {path} (delete it to render it again)")
     return 0
 
 

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ def parse_seeds(text) -> tuple[int, ...]:
             raise ValueError(f"--seeds must be comma-separated ints >= 0, got {text!r}") from None
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seeds must be ints >= 0, got {item!r}")
-        seeds.append(seed)
+        seeds.append(render.check_seed(seed))
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must name at least one seed, each once, got {text!r}")
     return tuple(seeds)
@@ -460,14 +461,42 @@ def load_frames(plan: EvalPlan, row: dict) -> np.ndarray:
     return np.load(os.path.join(plan.cache_dir, row["file"]))
 
 
+def damaged_frames(path: str, shape=None) -> str | None:
+    """Why the cached frames at `path` cannot be trusted (not a .npy file, cut short, not `shape` when given), None
+    when they are whole; reads the header only."""
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, _, dtype = header(file)
+            expected = file.tell() + int(np.prod(found)) * dtype.itemsize
+            size = os.fstat(file.fileno()).st_size
+    except (OSError, ValueError) as exc:
+        return f"not a readable .npy file ({exc})"
+    if size < expected:
+        return f"cut short ({size} of {expected} bytes)"
+    if shape is not None and list(found) != list(shape):
+        return f"its frames are {list(found)}, its manifest row says {list(shape)}"
+    return None
+
+
 def cached_rows(cache_dir: str) -> dict[str, dict]:
-    """Video hash -> manifest row, for the rows of the cache whose frames file is there (the last row wins)."""
+    """Video hash -> manifest row, for the rows of the cache whose frames file is there and whole (the last row wins).
+    A damaged file (a write cut short by a full disk or a kill) is reported by path and left out: it is rendered
+    again, never trusted."""
     finished = {}
     for row in render.read_manifest(os.path.join(cache_dir, MANIFEST_NAME)):
         name = row.get("file")
         if isinstance(row.get("hash"), str) and isinstance(name, str):
-            if os.path.isfile(os.path.join(cache_dir, name)):
+            path = os.path.join(cache_dir, name)
+            if not os.path.isfile(path):
+                continue
+            problem = damaged_frames(path, row.get("shape"))
+            if problem is None:
                 finished[row["hash"]] = row
+            else:
+                finished.pop(row["hash"], None)
+                print(f"dit-sparse: warning: {path}: {problem}; rendering it again", file=sys.stderr)
     return finished
 
 
@@ -484,6 +513,7 @@ def render_into_cache(pipe, job: render.RenderJob, device: str, dtype: str, cach
         "hash": video_hash(job, device, dtype),
         **stats,
         "file": frames_file(job, device, dtype),
+        "shape": list(frames.shape),
         "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     os.makedirs(cache_dir, exist_ok=True)

@@ -5,6 +5,8 @@ a stand-in there: a saved tiny random pipeline (`trained_model`)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -326,6 +328,8 @@ def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, ca
     assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0  # resumed
     printed = capsys.readouterr().out
     assert "skipping 2 video(s)" in printed and "dB between the mp4s" in printed
+    assert "wrote" not in printed and printed.count("(reused: an earlier run's video and seconds)") == 2
+    assert printed.count("reused " + str(tmp_path / "demo")) == 2
     assert len(_rows(tmp_path / "demo")) == 2
 
 
@@ -391,3 +395,104 @@ def test_option_values_are_parsed_as_bool_int_float_or_string():
     values = ("true", "False", "12", "0.5", "1e-3", "wan")
     assert [render.parse_option_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
     assert render.parse_option_value("-2.5") == -2.5
+
+
+
+# ---- faults: each is a one-line error and exit 2 before any model is loaded, or a run that repairs what it owns ----
+def test_help_parses_before_torch_diffusers_and_the_model_code_are_imported():
+    code = ("import runpy, sys\nsys.argv = ['dit-sparse', '--help']\ntry:\n    runpy.run_module('dit_sparse', "
+            "run_name='__main__')\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "print(sorted(name for name in ('torch', 'diffusers', 'dit_sparse.api') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "render" in done.stdout and "eval" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_names_load_on_first_use_and_calibrate_stays_the_function():
+    import dit_sparse
+    import dit_sparse.calibrate  # noqa: F401  (the sub-module of the same name does not replace the function)
+
+    assert callable(dit_sparse.calibrate) and dit_sparse.calibrate.__module__ == "dit_sparse.calibrate"
+    assert all(getattr(dit_sparse, name) is not None for name in dit_sparse.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dit_sparse.no_such_name
+
+
+def test_an_output_dir_that_is_a_file_exits_2_before_a_model_loads(tmp_path, capsys, no_model):
+    (tmp_path / "out").write_text("not a folder")
+    assert _render(tmp_path, "--prompt", "a cat") == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: --output-dir {str(tmp_path / 'out')!r} is a file, not a folder"
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder nobody may write, root included (`chattr +i`); skips where the file system does not allow it."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", ["render", "demo"])
+def test_an_output_dir_that_cannot_be_written_exits_2_before_a_model_loads(
+    unwritable_folder, capsys, no_model, command
+):
+    argv = ["--prompt", "a cat", *SMALL] if command == "render" else ["--device", "cpu"]
+    assert cli.main([command, *argv, "--output-dir", str(unwritable_folder / "sub")]) == 2
+    assert cli.main([command, *argv, "--output-dir", str(unwritable_folder)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"dit-sparse: error: --output-dir {str(unwritable_folder / 'sub')!r} cannot be written: Operation not permitted",
+        f"dit-sparse: error: --output-dir {str(unwritable_folder)!r} cannot be written: Operation not permitted",
+    ]
+    assert os.listdir(unwritable_folder) == []
+
+
+def test_a_device_this_machine_lacks_exits_2_naming_the_ones_it_has(tmp_path, capsys, no_model):
+    assert _render(tmp_path, "--prompt", "a cat", "--device", "tpu") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dit-sparse: error: device 'tpu' is not available here; available: cpu")
+    assert "\n" not in error and not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        assert _render(tmp_path, "--prompt", "a cat", "--device", "cuda") == 2
+        error = capsys.readouterr().err.strip()
+        assert error == (f"dit-sparse: error: device 'cuda' is not available here (this torch {torch.__version__} "
+                         "sees no CUDA GPU); available: cpu")  # fmt: skip
+
+
+def test_a_seed_beyond_64_bits_exits_2_before_a_model_loads(tmp_path, capsys, no_model):
+    assert _render(tmp_path, "--prompt", "a cat", "--seed", str(2**70)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: seed must be in 0..{2**63 - 1} (2**63 - 1), got {2**70}"
+    torch.Generator().manual_seed(render.check_seed(render.MAX_SEED))  # the largest seed allowed is one torch takes
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(2**70)  # what the run died of, after the model had loaded
+
+
+def test_render_and_demo_take_threads_as_eval_does(tmp_path, capsys, no_model, monkeypatch):
+    assert _render(tmp_path, "--prompt", "a cat", "--threads", "0") == 2
+    assert capsys.readouterr().err.strip() == "dit-sparse: error: threads must be >= 1, got 0"
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the threads are set, then the model loads
+        cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu", "--threads", "3"])
+    assert set_to == [3]
+
+
+def test_a_kills_partial_mp4_is_removed_and_a_rerendered_video_keeps_one_row(tmp_path, render_calls):
+    assert _render(tmp_path, "--prompt", "a cat", "--prompt", "a dog") == 0
+    out = tmp_path / "out"
+    cat, dog = _rows(out)
+    (out / f".{cat['file']}.k1ll3d.part.mp4").write_bytes(b"")  # a kill during the mp4 write
+    (out / ".someone-elses.mp4.x.part.mp4").write_bytes(b"")  # not this run's: left alone
+    os.remove(out / dog["file"])
+    assert _render(tmp_path, "--prompt", "a cat", "--prompt", "a dog") == 0
+    assert render_calls.calls == ["a cat", "a dog", "a dog"]
+    assert [row["prompt"] for row in _rows(out)] == ["a cat", "a dog"]
+    assert _files(out) == sorted([render.MANIFEST_NAME, cat["file"], dog["file"], ".someone-elses.mp4.x.part.mp4"])
