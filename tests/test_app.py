@@ -199,6 +199,27 @@ def test_the_mask_view_draws_static_masks_and_explains_dynamic_ones():
     assert figure is None and "must be >= 0" in note
 
 
+def test_the_mask_view_refuses_a_layer_or_head_the_model_does_not_have():
+    from dit_sparse.app import ui
+    from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    layers, heads = ui.attention_shape(pipe)
+    assert (layers, heads) == (pipe.transformer.config.num_layers, pipe.transformer.config.num_attention_heads)
+    state = {"method": "radial", "config": {"block_size": 16}, "layout": [3, 4, 4], "layers": layers, "heads": heads}
+    assert ui.mask_view(state, layers - 1, heads - 1)[0] is not None
+    assert ui.mask_view(state, 99, 0) == (
+        None, f"No mask: layer must be in 0..{layers - 1} (the model has {layers} self-attention layers), got 99")
+    assert ui.mask_view(state, 0, 99) == (
+        None, f"No mask: head must be in 0..{heads - 1} (the model has {heads} self-attention heads), got 99")
+
+
+def test_the_page_refuses_a_mask_layer_beyond_the_served_model(client):
+    result = _generate(client, method="radial", layer=99, head=99, **SMALL)
+    assert result["mask_plot"] is None
+    assert result["mask_note"].startswith("No mask: layer must be in 0..") and result["mask_note"].endswith("got 99")
+
+
 def test_app_command_checks_its_inputs_before_serving(capsys):
     assert cli.main(["app", "--model", "/no/such/model-folder", "--device", "cpu"]) == 2
     assert "no model folder" in capsys.readouterr().err
