@@ -224,3 +224,12 @@ def test_app_command_checks_its_inputs_before_serving(capsys):
     assert cli.main(["app", "--model", "/no/such/model-folder", "--device", "cpu"]) == 2
     assert "no model folder" in capsys.readouterr().err
     assert cli.main(["app", "--warmup-steps", "-1", "--device", "cpu"]) == 2
+
+
+def test_app_refuses_a_cache_dir_it_cannot_write_before_serving(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert cli.main(["app", "--cache-dir", str(tmp_path / "file"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: --cache-dir {str(tmp_path / 'file')!r} is a file, not a folder"
+    assert cli.main(["app", "--device", "tpu"]) == 2
+    assert "device 'tpu' is not available here; available: cpu" in capsys.readouterr().err
