@@ -1,6 +1,6 @@
 """The Gradio app (`dit-sparse app`): one prompt rendered dense and sparse from the same seed, side by side.
 
-Layout only: every step is a library function the CLI uses too. The settings are checked by `cli.make_job` (through
+Layout only: every step is a library function the CLI uses too. The settings are checked by `render.make_job` (through
 `make_config`: a bad value is its ValueError, shown in the page); the model is checked by `models.check_model` and
 loaded by `models.load_pipeline` (the tiny trained model, the random one with a visible note while it is absent); the
 videos are rendered, timed and cached by `runner.render_cached` (the dense one, `runner.BASELINE`, is diffusers'
@@ -9,7 +9,7 @@ SSIM on the lossless frames); the mask is `patterns.build_mask` at the sparse re
 
 - The method's options are built from its config dataclass (`CONFIGS[method]`): ints and floats as numbers, bools
   as checkboxes, fields with `metadata["choices"]` as dropdowns, everything else (tuples, optional values) as text
-  parsed by `runner.parse_option_value` ("7,24,48"; empty: the method's default). A new method appears unchanged.
+  parsed by `render.parse_option_value` ("7,24,48"; empty: the method's default). A new method appears unchanged.
 - The dense video is cached on disk per (model, prompt, seed, frames, size, steps, guidance, device, dtype), so
   switching methods renders only the sparse one; a cached video keeps the seconds measured when it was rendered.
   Each render that is not cached follows an untimed warm-up call (`warmup_steps`), as in `dit-sparse eval`.
@@ -31,9 +31,9 @@ import threading
 
 import gradio as gr
 
-from dit_sparse import cli
+from dit_sparse.pipelines import models
 from dit_sparse.config import CONFIGS, make_config
-from dit_sparse.eval import metrics, runner
+from dit_sparse.eval import metrics, render, runner
 from dit_sparse.eval.suites import tiny_suite
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns import build_mask, is_per_layer, is_static
@@ -41,9 +41,9 @@ from dit_sparse.pipelines import models
 from dit_sparse.plot import plot_mask
 from dit_sparse.video import write_mp4
 
-# ---- defaults: the demo's (cli.DEFAULT_*, cli.DEMO_PROMPT): the tiny trained model's size and steps.
-DEFAULT_METHOD = cli.DEFAULT_METHOD
-BLOCK_SIZE = cli.DEMO_BLOCK_SIZE  # the app's default for every method with a `block_size` option
+# ---- defaults: the demo's (render.DEFAULT_*, render.DEMO_PROMPT): the tiny trained model's size and steps.
+DEFAULT_METHOD = render.DEFAULT_METHOD
+BLOCK_SIZE = render.DEMO_BLOCK_SIZE  # the app's default for every method with a `block_size` option
 EXAMPLES = 6  # example prompts: the first captions of the `tiny` suite (the tiny model's vocabulary)
 OPTION_PREFIX = "option_"  # API parameter names of the method options: option_<field> (a method may have a `seed`)
 GENERAL_INPUTS = ("prompt", "model", "method", "frames", "height", "width", "steps", "seed", "guidance", "layer",
@@ -116,7 +116,7 @@ def option_values(method: str, given: dict) -> dict:
             value = (value or "").strip()
             if not value:
                 continue
-            value = runner.parse_option_value(value)
+            value = render.parse_option_value(value)
         elif value is None:
             continue
         options[option.name] = value
@@ -163,7 +163,7 @@ class Renderer:
             self._model = model
         return self._pipe
 
-    def mp4(self, job: cli.RenderJob, frames) -> str:
+    def mp4(self, job: render.RenderJob, frames) -> str:
         """The job's frames as an H.264 mp4 for the page (written once per video)."""
         os.makedirs(self.video_dir, exist_ok=True)
         name = runner.frames_file(job, self.device, self.dtype).removesuffix(".npy") + ".mp4"
@@ -174,7 +174,7 @@ class Renderer:
         """Dense (cached) and `method` from the same seed: their mp4s, rows, and the fidelity of sparse to dense."""
         model = models.check_model(None if model_name in (None, "") else model_name.strip())
         label, note = models.resolve_model_label(model)
-        job = cli.make_job(prompt, {**settings, "method": method, "options": options}, label)
+        job = render.make_job(prompt, {**settings, "method": method, "options": options}, label)
         dense_job = dataclasses.replace(job, method=runner.BASELINE, options={})
         with self._lock:
             if progress is not None:
@@ -184,13 +184,24 @@ class Renderer:
                 pipe, dense_job, self.device, self.dtype, self.cache_dir, self.warmup_steps)
             sparse, sparse_row, sparse_cached = runner.render_cached(
                 pipe, job, self.device, self.dtype, self.cache_dir, self.warmup_steps)  # fmt: skip
+        layers, heads = attention_shape(pipe)
         return {
-            "job": job, "model_note": note, "dense_video": self.mp4(dense_job, dense),
+            "job": job, "model_note": note, "layers": layers, "heads": heads, "dense_video": self.mp4(dense_job, dense),
             "sparse_video": self.mp4(job, sparse), "dense": dense_row, "sparse": sparse_row,
             "dense_cached": dense_cached, "sparse_cached": sparse_cached,
             "speedup": dense_row["seconds"] / sparse_row["seconds"], "psnr": metrics.psnr(dense, sparse),
             "ssim": metrics.ssim(dense, sparse),
         }  # fmt: skip
+
+
+def attention_shape(pipe) -> tuple[int, int | None]:
+    """How many self-attention layers dit-sparse hooks in `pipe`, and their heads (None where the module does not say):
+    the layers and heads the mask view may show."""
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    sites = [site for module in runner.transformers_of(pipe) for site in find_adapter(module).attention_sites(module)]
+    layers = max((site.layer for site in sites), default=-1) + 1
+    return layers, getattr(sites[0].module, "heads", None) if sites else None
 
 
 def mask_view(state: dict | None, layer, head):
@@ -203,6 +214,10 @@ def mask_view(state: dict | None, layer, head):
         layer, head = int(layer or 0), int(head or 0)
         if layer < 0 or head < 0:
             raise ValueError(f"layer and head must be >= 0, got layer={layer}, head={head}")
+        for name, value, count in (("layer", layer, state.get("layers")), ("head", head, state.get("heads"))):
+            if count is not None and value >= count:
+                raise ValueError(f"{name} must be in 0..{count - 1} (the model has {count} self-attention {name}s), "
+                                 f"got {value}")
         config = make_config(state["method"], **state["config"])
         layout = VideoLayout(*state["layout"])
         if not (is_static(config) or is_per_layer(config)):
@@ -231,7 +246,7 @@ def _seconds(row: dict, cached: bool) -> str:
 def summary(result: dict, device: str) -> str:
     """The Markdown under the videos: settings, timings, density, fidelity and notes."""
     job, dense, sparse = result["job"], result["dense"], result["sparse"]
-    tokens = cli.wan_video_tokens(job.frames, job.height, job.width)
+    tokens = render.wan_video_tokens(job.frames, job.height, job.width)
     psnr = "identical" if math.isinf(result["psnr"]) else f"{result['psnr']:.2f} dB"
     lines = [
         f"**{job.method}** against **dense** (diffusers' own attention, no dit-sparse), model `{job.model}`, "
@@ -258,7 +273,7 @@ def build_app(
     dtype: str = "float32",
     cache_dir: str = "app-cache",
     warmup_steps: int = runner.DEFAULT_WARMUP_STEPS,
-    fps: float = cli.DEFAULT_FPS,
+    fps: float = render.DEFAULT_FPS,
 ) -> gr.Blocks:
     """The app's Blocks (queued: one render at a time); `model` is the model box's initial value (None: tiny)."""
     renderer = Renderer(device, dtype, cache_dir, warmup_steps, fps)
@@ -271,7 +286,7 @@ def build_app(
         mask_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
-                prompt = gr.Textbox(label="prompt", value=cli.DEMO_PROMPT, lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="prompt", value=render.DEMO_PROMPT, lines=2, elem_id="prompt")
                 gr.Examples(examples=[[p] for p in examples], inputs=[prompt], label="tiny-model captions")
                 with gr.Row():
                     model_box = gr.Textbox(label="model", value=model or models.TINY, elem_id="model", min_width=120,
@@ -279,17 +294,17 @@ def build_app(
                     method = gr.Dropdown(choices=list(CONFIGS), value=DEFAULT_METHOD, label="method", elem_id="method",
                                          info="dit-sparse's attention for the sparse video", min_width=120)
                 with gr.Row():
-                    frames = gr.Number(value=cli.DEFAULT_FRAMES, precision=0, label="frames", info="4k+1",
+                    frames = gr.Number(value=render.DEFAULT_FRAMES, precision=0, label="frames", info="4k+1",
                                        min_width=70, elem_id="frames")
-                    height = gr.Number(value=cli.DEFAULT_HEIGHT, precision=0, label="height", info="x16 px",
+                    height = gr.Number(value=render.DEFAULT_HEIGHT, precision=0, label="height", info="x16 px",
                                        min_width=70, elem_id="height")
-                    width = gr.Number(value=cli.DEFAULT_WIDTH, precision=0, label="width", info="x16 px",
+                    width = gr.Number(value=render.DEFAULT_WIDTH, precision=0, label="width", info="x16 px",
                                       min_width=70, elem_id="width")
                 with gr.Row():
-                    steps = gr.Number(value=cli.DEFAULT_STEPS, precision=0, label="steps", min_width=70,
+                    steps = gr.Number(value=render.DEFAULT_STEPS, precision=0, label="steps", min_width=70,
                                       elem_id="steps")
-                    seed = gr.Number(value=cli.DEFAULT_SEED, precision=0, label="seed", min_width=70, elem_id="seed")
-                    guidance = gr.Number(value=cli.DEFAULT_GUIDANCE, label="guidance", min_width=70,
+                    seed = gr.Number(value=render.DEFAULT_SEED, precision=0, label="seed", min_width=70, elem_id="seed")
+                    guidance = gr.Number(value=render.DEFAULT_GUIDANCE, label="guidance", min_width=70,
                                          elem_id="guidance")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("method options", open=True):
@@ -330,7 +345,7 @@ def build_app(
                 message = " ".join(str(exc).split()) or type(exc).__name__
                 raise gr.Error(message, duration=None, print_exception=False) from exc
             state = {"method": values["method"], "config": result["sparse"]["config"],
-                     "layout": result["sparse"]["layout"]}  # fmt: skip
+                     "layout": result["sparse"]["layout"], "layers": result["layers"], "heads": result["heads"]}
             figure, note = mask_view(state, values["layer"], values["head"])
             psnr_value = None if math.isinf(result["psnr"]) else round(result["psnr"], 3)
             return (result["dense_video"], result["sparse_video"], round(result["dense"]["seconds"], 3),

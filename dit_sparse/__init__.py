@@ -6,9 +6,11 @@
     dit_sparse.unsparsify(pipe)             # restore it exactly
 """
 
+import importlib
 import importlib.util
 import os
 import sys
+import types
 
 
 def _unshadow_hugging_face_kernels() -> None:
@@ -43,25 +45,55 @@ def _unshadow_hugging_face_kernels() -> None:
 
 _unshadow_hugging_face_kernels()
 
-from dit_sparse.api import sparsify, sparsity_stats, unsparsify
-from dit_sparse.attention import sparse_attention
-from dit_sparse.blockmask import BlockMask
-from dit_sparse.calibrate import calibrate
-from dit_sparse.config import (
-    CONFIGS,
-    DenseConfig,
-    DraftConfig,
-    MethodConfig,
-    RadialConfig,
-    RandomBlocksConfig,
-    ReorderConfig,
-    VditConfig,
-    make_config,
-)
-from dit_sparse.layout import VideoLayout
-from dit_sparse.parallel import enable_context_parallel
-from dit_sparse.plot import plot_mask
-from dit_sparse.profile import Profile
+#: The public names and the module each comes from. They are imported on first use (PEP 562), so that importing a
+#: sub-module (`dit_sparse.cli`: `dit-sparse --help`) does not import torch and the model code.
+_PUBLIC = {
+    "sparsify": "dit_sparse.api",
+    "sparsity_stats": "dit_sparse.api",
+    "unsparsify": "dit_sparse.api",
+    "sparse_attention": "dit_sparse.attention",
+    "BlockMask": "dit_sparse.blockmask",
+    "calibrate": "dit_sparse.calibrate",
+    "CONFIGS": "dit_sparse.config",
+    "DenseConfig": "dit_sparse.config",
+    "DraftConfig": "dit_sparse.config",
+    "MethodConfig": "dit_sparse.config",
+    "RadialConfig": "dit_sparse.config",
+    "RandomBlocksConfig": "dit_sparse.config",
+    "ReorderConfig": "dit_sparse.config",
+    "VditConfig": "dit_sparse.config",
+    "make_config": "dit_sparse.config",
+    "VideoLayout": "dit_sparse.layout",
+    "enable_context_parallel": "dit_sparse.parallel",
+    "plot_mask": "dit_sparse.plot",
+    "Profile": "dit_sparse.profile",
+}
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dit_sparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+class _Package(types.ModuleType):
+    """`dit_sparse` itself: a sub-module named like the public function it holds (`dit_sparse.calibrate`) does not
+    take the function's place when it is imported (as it did not when the names were imported eagerly)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

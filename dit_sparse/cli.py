@@ -1,11 +1,7 @@
-"""The `dit-sparse` command line (also `python -m dit_sparse`).
+"""The `dit-sparse` command line (also `python -m dit_sparse`): argparse only.
 
-- `render`: a batch of prompts to H.264 mp4s plus a `manifest.jsonl` row per video. Resumable: a video
-  whose settings are already in the manifest and whose mp4 exists is skipped. Atomic: an mp4 appears
-  only complete, and its manifest row only after it. Several processes (`accelerate launch -m dit_sparse.cli
-  render ...`, or `render --num-processes N`, which launches that) split the unfinished videos between them
-  (`PartialState.split_between_processes`), one device each; each appends to its own `manifest.rank<r>.jsonl`,
-  which the main process merges into `manifest.jsonl` at the end (or, after a run that died, at the next start).
+- `render`: a batch of prompts to H.264 mp4s plus a `manifest.jsonl` row per video, resumable, on one or several
+  processes (the render engine, `dit_sparse.eval.render`).
 - `demo`: one prompt with the default model, dense then radial (same seed); prints seconds, density
   and the PSNR of radial against dense.
 - `eval`: speed and fidelity of methods against the dense baseline over a prompt suite, with a report
@@ -13,586 +9,24 @@
 - `app`: a Gradio app, dense and sparse side by side with timings, fidelity and the mask (`dit_sparse.app`; the
   `app` extra).
 
-The model (`render --model`; `demo` takes the default) is resolved by `dit_sparse.models`: the tiny trained model
-while its folder is there, else the tiny random pipeline with a note; "tiny-random", a local folder or a hub id.
-
+Only the command given is built and imported: `dit-sparse --help` imports neither torch nor the model code.
 Every input is checked before any model is loaded; a bad one is a one-line error and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import hashlib
-import json
-import os
-import re
 import sys
-import time
-from dataclasses import dataclass
 
-import numpy as np
+#: The commands and their one line of help; only the one given is built (`build_parser`), importing what it needs.
+COMMANDS = {
+    "render": "render prompts to mp4s (resumable)",
+    "demo": "dense vs radial on the default model, with PSNR",
+    "eval": "speed and fidelity of methods against the dense baseline, with a report",
+    "app": "Gradio app: dense and sparse side by side, with timings",
+}
 
-from dit_sparse.config import CONFIGS, make_config
-from dit_sparse.pipelines import models, tiny
-from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
-# ---- defaults: the tiny trained model's own size and steps (`render`'s, the demo's and the app's).
-# 81 frames (Wan's own count) at 160 x 160 px: 21 latent frames of 10 x 10 tokens = 2,100 video tokens. Radial's
-# sparsity comes from the frame distance, so many short frames beat few large ones.
-DEFAULT_FRAMES = 81
-DEFAULT_HEIGHT = 160
-DEFAULT_WIDTH = 160
-DEFAULT_STEPS = tiny.DEFAULT_STEPS
-DEFAULT_GUIDANCE = 5.0
-DEFAULT_SEED = 0
-DEFAULT_FPS = 16
-DEFAULT_METHOD = "radial"
-DEMO_PROMPT = "a red circle moves right on a blue background"  # a caption of the tiny model's shapes dataset
-# Tokens per attention block in the demo (and the app). A latent frame is 100 tokens here: at 64, 33 x 33 blocks of
-# which radial keeps 0.50. A block larger than a frame (128) makes radial's far-frame skip drop even the neighbouring
-# frames (distances 1 to 3), keeping 0.16.
-DEMO_BLOCK_SIZE = 64
-MANIFEST_NAME = "manifest.jsonl"
-PROCESS_WAIT = datetime.timedelta(hours=24)  # how long a process may wait for the others (shares are uneven)
-SHARD_PATTERN = re.compile(r"manifest\.rank(\d+)\.jsonl")  # one process's rows before the merge
-
-# ---- the Wan geometry the checks follow: the VAE compresses time 4x and space 8x; the transformer's patch is 2x2.
-WAN_TEMPORAL_FACTOR = 4
-WAN_SPATIAL_FACTOR = 8
-WAN_PATCH = 2
-SIZE_MULTIPLE = WAN_SPATIAL_FACTOR * WAN_PATCH  # 16
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-# ---- checks ------------------------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
-
-
-def check_frames(frames) -> int:
-    """Frames the Wan VAE takes: 4k + 1 (a first frame, then whole groups of 4)."""
-    _check_int("frames", frames)
-    if frames < 1 or (frames - 1) % WAN_TEMPORAL_FACTOR:
-        below = frames - (frames - 1) % WAN_TEMPORAL_FACTOR
-        nearest = f"{below} or {below + WAN_TEMPORAL_FACTOR}" if frames > 1 else "1"
-        raise ValueError(
-            f"frames={frames} cannot be taken by the Wan VAE: it needs {WAN_TEMPORAL_FACTOR}k + 1 frames "
-            f"(1, 5, 9, ...); nearest allowed: {nearest}"
-        )
-    return frames
-
-
-def check_size(name: str, value) -> int:
-    """A height or width: a positive multiple of 16 (the VAE's 8x times the 2x2 patch)."""
-    _check_int(name, value)
-    if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-        below = value - value % SIZE_MULTIPLE
-        nearest = f"{below} or {below + SIZE_MULTIPLE}" if below >= SIZE_MULTIPLE else str(SIZE_MULTIPLE)
-        raise ValueError(
-            f"{name}={value} is not a positive multiple of {SIZE_MULTIPLE} (the VAE's {WAN_SPATIAL_FACTOR}x times the "
-            f"{WAN_PATCH}x{WAN_PATCH} patch); nearest allowed: {nearest}"
-        )
-    return value
-
-
-def wan_video_tokens(frames: int, height: int, width: int) -> int:
-    """Video tokens one Wan transformer call sees for a video of this size."""
-    latent_frames = (frames - 1) // WAN_TEMPORAL_FACTOR + 1
-    return latent_frames * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
-
-
-# ---- one video's settings ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RenderJob:
-    """Everything that decides one video (the manifest key). `options` is the method's full config."""
-
-    prompt: str
-    seed: int
-    method: str
-    options: dict
-    frames: int
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    model: str
-
-    def key(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def key_hash(self) -> str:
-        return key_hash(self.key())
-
-    def file_name(self) -> str:
-        """`<prompt slug>-seed<seed>-<method>-<key hash>.mp4`: different settings never share a file."""
-        return f"{slugify(self.prompt)}-seed{self.seed}-{self.method}-{self.key_hash()}.mp4"
-
-
-#: The fields that identify a video: same key, same video (the resume rule).
-KEY_FIELDS = tuple(field.name for field in dataclasses.fields(RenderJob))
-#: The fields a .jsonl prompts line may set besides "prompt" (one model per run).
-OVERRIDE_FIELDS = tuple(name for name in KEY_FIELDS if name not in ("prompt", "model"))
-
-
-def key_hash(fields: dict) -> str:
-    """A short stable hash of a video's key fields (a job's, or a manifest row's)."""
-    key = {name: fields[name] for name in KEY_FIELDS}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def slugify(text: str, max_length: int = 40) -> str:
-    """A file-name-safe short form of a prompt: lower-case ASCII words joined by dashes."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length].rstrip("-")
-    return slug or "video"
-
-
-def make_job(prompt, settings: dict, model: str) -> RenderJob:
-    """A validated job from a prompt and its settings (every `OVERRIDE_FIELDS` key); raises ValueError."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if not isinstance(settings["options"], dict):
-        raise ValueError(f"options must be an object of option names to values, got {settings['options']!r}")
-    guidance = settings["guidance"]
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not np.isfinite(guidance):
-        raise ValueError(f"guidance must be a number, got {guidance!r}")
-    if not isinstance(settings["method"], str):
-        raise ValueError(f"method must be a method name, got {settings['method']!r}")
-    config = make_config(settings["method"], **settings["options"])
-    return RenderJob(
-        prompt=prompt.strip(),
-        seed=_check_int("seed", settings["seed"], 0),
-        method=settings["method"],
-        options=config.options(),
-        frames=check_frames(settings["frames"]),
-        height=check_size("height", settings["height"]),
-        width=check_size("width", settings["width"]),
-        steps=_check_int("steps", settings["steps"], 1),
-        guidance=float(guidance),
-        model=model,
-    )
-
-
-# ---- prompts -----------------------------------------------------------------------------------------------------
-def read_prompts_file(path: str) -> list[tuple[str, dict, str | None]]:
-    """(prompt, overrides, "file:line") per entry of a .txt (a prompt a line) or .jsonl prompts file.
-
-    Blank lines and, in .txt, lines starting with `#` are skipped. A .jsonl line is an object with
-    "prompt" and optionally any of `OVERRIDE_FIELDS`.
-    """
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in (".txt", ".jsonl"):
-        raise ValueError(f"prompts file {path!r} must end in .txt or .jsonl")
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read prompts file {path!r}: {exc}") from exc
-    entries = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or (extension == ".txt" and text.startswith("#")):
-            continue
-        where = f"{path}:{number}"
-        entries.append(_parse_jsonl_line(text, where) if extension == ".jsonl" else (text, {}, where))
-    if not entries:
-        raise ValueError(f"prompts file {path!r} has no prompts")
-    return entries
-
-
-def _parse_jsonl_line(text: str, where: str) -> tuple[str, dict, str]:
-    try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON: {exc.msg}") from exc
-    if not isinstance(entry, dict) or "prompt" not in entry:
-        raise ValueError(f'{where}: each line must be a JSON object with a "prompt"')
-    unknown = sorted(set(entry) - {"prompt", *OVERRIDE_FIELDS})
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {['prompt', *OVERRIDE_FIELDS]}")
-    overrides = {name: value for name, value in entry.items() if name != "prompt"}
-    return entry["prompt"], overrides, where
-
-
-def parse_value(text: str):
-    """An option value from the command line: true/false, an int, a float, else the string itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def command_line_options(args: argparse.Namespace) -> dict:
-    """Method options from `--option KEY=VALUE` and the convenience flags; a key given twice is an error."""
-    pairs = []
-    for text in args.option:
-        name, sep, value = text.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--option must be KEY=VALUE, got {text!r}")
-        pairs.append((name.strip(), parse_value(value.strip())))
-    for name in ("dense_steps", "dense_layers", "backend", "block_size"):
-        if getattr(args, name) is not None:
-            pairs.append((name, getattr(args, name)))
-    options = {}
-    for name, value in pairs:
-        if name in options:
-            raise ValueError(f"option {name!r} given twice ({options[name]!r} and {value!r})")
-        options[name] = value
-    return options
-
-
-def jobs_from_args(args: argparse.Namespace) -> list[RenderJob]:
-    """Every job of a `render` call, all validated; the prompts file's overrides apply per line."""
-    defaults = {
-        "seed": args.seed,
-        "method": args.method,
-        "options": command_line_options(args),
-        "frames": args.frames,
-        "height": args.height,
-        "width": args.width,
-        "steps": args.steps,
-        "guidance": args.guidance,
-    }
-    entries = [(prompt, {}, None) for prompt in args.prompt]
-    if args.prompts is not None:
-        entries += read_prompts_file(args.prompts)
-    if not entries:
-        raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompts FILE (.txt or .jsonl)")
-    label, _ = models.resolve_model_label(models.check_model(args.model))
-    jobs = []
-    for prompt, overrides, where in entries:
-        settings = {**defaults, **overrides}
-        if isinstance(overrides.get("options"), dict):
-            settings["options"] = {**defaults["options"], **overrides["options"]}
-        try:
-            jobs.append(make_job(prompt, settings, label))
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}" if where else str(exc)) from exc
-    return jobs
-
-
-# ---- the manifest ------------------------------------------------------------------------------------------------
-def read_manifest(path: str) -> list[dict]:
-    """The manifest's rows; a line that is not a JSON object (a write cut short) is skipped with a warning."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                warning = f"dit-sparse: warning: {path}:{number}: skipping a line that is not a JSON object"
-                print(warning, file=sys.stderr)
-    return rows
-
-
-def finished_videos(output_dir: str) -> dict[str, dict]:
-    """Key hash -> manifest row, for the rows whose mp4 is on disk."""
-    finished = {}
-    for row in read_manifest(os.path.join(output_dir, MANIFEST_NAME)):
-        try:
-            row_hash = key_hash(row)
-        except KeyError:
-            continue
-        if isinstance(row.get("file"), str) and os.path.isfile(os.path.join(output_dir, row["file"])):
-            finished[row_hash] = row
-    return finished
-
-
-def append_row(path: str, row: dict) -> None:
-    """Append one JSON line and fsync it; a torn last line from an earlier crash is closed off first."""
-    line = json.dumps(row, ensure_ascii=False) + "\n"
-    with open(path, "a+b") as file:  # reads seek anywhere, writes always append
-        file.seek(0, os.SEEK_END)
-        if file.tell() > 0:
-            file.seek(-1, os.SEEK_END)
-            if file.read(1) != b"\n":
-                line = "\n" + line
-        file.write(line.encode("utf-8"))
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def shard_name(rank: int) -> str:
-    """The manifest file process `rank` appends to while several processes render into one folder."""
-    return f"manifest.rank{rank}.jsonl"
-
-
-def merge_manifest_shards(output_dir: str) -> int:
-    """Fold every `manifest.rank<r>.jsonl` into `manifest.jsonl` (rank order, rows already there skipped), then
-    delete the shards; returns the number of rows added. Atomic: the merged manifest is written to a temporary file
-    and renamed over the old one, so a crash leaves either the old manifest and the shards or the merged one (and
-    maybe stale shards, whose rows a later merge skips). Only one process may call it at a time."""
-    if not os.path.isdir(output_dir):
-        return 0
-    shards = sorted(
-        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := SHARD_PATTERN.fullmatch(name))
-    )
-    if not shards:
-        return 0
-    manifest = os.path.join(output_dir, MANIFEST_NAME)
-    rows = read_manifest(manifest)
-    seen = {json.dumps(row, sort_keys=True) for row in rows}
-    added = 0
-    for _, name in shards:
-        for row in read_manifest(os.path.join(output_dir, name)):
-            text = json.dumps(row, sort_keys=True)
-            if text not in seen:
-                seen.add(text)
-                rows.append(row)
-                added += 1
-    temporary = f"{manifest}.merging"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, manifest)
-    for _, name in shards:
-        os.remove(os.path.join(output_dir, name))
-    return added
-
-
-def pending_jobs(jobs: list[RenderJob], finished: dict[str, dict]) -> list[RenderJob]:
-    """The jobs not finished yet, one per key, in prompt-list order: what a run (or its processes, split in order)
-    renders. A pure function of the prompt list and the manifest, so every process computes the same list."""
-    return list({job.key_hash(): job for job in jobs if job.key_hash() not in finished}.values())
-
-
-# ---- rendering ---------------------------------------------------------------------------------------------------
-def render_video(pipe, job: RenderJob) -> tuple[np.ndarray, float | None]:
-    """One video `(T, H, W, 3)` float in [0, 1] with `job`'s method applied, and the attention density it ran at."""
-    import torch
-
-    import dit_sparse
-
-    dit_sparse.sparsify(pipe, job.method, **job.options)
-    try:
-        dit_sparse.sparsity_stats(pipe, reset=True)
-        output = pipe(
-            prompt=job.prompt,
-            num_frames=job.frames,
-            height=job.height,
-            width=job.width,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            generator=torch.Generator().manual_seed(job.seed),  # CPU generator: the same noise on any device
-            output_type="np",
-        )
-        density = dit_sparse.sparsity_stats(pipe)["density"]
-    finally:
-        dit_sparse.unsparsify(pipe)
-    return output.frames[0], density
-
-
-def render_to_file(pipe, job: RenderJob, output_dir: str, fps: float) -> tuple[dict, np.ndarray]:
-    """Render `job` and write its mp4 atomically; returns its manifest row (not yet appended) and uint8 frames."""
-    start = time.perf_counter()
-    frames, density = render_video(pipe, job)
-    seconds = time.perf_counter() - start
-    frames = to_uint8(frames)
-    write_mp4(frames, os.path.join(output_dir, job.file_name()), fps)
-    row = {
-        **job.key(),
-        "density": None if density is None else round(float(density), 6),
-        "seconds": round(seconds, 3),
-        "fps": fps,
-        "file": job.file_name(),
-    }
-    return row, frames
-
-
-def render_jobs(
-    jobs: list[RenderJob],
-    output_dir: str,
-    model: str | None,
-    device: str,
-    dtype: str,
-    fps: float,
-    rendered: dict[str, np.ndarray] | None = None,
-    state=None,
-) -> list[dict]:
-    """Render the jobs not finished yet into `output_dir`; returns every job's manifest row, in order.
-
-    `rendered`, if given, receives key hash -> uint8 frames of each video rendered by this call (not the skipped).
-    `state`: accelerate's `PartialState` when several processes render (each its share of the unfinished jobs, on
-    `device`, rows into its own manifest shard, merged by the main process after a barrier); None for one process.
-    """
-    from tqdm.auto import tqdm
-
-    processes = 1 if state is None else state.num_processes
-    rank = 0 if state is None else state.process_index
-    os.makedirs(output_dir, exist_ok=True)
-    manifest = os.path.join(output_dir, MANIFEST_NAME)
-    if rank == 0:
-        merge_manifest_shards(output_dir)  # rows a run that died before its merge left behind
-    if processes > 1:
-        state.wait_for_everyone()
-    finished = finished_videos(output_dir)
-    pending = pending_jobs(jobs, finished)
-    skipped = len({job.key_hash() for job in jobs}) - len(pending)
-    if skipped and rank == 0:
-        print(f"skipping {skipped} video(s) already in {manifest}")
-    rows_file = manifest if processes == 1 else os.path.join(output_dir, shard_name(rank))
-    mine = pending
-    if processes > 1:
-        with state.split_between_processes(pending) as share:  # contiguous shares, the same cut on every process
-            mine = list(share)
-    if mine:
-        pipe = models.load_pipeline(model, device, dtype)
-        pipe.set_progress_bar_config(desc="denoising", leave=False, disable=rank != 0)
-        for job in tqdm(mine, desc="videos" if processes == 1 else f"videos (process {rank})", unit="video"):
-            row, frames = render_to_file(pipe, job, output_dir, fps)
-            append_row(rows_file, row)
-            finished[job.key_hash()] = row
-            if rendered is not None:
-                rendered[job.key_hash()] = frames
-    if processes > 1:
-        state.wait_for_everyone()
-        if rank == 0:
-            merge_manifest_shards(output_dir)
-        state.wait_for_everyone()
-        finished = finished_videos(output_dir)
-    return [finished[job.key_hash()] for job in jobs]
-
-
-# ---- commands ----------------------------------------------------------------------------------------------------
-def print_model_label(model: str | None) -> None:
-    """The label `model` renders under and, when the tiny random pipeline stands in for the trained model, the note
-    saying so (the one `eval` and the app show)."""
-    label, note = models.resolve_model_label(model)
-    print(f"model: {label}")
-    if note:
-        print(note)
-
-
-def run_render(args: argparse.Namespace) -> int:
-    _check_fps(args.fps)
-    _check_int("num_processes", args.num_processes, 1)
-    jobs = jobs_from_args(args)
-    if args.num_processes > 1:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--num-processes is for a plain run; under `accelerate launch` or torchrun leave it out")
-        return launch_processes(args.num_processes, args.argv)
-    state = process_state(args.device)
-    device = args.device if state is None or not args.device.startswith("cuda") else str(state.device)
-    if state is None or state.is_main_process:
-        print_model_label(args.model)
-    rows = render_jobs(jobs, args.output_dir, args.model, device, args.dtype, args.fps, state=state)
-    if state is None or state.is_main_process:
-        manifest = os.path.join(args.output_dir, MANIFEST_NAME)
-        print(f"{len(rows)} video(s) in {args.output_dir} (manifest: {manifest})")
-    return 0
-
-
-def process_state(device: str):
-    """accelerate's `PartialState` when this process is one of several (`accelerate launch`, torchrun), else None.
-    CPU processes talk over gloo; GPU processes each take their own GPU (`state.device`). The collective timeout is
-    `PROCESS_WAIT`: a process that finished its share waits at the final barrier for the others' last videos."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState(cpu=not device.startswith("cuda"), timeout=PROCESS_WAIT)
-
-
-def launch_command(num_processes: int, argv: list[str]) -> list[str]:
-    """`accelerate launch` of this `render` call on `num_processes` processes, `--num-processes` left out."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            rest.append(arg)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_sparse.cli", *rest]
-
-
-def launch_processes(num_processes: int, argv: list[str]) -> int:
-    """Run this `render` call as `accelerate launch --num_processes N -m dit_sparse.cli render ...`; its status."""
-    import importlib.util
-    import subprocess
-
-    if importlib.util.find_spec("accelerate") is None:
-        raise ValueError("--num-processes needs accelerate (pip install accelerate)")
-    command = launch_command(num_processes, argv)
-    print("launching: " + " ".join(command[2:]), flush=True)
-    return subprocess.call(command)
-
-
-def demo_jobs() -> list[RenderJob]:
-    """The demo's two videos: the same prompt and seed, dense then radial, at the default size."""
-    settings = {
-        "seed": DEFAULT_SEED,
-        "options": {"block_size": DEMO_BLOCK_SIZE},
-        "frames": DEFAULT_FRAMES,
-        "height": DEFAULT_HEIGHT,
-        "width": DEFAULT_WIDTH,
-        "steps": DEFAULT_STEPS,
-        "guidance": DEFAULT_GUIDANCE,
-    }
-    label, _ = models.resolve_model_label(None)
-    return [make_job(DEMO_PROMPT, {**settings, "method": method}, label) for method in ("dense", "radial")]
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    _check_fps(args.fps)
-    dense, radial = demo_jobs()
-    print_model_label(None)
-    tokens = wan_video_tokens(dense.frames, dense.height, dense.width)
-    print(
-        f"prompt: {dense.prompt!r}; {dense.frames} frames at {dense.width}x{dense.height} px "
-        f"({tokens} video tokens), {dense.steps} steps, block size {DEMO_BLOCK_SIZE}, device {args.device}"
-    )
-    rendered = {}
-    rows = render_jobs([dense, radial], args.output_dir, None, args.device, args.dtype, args.fps, rendered)
-    print(f"\n{'method':<8} {'seconds':>8} {'density':>8}")
-    for row in rows:
-        density = "-" if row["density"] is None else f"{row['density']:.3f}"
-        print(f"{row['method']:<8} {row['seconds']:>8.2f} {density:>8}")
-    print(f"PSNR radial vs dense: {demo_psnr(dense, radial, args.output_dir, rendered)}")
-    for row in rows:
-        print(f"wrote {os.path.join(args.output_dir, row['file'])}")
-    return 0
-
-
-def demo_psnr(dense: RenderJob, radial: RenderJob, output_dir: str, rendered: dict[str, np.ndarray]) -> str:
-    """PSNR of radial against dense, as text: on the rendered frames when both were rendered now, and on the mp4s.
-
-    The mp4s' figure includes H.264's 4:2:0 chroma loss on both, which caps it (near 40 dB on noise-like video).
-    """
-    on_files = psnr(*(read_video(os.path.join(output_dir, job.file_name())) for job in (dense, radial)))
-    text = f"{on_files:.2f} dB between the mp4s (H.264 4:2:0 loss included)"
-    if dense.key_hash() in rendered and radial.key_hash() in rendered:
-        on_frames = psnr(rendered[dense.key_hash()], rendered[radial.key_hash()])
-        text = f"{on_frames:.2f} dB on the rendered frames; {text}"
-    return text
-
-
-def _check_fps(fps) -> None:
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps!r}")
-
-
-# ---- the parser --------------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors raised as ValueError so `main` reports every bad input the same way."""
 
@@ -600,61 +34,105 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def _default_device() -> str:
-    import torch
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --fps and --threads: every command has them, with one meaning (`apply_run_settings`)."""
+    from dit_sparse.eval.render import DEFAULT_FPS, DTYPES
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    common.add_argument(
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
     )
-    common.add_argument("--fps", type=float, default=DEFAULT_FPS, help=f"mp4 frame rate (default {DEFAULT_FPS})")
+    parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help=f"mp4 frame rate (default {DEFAULT_FPS})")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
+    )
 
-    parser = _Parser(prog="dit-sparse", description="Training-free sparse attention for diffusers video pipelines.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    render = commands.add_parser("render", parents=[common], help="render prompts to mp4s (resumable)")
+def _add_render_arguments(render: argparse.ArgumentParser) -> None:
+    from dit_sparse.pipelines import models
+    from dit_sparse.config import CONFIGS
+    from dit_sparse.eval import render as engine
+
     render.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     render.add_argument(
         "--prompts", metavar="FILE", help='a .txt (one prompt a line) or .jsonl ({"prompt": ..., overrides}) file'
     )
     render.add_argument("--model", default=None, help=models.MODEL_HELP)
     render.add_argument(
-        "--method", default=DEFAULT_METHOD, help=f"one of {', '.join(CONFIGS)} (default {DEFAULT_METHOD})"
-    )
+        "--method", default=engine.DEFAULT_METHOD,
+        help=f"one of {', '.join(CONFIGS)} (default {engine.DEFAULT_METHOD})",
+    )  # fmt: skip
     render.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)"
-    )
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="a method option (repeatable; a,b,c is a tuple, e.g. window=3,4,4)",
+    )  # fmt: skip
     render.add_argument("--dense-steps", type=int, default=None, help="first N denoising steps dense")
     render.add_argument("--dense-layers", type=int, default=None, help="first N transformer blocks dense")
     render.add_argument("--backend", default=None, help="kernel backend: auto, fa4, triton or reference")
     render.add_argument("--block-size", type=int, default=None, help="tokens per attention block")
-    render.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"4k+1 (default {DEFAULT_FRAMES})")
-    render.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help=f"multiple of 16 (default {DEFAULT_HEIGHT})")
-    render.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"multiple of 16 (default {DEFAULT_WIDTH})")
-    render.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    render.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"noise seed (default {DEFAULT_SEED})")
-    render.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale")
+    render.add_argument(
+        "--frames", type=int, default=engine.DEFAULT_FRAMES, help=f"4k+1 (default {engine.DEFAULT_FRAMES})"
+    )
+    render.add_argument(
+        "--height", type=int, default=engine.DEFAULT_HEIGHT, help=f"multiple of 16 (default {engine.DEFAULT_HEIGHT})"
+    )
+    render.add_argument(
+        "--width", type=int, default=engine.DEFAULT_WIDTH, help=f"multiple of 16 (default {engine.DEFAULT_WIDTH})"
+    )
+    render.add_argument(
+        "--steps", type=int, default=engine.DEFAULT_STEPS, help=f"denoising steps (default {engine.DEFAULT_STEPS})"
+    )
+    render.add_argument(
+        "--seed", type=int, default=engine.DEFAULT_SEED, help=f"noise seed (default {engine.DEFAULT_SEED})"
+    )
+    render.add_argument("--guidance", type=float, default=engine.DEFAULT_GUIDANCE, help="CFG scale")
     render.add_argument("--output-dir", default="renders", help="where mp4s and manifest.jsonl go (default renders/)")
     render.add_argument(
         "--num-processes", type=int, default=1, metavar="N",
         help="render on N processes, one GPU each (launches `accelerate launch --num_processes N`; default 1)",
-    )
-    render.set_defaults(run=run_render)
+    )  # fmt: skip
+    render.set_defaults(run=engine.run_render)
 
-    demo = commands.add_parser("demo", parents=[common], help="dense vs radial on the default model, with PSNR")
+
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    from dit_sparse.eval import render as engine
+
     demo.add_argument("--output-dir", default="demo-out", help="where the two mp4s go (default demo-out/)")
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=engine.run_demo)
 
-    from dit_sparse.app.command import add_app_command  # the app subcommand lives with the app
-    from dit_sparse.eval.command import add_eval_command  # the eval subcommand lives with the eval suite
 
-    add_eval_command(commands, common)
-    add_app_command(commands, common)
+def _add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    from dit_sparse.eval.command import add_eval_arguments  # the eval subcommand lives with the eval suite
+
+    add_eval_arguments(evaluate)
+
+
+def _add_app_arguments(app: argparse.ArgumentParser) -> None:
+    from dit_sparse.app.command import add_app_arguments  # the app subcommand lives with the app
+
+    add_app_arguments(app)
+
+
+_ARGUMENTS = {"render": _add_render_arguments, "demo": _add_demo_arguments, "eval": _add_eval_arguments,
+              "app": _add_app_arguments}  # fmt: skip
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command `argv` names (its first word that is not an option), None when it names none."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """`dit-sparse`'s parser: every command named with its help, the arguments of `command` only (None: of none, as
+    `dit-sparse --help` needs), so that parsing imports only that command's code."""
+    parser = _Parser(prog="dit-sparse", description="Training-free sparse attention for diffusers video pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help_text)
+        if name == command:
+            _add_common_arguments(subparser)
+            _ARGUMENTS[name](subparser)
     return parser
 
 
@@ -662,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `dit-sparse` command line; returns the exit status (2 for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command_of(argv)).parse_args(argv)
         args.argv = argv
-        args.device = args.device or _default_device()
-        args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        from dit_sparse.eval.render import apply_run_settings  # torch comes in only once the arguments parse
+
+        apply_run_settings(args)
         return args.run(args)
     except ValueError as exc:
         print(f"dit-sparse: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever raised

@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 
-from dit_sparse import cli
+from dit_sparse.eval import render
 from dit_sparse.eval.runner import DEFAULT_FRAMES, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
 from dit_sparse.pipelines import tiny
 from dit_sparse.pipelines.models import MODEL_HELP
 
 
-def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
-    """Add the `eval` subcommand to `dit-sparse`'s subparsers (`common`: --device, --dtype, --fps)."""
-    evaluate = commands.add_parser(
-        "eval", parents=[common], help="speed and fidelity of methods against the dense baseline, with a report"
-    )
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """Add the `eval` command's own arguments to its parser (`dit_sparse.cli` adds --device, --dtype, --fps,
+    --threads)."""
     evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
     evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
-    model_size = (f"the tiny trained model's own: {cli.DEFAULT_FRAMES} frames, {cli.DEFAULT_HEIGHT} px, "
+    model_size = (f"the tiny trained model's own: {render.DEFAULT_FRAMES} frames, {render.DEFAULT_HEIGHT} px, "
                   f"{tiny.DEFAULT_STEPS} steps; other models: {DEFAULT_FRAMES} frames, {DEFAULT_SIZE} px, "
                   f"{DEFAULT_STEPS} steps")
     evaluate.add_argument("--frames", type=int, default=None, help=f"4k+1 (default: {model_size})")
@@ -36,9 +34,6 @@ def add_eval_command(commands, common: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS,
         help=f"steps of the untimed warm-up call per method (default {DEFAULT_WARMUP_STEPS}; 0: none)",
     )  # fmt: skip
-    evaluate.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier CPU timings)"
-    )
     evaluate.add_argument("--output-dir", default="eval-out", help="where the report goes (default eval-out/)")
     evaluate.add_argument(
         "--cache-dir", default=None, help="rendered videos and their manifest (default OUTPUT/videos)"
@@ -67,12 +62,8 @@ def run_eval(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, cache_dir=args.cache_dir, side_by_side_videos=args.side_by_side_videos,
     )  # fmt: skip
     score_workers(1, args.score_workers)  # a bad value fails before anything renders
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    render.check_output_dir(plan.output_dir)
+    render.check_output_dir(plan.cache_dir, "--cache-dir")
     notes = []
     if not plan.device.startswith("cuda"):
         notes.append(

@@ -293,7 +293,7 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
     then None) and a JPEG of its middle frame; returns their entries."""
     import cv2
 
-    from dit_sparse import cli
+    from dit_sparse.eval.render import slugify
     from dit_sparse.eval.runner import load_frames
     from dit_sparse.video import write_mp4
 
@@ -304,7 +304,7 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
         reference = load_frames(plan, rows[BASELINE])
         videos = {m.name: load_frames(plan, rows[m.name]) for m in plan.methods}
         grid = side_by_side(reference, videos)
-        stem = f"{index:02d}-{cli.slugify(prompt.prompt)}"
+        stem = f"{index:02d}-{slugify(prompt.prompt)}"
         os.makedirs(folder, exist_ok=True)
         video_path = None
         if plan.side_by_side_videos:

@@ -30,24 +30,26 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse import cli
 from dit_sparse.config import CONFIGS, make_config
 from dit_sparse.files import atomic_path
+from dit_sparse.eval import render
+from dit_sparse.eval.render import MANIFEST_NAME
 from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
 from dit_sparse.pipelines import models
+from dit_sparse.video import to_uint8
 
 BASELINE = "baseline"
-MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_WARMUP_STEPS = 1
 # Eval's defaults for a model other than the tiny trained one are smaller and fewer steps than `render`'s
-# (cli.DEFAULT_*): a suite is tens of prompts times every method, and these keep a CPU run to minutes. The tiny trained
-# model runs at its training size and the steps it needs (`settings_for`): at 8 steps its shapes vanish.
+# (render.DEFAULT_*): a suite is tens of prompts times every method, and these keep a CPU run to minutes. The tiny
+# trained model runs at its training size and the steps it needs (`settings_for`): at 8 steps its shapes vanish.
 DEFAULT_FRAMES = 17
 DEFAULT_SIZE = 128
 DEFAULT_STEPS = 8
@@ -58,7 +60,7 @@ def settings_for(label: str) -> dict:
     from dit_sparse.pipelines import tiny
 
     if label == tiny.TINY_LABEL:
-        return dict(frames=cli.DEFAULT_FRAMES, height=cli.DEFAULT_HEIGHT, width=cli.DEFAULT_WIDTH,
+        return dict(frames=render.DEFAULT_FRAMES, height=render.DEFAULT_HEIGHT, width=render.DEFAULT_WIDTH,
                     steps=tiny.DEFAULT_STEPS)
     return dict(frames=DEFAULT_FRAMES, height=DEFAULT_SIZE, width=DEFAULT_SIZE, steps=DEFAULT_STEPS)
 
@@ -94,8 +96,8 @@ class EvalPlan:
     cache_dir: str
     side_by_side_videos: bool = True  # False: the report's side-by-sides are still frames only (no mp4s)
 
-    def job(self, prompt: str, seed: int, method: str, options: dict) -> cli.RenderJob:
-        return cli.RenderJob(
+    def job(self, prompt: str, seed: int, method: str, options: dict) -> render.RenderJob:
+        return render.RenderJob(
             prompt=prompt, seed=seed, method=method, options=options, frames=self.frames, height=self.height,
             width=self.width, steps=self.steps, guidance=self.guidance, model=self.model_label,
         )  # fmt: skip
@@ -104,7 +106,7 @@ class EvalPlan:
         """Every (prompt, seed) pair, prompt-major."""
         return [(prompt, seed) for prompt in self.suite.prompts for seed in self.seeds]
 
-    def jobs(self) -> list[cli.RenderJob]:
+    def jobs(self) -> list[render.RenderJob]:
         """Per (prompt, seed): the baseline, then each method."""
         jobs = []
         for prompt, seed in self.videos():
@@ -112,29 +114,29 @@ class EvalPlan:
             jobs += [self.job(prompt.prompt, seed, m.name, m.options) for m in self.methods]
         return jobs
 
-    def video_key(self, job: cli.RenderJob) -> dict:
+    def video_key(self, job: render.RenderJob) -> dict:
         return video_key(job, self.device, self.dtype)
 
-    def video_hash(self, job: cli.RenderJob) -> str:
+    def video_hash(self, job: render.RenderJob) -> str:
         return video_hash(job, self.device, self.dtype)
 
-    def frames_file(self, job: cli.RenderJob) -> str:
+    def frames_file(self, job: render.RenderJob) -> str:
         return frames_file(job, self.device, self.dtype)
 
 
-def video_key(job: cli.RenderJob, device: str, dtype: str) -> dict:
+def video_key(job: render.RenderJob, device: str, dtype: str) -> dict:
     """What decides a video's frames: the job's key plus the device type and dtype it runs in."""
     return {**job.key(), "device": device.split(":")[0], "dtype": dtype}
 
 
-def video_hash(job: cli.RenderJob, device: str, dtype: str) -> str:
+def video_hash(job: render.RenderJob, device: str, dtype: str) -> str:
     """A short stable hash of `video_key`: a video's name in the cache."""
     return hashlib.sha256(json.dumps(video_key(job, device, dtype), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def frames_file(job: cli.RenderJob, device: str, dtype: str) -> str:
+def frames_file(job: render.RenderJob, device: str, dtype: str) -> str:
     """The cache's file name of a video's lossless frames."""
-    return f"{cli.slugify(job.prompt)}-seed{job.seed}-{job.method}-{video_hash(job, device, dtype)}.npy"
+    return f"{render.slugify(job.prompt)}-seed{job.seed}-{job.method}-{video_hash(job, device, dtype)}.npy"
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -166,23 +168,10 @@ def parse_seeds(text) -> tuple[int, ...]:
             raise ValueError(f"--seeds must be comma-separated ints >= 0, got {text!r}") from None
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seeds must be ints >= 0, got {item!r}")
-        seeds.append(seed)
+        seeds.append(render.check_seed(seed))
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must name at least one seed, each once, got {text!r}")
     return tuple(seeds)
-
-
-def parse_option_value(text: str):
-    """An option value: `cli.parse_value`, "a,b,c" as a tuple of such values (neighborhood's window, tile), and a
-    JSON object or list as it reads (vdit's `pattern`)."""
-    if text.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"option value {text!r} is not valid JSON: {exc.msg}") from exc
-    if "," in text:
-        return tuple(cli.parse_value(item.strip()) for item in text.strip("()[] ").split(","))
-    return cli.parse_value(text)
 
 
 def parse_method_options(pairs: list[str], methods: list[str], block_size: int | None) -> dict[str, dict]:
@@ -198,7 +187,7 @@ def parse_method_options(pairs: list[str], methods: list[str], block_size: int |
             raise ValueError(f"--option {text!r} names method {method!r}, which is not in --methods {methods}")
         if key in given[method]:
             raise ValueError(f"option {method}.{key} given twice")
-        given[method][key] = parse_option_value(value.strip())
+        given[method][key] = render.parse_option_value(value)
     if block_size is not None:
         for name in methods:
             if "block_size" in {f.name for f in dataclasses.fields(CONFIGS[name])}:
@@ -224,8 +213,8 @@ def make_plan(
     height: int | None = None,
     width: int | None = None,
     steps: int | None = None,
-    guidance: float = cli.DEFAULT_GUIDANCE,
-    fps: float = cli.DEFAULT_FPS,
+    guidance: float = render.DEFAULT_GUIDANCE,
+    fps: float = render.DEFAULT_FPS,
     device: str = "cpu",
     dtype: str = "float32",
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
@@ -241,8 +230,8 @@ def make_plan(
         raise ValueError(f"guidance must be a number, got {guidance!r}")
     if not isinstance(fps, (int, float)) or not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
-    if dtype not in cli.DTYPES:
-        raise ValueError(f"dtype must be one of {cli.DTYPES}, got {dtype!r}")
+    if dtype not in render.DTYPES:
+        raise ValueError(f"dtype must be one of {render.DTYPES}, got {dtype!r}")
     model = models.check_model(model)
     label, _ = models.resolve_model_label(model)
     given = dict(frames=frames, height=height, width=width, steps=steps)
@@ -255,15 +244,15 @@ def make_plan(
         suite=load_suite(suite),
         methods=tuple(MethodSpec(name, method_options[name]) for name in names),
         seeds=parse_seeds(seeds),
-        frames=cli.check_frames(frames),
-        height=cli.check_size("height", height),
-        width=cli.check_size("width", width),
-        steps=cli._check_int("steps", steps, 1),
+        frames=render.check_frames(frames),
+        height=render.check_size("height", height),
+        width=render.check_size("width", width),
+        steps=render.check_int("steps", steps, 1),
         guidance=float(guidance),
         fps=float(fps),
         device=device,
         dtype=dtype,
-        warmup_steps=cli._check_int("warmup_steps", warmup_steps, 0),
+        warmup_steps=render.check_int("warmup_steps", warmup_steps, 0),
         output_dir=output_dir,
         cache_dir=os.path.abspath(cache_dir) if cache_dir else os.path.join(output_dir, "videos"),
         side_by_side_videos=bool(side_by_side_videos),
@@ -384,7 +373,7 @@ class CallProbe:
         self.handles = []
 
 
-def _call_pipe(pipe, job: cli.RenderJob, steps: int, callback=None):
+def _call_pipe(pipe, job: render.RenderJob, steps: int, callback=None):
     import torch
 
     kwargs = dict(
@@ -409,7 +398,7 @@ def _session_details(pipe) -> tuple[dict | None, list[int] | None]:
     return None, None
 
 
-def render_timed(pipe, job: cli.RenderJob, device: str) -> tuple[np.ndarray, dict]:
+def render_timed(pipe, job: render.RenderJob, device: str) -> tuple[np.ndarray, dict]:
     """Render one job (the baseline untouched, a method sparsified) and measure it: uint8 frames and the stats."""
     import torch
 
@@ -455,7 +444,7 @@ def render_timed(pipe, job: cli.RenderJob, device: str) -> tuple[np.ndarray, dic
         "peak_memory_mb": None if peak is None else peak / 2**20,
         "memory_source": "torch.cuda.max_memory_allocated" if cuda else ("peak RSS (sampled)" if peak else None),
     }
-    return cli.to_uint8(frames), stats
+    return to_uint8(frames), stats
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
@@ -472,14 +461,42 @@ def load_frames(plan: EvalPlan, row: dict) -> np.ndarray:
     return np.load(os.path.join(plan.cache_dir, row["file"]))
 
 
+def damaged_frames(path: str, shape=None) -> str | None:
+    """Why the cached frames at `path` cannot be trusted (not a .npy file, cut short, not `shape` when given), None
+    when they are whole; reads the header only."""
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, _, dtype = header(file)
+            expected = file.tell() + int(np.prod(found)) * dtype.itemsize
+            size = os.fstat(file.fileno()).st_size
+    except (OSError, ValueError) as exc:
+        return f"not a readable .npy file ({exc})"
+    if size < expected:
+        return f"cut short ({size} of {expected} bytes)"
+    if shape is not None and list(found) != list(shape):
+        return f"its frames are {list(found)}, its manifest row says {list(shape)}"
+    return None
+
+
 def cached_rows(cache_dir: str) -> dict[str, dict]:
-    """Video hash -> manifest row, for the rows of the cache whose frames file is there (the last row wins)."""
+    """Video hash -> manifest row, for the rows of the cache whose frames file is there and whole (the last row wins).
+    A damaged file (a write cut short by a full disk or a kill) is reported by path and left out: it is rendered
+    again, never trusted."""
     finished = {}
-    for row in cli.read_manifest(os.path.join(cache_dir, MANIFEST_NAME)):
+    for row in render.read_manifest(os.path.join(cache_dir, MANIFEST_NAME)):
         name = row.get("file")
         if isinstance(row.get("hash"), str) and isinstance(name, str):
-            if os.path.isfile(os.path.join(cache_dir, name)):
+            path = os.path.join(cache_dir, name)
+            if not os.path.isfile(path):
+                continue
+            problem = damaged_frames(path, row.get("shape"))
+            if problem is None:
                 finished[row["hash"]] = row
+            else:
+                finished.pop(row["hash"], None)
+                print(f"dit-sparse: warning: {path}: {problem}; rendering it again", file=sys.stderr)
     return finished
 
 
@@ -487,7 +504,7 @@ def finished_rows(plan: EvalPlan) -> dict[str, dict]:
     return cached_rows(plan.cache_dir)
 
 
-def render_into_cache(pipe, job: cli.RenderJob, device: str, dtype: str, cache_dir: str) -> tuple[np.ndarray, dict]:
+def render_into_cache(pipe, job: render.RenderJob, device: str, dtype: str, cache_dir: str) -> tuple[np.ndarray, dict]:
     """Render and measure `job` (`render_timed`), then store its frames and append its manifest row to the cache;
     returns the uint8 frames and the row."""
     frames, stats = render_timed(pipe, job, device)
@@ -496,16 +513,17 @@ def render_into_cache(pipe, job: cli.RenderJob, device: str, dtype: str, cache_d
         "hash": video_hash(job, device, dtype),
         **stats,
         "file": frames_file(job, device, dtype),
+        "shape": list(frames.shape),
         "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     os.makedirs(cache_dir, exist_ok=True)
     save_frames(frames, os.path.join(cache_dir, row["file"]))
-    cli.append_row(os.path.join(cache_dir, MANIFEST_NAME), row)
+    render.append_row(os.path.join(cache_dir, MANIFEST_NAME), row)
     return frames, row
 
 
 def render_cached(
-    pipe, job: cli.RenderJob, device: str, dtype: str, cache_dir: str, warmup_steps: int = 0
+    pipe, job: render.RenderJob, device: str, dtype: str, cache_dir: str, warmup_steps: int = 0
 ) -> tuple[np.ndarray, dict, bool]:
     """`job`'s uint8 frames, manifest row and whether they came from the cache: a video already in `cache_dir` is
     loaded (its row keeps the seconds measured when it was rendered), else it is rendered into it, after an untimed

@@ -1,6 +1,6 @@
 """Prompt suites for `dit-sparse eval`: named built-in lists, VBench's lists when installed, or a user's file.
 
-- `tiny`: 24 captions in the tiny trained model's own vocabulary (`dit_sparse.pipelines.shapes_dataset`): every shape,
+- `tiny`: 24 captions in the tiny trained model's own vocabulary (`dit_sparse.pipelines.tiny.shapes`): every shape,
   shape colour, direction and background kind, each caption in the dataset's template.
 - `standard`: `eval/prompts/standard.json`, our own 60 prompts, 10 for each of VBench's dimension categories
   (subject, multiple objects, motion, camera motion, scene, style).
@@ -77,7 +77,7 @@ def tiny_suite(size: int = TINY_SUITE_SIZE) -> Suite:
         )  # only the caption is used
         category = "plain background" if background == "plain" else f"{background} gradient"
         prompts.append(SuitePrompt(video.caption, category))
-    return Suite("tiny", tuple(prompts), "the tiny model's caption template (dit_sparse.pipelines.shapes_dataset)")
+    return Suite("tiny", tuple(prompts), "the tiny model's caption template (dit_sparse.pipelines.tiny.shapes)")
 
 
 def standard_suite() -> Suite:

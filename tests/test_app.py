@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from dit_sparse import cli  # noqa: E402
 from dit_sparse.config import CONFIGS  # noqa: E402
-from dit_sparse.eval import runner  # noqa: E402
+from dit_sparse.eval import render, runner  # noqa: E402
 from dit_sparse.video import read_video  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
@@ -146,7 +146,8 @@ def test_the_page_starts_at_the_demos_settings(app):
     config = json.load(urllib.request.urlopen(app["url"] + "config", timeout=10))
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
     assert [values[name] for name in ("prompt", "frames", "height", "width", "steps", "model")] == [
-        cli.DEMO_PROMPT, cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, cli.DEFAULT_STEPS, "tiny",
+        render.DEMO_PROMPT, render.DEFAULT_FRAMES, render.DEFAULT_HEIGHT, render.DEFAULT_WIDTH, render.DEFAULT_STEPS,
+        "tiny",
     ]  # fmt: skip
 
 
@@ -198,7 +199,37 @@ def test_the_mask_view_draws_static_masks_and_explains_dynamic_ones():
     assert figure is None and "must be >= 0" in note
 
 
+def test_the_mask_view_refuses_a_layer_or_head_the_model_does_not_have():
+    from dit_sparse.app import ui
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    layers, heads = ui.attention_shape(pipe)
+    assert (layers, heads) == (pipe.transformer.config.num_layers, pipe.transformer.config.num_attention_heads)
+    state = {"method": "radial", "config": {"block_size": 16}, "layout": [3, 4, 4], "layers": layers, "heads": heads}
+    assert ui.mask_view(state, layers - 1, heads - 1)[0] is not None
+    assert ui.mask_view(state, 99, 0) == (
+        None, f"No mask: layer must be in 0..{layers - 1} (the model has {layers} self-attention layers), got 99")
+    assert ui.mask_view(state, 0, 99) == (
+        None, f"No mask: head must be in 0..{heads - 1} (the model has {heads} self-attention heads), got 99")
+
+
+def test_the_page_refuses_a_mask_layer_beyond_the_served_model(client):
+    result = _generate(client, method="radial", layer=99, head=99, **SMALL)
+    assert result["mask_plot"] is None
+    assert result["mask_note"].startswith("No mask: layer must be in 0..") and result["mask_note"].endswith("got 99")
+
+
 def test_app_command_checks_its_inputs_before_serving(capsys):
     assert cli.main(["app", "--model", "/no/such/model-folder", "--device", "cpu"]) == 2
     assert "no model folder" in capsys.readouterr().err
     assert cli.main(["app", "--warmup-steps", "-1", "--device", "cpu"]) == 2
+
+
+def test_app_refuses_a_cache_dir_it_cannot_write_before_serving(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert cli.main(["app", "--cache-dir", str(tmp_path / "file"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: --cache-dir {str(tmp_path / 'file')!r} is a file, not a folder"
+    assert cli.main(["app", "--device", "tpu"]) == 2
+    assert "device 'tpu' is not available here; available: cpu" in capsys.readouterr().err

@@ -5,11 +5,14 @@ a stand-in there: a saved tiny random pipeline (`trained_model`)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dit_sparse import cli
+from dit_sparse.eval import render
 from dit_sparse.pipelines import models, tiny
 from dit_sparse.pipelines.tiny.random_tiny import TINY_RANDOM_LABEL, build_tiny_wan_pipeline
 from dit_sparse.video import read_video
@@ -25,7 +28,7 @@ def _render(tmp_path, *extra, out="out"):
 
 
 def _rows(folder):
-    with open(folder / cli.MANIFEST_NAME, encoding="utf-8") as file:
+    with open(folder / render.MANIFEST_NAME, encoding="utf-8") as file:
         return [json.loads(line) for line in file]
 
 
@@ -64,7 +67,7 @@ def trained_model(monkeypatch, trained_model_folder):
 @pytest.fixture
 def render_calls(monkeypatch):
     """Counts `render_video` calls by prompt; `fail_on` makes the render of that prompt raise."""
-    real = cli.render_video
+    real = render.render_video
     calls = []
     fail_on = set()
 
@@ -74,7 +77,7 @@ def render_calls(monkeypatch):
             raise RuntimeError(f"render of {job.prompt!r} failed (simulated)")
         return real(pipe, job)
 
-    monkeypatch.setattr(cli, "render_video", counting)
+    monkeypatch.setattr(render, "render_video", counting)
     counting.calls, counting.fail_on = calls, fail_on
     return counting
 
@@ -94,7 +97,7 @@ def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_
     out = tmp_path / "out"
     rows = _rows(out)
     assert [row["prompt"] for row in rows] == ["a red fox runs", "a blue boat"]
-    assert _files(out) == sorted([cli.MANIFEST_NAME, *(row["file"] for row in rows)])
+    assert _files(out) == sorted([render.MANIFEST_NAME, *(row["file"] for row in rows)])
     for row in rows:
         assert read_video(out / row["file"]).shape == (9, 64, 96, 3)
         assert row["file"].endswith(".mp4") and row["file"].startswith(row["prompt"].replace(" ", "-"))
@@ -125,7 +128,7 @@ def test_an_interrupted_batch_resumes_with_only_the_unfinished_video(tmp_path, r
     out = tmp_path / "out"
     (first,) = _rows(out)
     assert first["prompt"] == "a cat sleeps"
-    assert _files(out) == sorted([cli.MANIFEST_NAME, first["file"]])  # no partial mp4, no row for the failure
+    assert _files(out) == sorted([render.MANIFEST_NAME, first["file"]])  # no partial mp4, no row for the failure
 
     render_calls.fail_on.clear()
     render_calls.calls.clear()
@@ -151,10 +154,10 @@ def test_a_video_whose_mp4_is_gone_is_rendered_again(tmp_path, render_calls):
 def test_a_manifest_line_torn_by_a_crash_is_skipped_and_closed_off(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / cli.MANIFEST_NAME).write_text('{"prompt": "a cat", "seed', encoding="utf-8")
+    (out / render.MANIFEST_NAME).write_text('{"prompt": "a cat", "seed', encoding="utf-8")
     assert _render(tmp_path, "--prompt", "a cat") == 0
     assert "manifest.jsonl:1: skipping" in capsys.readouterr().err
-    lines = (out / cli.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    lines = (out / render.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
     assert lines[0] == '{"prompt": "a cat", "seed' and json.loads(lines[1])["prompt"] == "a cat"
 
 
@@ -181,6 +184,19 @@ def test_txt_prompts_skip_blank_lines_and_comments(tmp_path, render_calls):
     assert _render(tmp_path, "--prompts", str(prompts), "--frames", "5") == 0
     assert render_calls.calls == ["a cat", "a dog"]
 
+
+
+def test_render_takes_tuple_options_as_eval_does(tmp_path):
+    # `--option window=1,4,4` is the tuple eval's `--option neighborhood.window=1,4,4` gives (one option parser):
+    # each token of the 3 latent frames of 4 x 4 tokens attends to its own frame only, a third of the keys.
+    small = [arg for arg in SMALL if arg not in ("--block-size", "16")]
+    argv = ["render", *small, "--output-dir", str(tmp_path / "out"), "--prompt", "a cat", "--method", "neighborhood",
+            "--option", "window=1,4,4", "--option", "tile=1,4,4"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (row,) = _rows(tmp_path / "out")
+    assert (row["options"]["window"], row["options"]["tile"]) == ([1, 4, 4], [1, 4, 4])
+    assert row["density"] == pytest.approx(1 / 3, abs=1e-6)
+    assert render.parse_option_value("3,4,4") == (3, 4, 4) == render.parse_option_value("(3, 4, 4)")
 
 BAD_INPUTS = [
     (["--prompt", "x", "--method", "sparse"], ["'sparse'", "radial"]),
@@ -295,7 +311,7 @@ def small_demo(monkeypatch):
     (radial drops some); 2 steps."""
     for name, value in [("DEFAULT_FRAMES", 17), ("DEFAULT_HEIGHT", 96), ("DEFAULT_WIDTH", 96), ("DEFAULT_STEPS", 2),
                         ("DEMO_BLOCK_SIZE", 16)]:  # fmt: skip
-        monkeypatch.setattr(cli, name, value)
+        monkeypatch.setattr(render, name, value)
 
 
 def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, capsys, small_demo):
@@ -312,6 +328,8 @@ def test_demo_prints_the_table_and_the_psnr_of_radial_against_dense(tmp_path, ca
     assert cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu"]) == 0  # resumed
     printed = capsys.readouterr().out
     assert "skipping 2 video(s)" in printed and "dB between the mp4s" in printed
+    assert "wrote" not in printed and printed.count("(reused: an earlier run's video and seconds)") == 2
+    assert printed.count("reused " + str(tmp_path / "demo")) == 2
     assert len(_rows(tmp_path / "demo")) == 2
 
 
@@ -334,12 +352,12 @@ def test_the_demo_defaults_are_the_trained_models_size_steps_and_a_shapes_captio
     from dit_sparse.patterns.radial import radial
     from dit_sparse.pipelines.tiny.shapes import parse_caption
 
-    dense, sparse = cli.demo_jobs()
+    dense, sparse = render.demo_jobs()
     assert (dense.frames, dense.height, dense.width, dense.steps) == (81, 160, 160, tiny.DEFAULT_STEPS)
-    assert cli.wan_video_tokens(dense.frames, dense.height, dense.width) == 2100  # 21 latent frames of 10 x 10
+    assert render.wan_video_tokens(dense.frames, dense.height, dense.width) == 2100  # 21 latent frames of 10 x 10
     assert parse_caption(dense.prompt) == {"colour": "red", "shape": "circle", "direction": "right"}
-    assert (dense.method, sparse.method, sparse.options["block_size"]) == ("dense", "radial", cli.DEMO_BLOCK_SIZE)
-    density = float(radial(VideoLayout(21, 10, 10), block_size=cli.DEMO_BLOCK_SIZE).density)
+    assert (dense.method, sparse.method, sparse.options["block_size"]) == ("dense", "radial", render.DEMO_BLOCK_SIZE)
+    density = float(radial(VideoLayout(21, 10, 10), block_size=render.DEMO_BLOCK_SIZE).density)
     assert 0.4 < density < 0.6  # sparse, yet not the near-empty mask of a block larger than a frame (0.16 at 128)
 
 
@@ -375,5 +393,106 @@ def test_a_hub_image_pipeline_is_refused_by_name_before_anything_renders(tmp_pat
 
 def test_option_values_are_parsed_as_bool_int_float_or_string():
     values = ("true", "False", "12", "0.5", "1e-3", "wan")
-    assert [cli.parse_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
-    assert cli.parse_value("-2.5") == -2.5
+    assert [render.parse_option_value(v) for v in values] == [True, False, 12, 0.5, 1e-3, "wan"]
+    assert render.parse_option_value("-2.5") == -2.5
+
+
+
+# ---- faults: each is a one-line error and exit 2 before any model is loaded, or a run that repairs what it owns ----
+def test_help_parses_before_torch_diffusers_and_the_model_code_are_imported():
+    code = ("import runpy, sys\nsys.argv = ['dit-sparse', '--help']\ntry:\n    runpy.run_module('dit_sparse', "
+            "run_name='__main__')\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "print(sorted(name for name in ('torch', 'diffusers', 'dit_sparse.api') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "render" in done.stdout and "eval" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_names_load_on_first_use_and_calibrate_stays_the_function():
+    import dit_sparse
+    import dit_sparse.calibrate  # noqa: F401  (the sub-module of the same name does not replace the function)
+
+    assert callable(dit_sparse.calibrate) and dit_sparse.calibrate.__module__ == "dit_sparse.calibrate"
+    assert all(getattr(dit_sparse, name) is not None for name in dit_sparse.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dit_sparse.no_such_name
+
+
+def test_an_output_dir_that_is_a_file_exits_2_before_a_model_loads(tmp_path, capsys, no_model):
+    (tmp_path / "out").write_text("not a folder")
+    assert _render(tmp_path, "--prompt", "a cat") == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: --output-dir {str(tmp_path / 'out')!r} is a file, not a folder"
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder nobody may write, root included (`chattr +i`); skips where the file system does not allow it."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", ["render", "demo"])
+def test_an_output_dir_that_cannot_be_written_exits_2_before_a_model_loads(
+    unwritable_folder, capsys, no_model, command
+):
+    argv = ["--prompt", "a cat", *SMALL] if command == "render" else ["--device", "cpu"]
+    assert cli.main([command, *argv, "--output-dir", str(unwritable_folder / "sub")]) == 2
+    assert cli.main([command, *argv, "--output-dir", str(unwritable_folder)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"dit-sparse: error: --output-dir {str(unwritable_folder / 'sub')!r} cannot be written: Operation not permitted",
+        f"dit-sparse: error: --output-dir {str(unwritable_folder)!r} cannot be written: Operation not permitted",
+    ]
+    assert os.listdir(unwritable_folder) == []
+
+
+def test_a_device_this_machine_lacks_exits_2_naming_the_ones_it_has(tmp_path, capsys, no_model):
+    assert _render(tmp_path, "--prompt", "a cat", "--device", "tpu") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dit-sparse: error: device 'tpu' is not available here; available: cpu")
+    assert "\n" not in error and not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        assert _render(tmp_path, "--prompt", "a cat", "--device", "cuda") == 2
+        error = capsys.readouterr().err.strip()
+        assert error == (f"dit-sparse: error: device 'cuda' is not available here (this torch {torch.__version__} "
+                         "sees no CUDA GPU); available: cpu")  # fmt: skip
+
+
+def test_a_seed_beyond_64_bits_exits_2_before_a_model_loads(tmp_path, capsys, no_model):
+    assert _render(tmp_path, "--prompt", "a cat", "--seed", str(2**70)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"dit-sparse: error: seed must be in 0..{2**63 - 1} (2**63 - 1), got {2**70}"
+    torch.Generator().manual_seed(render.check_seed(render.MAX_SEED))  # the largest seed allowed is one torch takes
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(2**70)  # what the run died of, after the model had loaded
+
+
+def test_render_and_demo_take_threads_as_eval_does(tmp_path, capsys, no_model, monkeypatch):
+    assert _render(tmp_path, "--prompt", "a cat", "--threads", "0") == 2
+    assert capsys.readouterr().err.strip() == "dit-sparse: error: threads must be >= 1, got 0"
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the threads are set, then the model loads
+        cli.main(["demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu", "--threads", "3"])
+    assert set_to == [3]
+
+
+def test_a_kills_partial_mp4_is_removed_and_a_rerendered_video_keeps_one_row(tmp_path, render_calls):
+    assert _render(tmp_path, "--prompt", "a cat", "--prompt", "a dog") == 0
+    out = tmp_path / "out"
+    cat, dog = _rows(out)
+    (out / f".{cat['file']}.k1ll3d.part.mp4").write_bytes(b"")  # a kill during the mp4 write
+    (out / ".someone-elses.mp4.x.part.mp4").write_bytes(b"")  # not this run's: left alone
+    os.remove(out / dog["file"])
+    assert _render(tmp_path, "--prompt", "a cat", "--prompt", "a dog") == 0
+    assert render_calls.calls == ["a cat", "a dog", "a dog"]
+    assert [row["prompt"] for row in _rows(out)] == ["a cat", "a dog"]
+    assert _files(out) == sorted([render.MANIFEST_NAME, cat["file"], dog["file"], ".someone-elses.mp4.x.part.mp4"])

@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from headless_chromium import screenshot
 
 from dit_sparse import cli
 from dit_sparse.config import CONFIGS
+from dit_sparse.eval import render, runner, suites
 from dit_sparse.eval import report as report_module
-from dit_sparse.eval import runner, suites
 from dit_sparse.pipelines.tiny.shapes import build_tokenizer, parse_caption
 from dit_sparse.video import read_video
 
@@ -108,6 +109,9 @@ BAD_INPUTS = [
     (["--model", "./no-such-model"], ["no-such-model"]),
     (["--warmup-steps", "-1"], ["warmup_steps", "-1"]),
     (["--score-workers", "0"], ["score workers", "0"]),
+    (["--seeds", f"0,{2**70}"], ["seed must be in 0..", str(2**70)]),
+    (["--device", "tpu"], ["device 'tpu'", "available: cpu"]),
+    (["--threads", "0"], ["threads", "0"]),
 ]
 
 
@@ -122,6 +126,41 @@ def test_bad_input_exits_2_naming_the_value_and_creates_nothing(tmp_path, capsys
     for text in named:
         assert text in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir"])
+def test_an_output_or_cache_dir_that_is_a_file_exits_2_before_a_model_loads(tmp_path, capsys, no_model, flag):
+    (tmp_path / "file").write_text("not a folder")
+    file = str(tmp_path / "file")
+    folders = {"--output-dir": str(tmp_path / "out"), "--cache-dir": str(tmp_path / "cache"), flag: file}
+    argv = ["eval", *SMALL, "--suite", "tiny", *(item for pair in folders.items() for item in pair)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"dit-sparse: error: {flag} {file!r} is a file, not a folder"
+
+
+def test_a_damaged_cached_video_is_reported_by_path_and_rendered_again(tmp_path, capsys):
+    frames = np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3)
+    rows = []
+    for name, shape in [("whole", [2, 16, 16, 3]), ("cut", [2, 16, 16, 3]), ("other", [3, 16, 16, 3]),
+                        ("old", None)]:  # fmt: skip
+        runner.save_frames(frames, str(tmp_path / f"{name}.npy"))
+        rows.append({"hash": name, "file": f"{name}.npy", **({} if shape is None else {"shape": shape})})
+    with open(tmp_path / "cut.npy", "r+b") as file:  # a write cut short by a full disk or a kill
+        file.truncate(os.path.getsize(tmp_path / "cut.npy") - 100)
+    (tmp_path / "junk.npy").write_bytes(b"\x00" * 10)
+    rows.append({"hash": "junk", "file": "junk.npy"})
+    for row in rows:
+        render.append_row(str(tmp_path / runner.MANIFEST_NAME), row)
+    assert sorted(runner.cached_rows(str(tmp_path))) == ["old", "whole"]  # a row without a shape: its size checked
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings[:2] == [
+        f"dit-sparse: warning: {tmp_path / 'cut.npy'}: cut short ({os.path.getsize(tmp_path / 'cut.npy')} of "
+        f"{os.path.getsize(tmp_path / 'whole.npy')} bytes); rendering it again",
+        f"dit-sparse: warning: {tmp_path / 'other.npy'}: its frames are [2, 16, 16, 3], its manifest row says "
+        "[3, 16, 16, 3]; rendering it again",
+    ]
+    assert warnings[2].startswith(f"dit-sparse: warning: {tmp_path / 'junk.npy'}: not a readable .npy file (")
+    assert warnings[2].endswith("); rendering it again") and len(warnings) == 3
 
 
 def test_a_folder_that_is_not_a_diffusers_pipeline_is_refused(tmp_path, capsys, no_model):
@@ -147,7 +186,6 @@ def test_methods_default_to_every_config_and_options_fill_in_defaults():
 def test_eval_sizes_default_to_the_trained_tiny_models_own_and_to_small_ones_for_other_models(tmp_path, monkeypatch):
     """At 8 steps the trained model's shapes vanish, so eval runs it at its training size and steps; the random
     pipeline (or any other model) keeps the fast small defaults; flags given always win."""
-    from dit_sparse import cli
     from dit_sparse.pipelines import tiny
 
     def sizes(plan):
@@ -160,8 +198,8 @@ def test_eval_sizes_default_to_the_trained_tiny_models_own_and_to_small_ones_for
     monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path / "model"))
     trained = runner.make_plan(suite="tiny")
     assert trained.model_label == tiny.TINY_LABEL
-    assert sizes(trained) == (cli.DEFAULT_FRAMES, cli.DEFAULT_HEIGHT, cli.DEFAULT_WIDTH, tiny.DEFAULT_STEPS) == (
-        81, 160, 160, 25)
+    assert sizes(trained) == (
+        render.DEFAULT_FRAMES, render.DEFAULT_HEIGHT, render.DEFAULT_WIDTH, tiny.DEFAULT_STEPS) == (81, 160, 160, 25)
     assert sizes(runner.make_plan(suite="tiny", model="tiny-random")) == (17, 128, 128, 8)
     assert sizes(runner.make_plan(suite="tiny", frames=9, steps=3)) == (9, 160, 160, 3)
 
@@ -184,7 +222,7 @@ def render_calls(monkeypatch):
     return counting
 
 
-def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_chromium(tmp_path, render_calls):
+def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_chromium(tmp_path, render_calls, capsys):
     prompts = tmp_path / "two.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "report"
@@ -259,6 +297,18 @@ def test_small_eval_writes_every_output_resumes_from_its_cache_and_renders_in_ch
         assert row["clip_score"] == float(frames.mean()) + len(row["prompt"])
         expected = None if row["method"] == "baseline" else float(abs(base.astype(int) - frames).mean())
         assert row["lpips"] == expected
+
+    # a cached video cut short (a full disk, a kill): reported by path and rendered again, never trusted
+    damaged = next(row for row in finished.values() if row["method"] == "radial")
+    path = os.path.join(plan.cache_dir, damaged["file"])
+    with open(path, "r+b") as file:
+        file.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    render_calls.calls.clear()
+    again = runner.render_all(plan, log=lambda line: None)
+    assert render_calls.calls == [("radial", 1), ("radial", 2)]  # its warm-up, then the video
+    assert f"{path}: cut short" in capsys.readouterr().err
+    assert runner.damaged_frames(path, damaged["shape"]) is None and set(again) == set(finished)
 
     screenshot(str(out / "report.html"), os.path.join(ARTIFACTS, "eval-report.png"))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_sparse import cli
+from dit_sparse.eval import render
 from dit_sparse.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def _render(out, processes: int):
                "--num-processes", str(processes)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    with open(out / cli.MANIFEST_NAME, encoding="utf-8") as file:
+    with open(out / render.MANIFEST_NAME, encoding="utf-8") as file:
         return [json.loads(line) for line in file]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dit_sparse import cli
+from dit_sparse.eval import render
 from dit_sparse.video import read_video
 
 SMALL = ["--frames", "9", "--height", "64", "--width", "64", "--steps", "2", "--block-size", "16", "--device", "cpu"]
@@ -20,7 +21,7 @@ PROMPTS = ["a red fox runs", "a blue boat", "a cat sleeps", "a dog jumps"]
 
 
 def _row(prompt: str, **extra) -> dict:
-    job = cli.make_job(prompt, {"seed": 0, "method": "radial", "options": {"block_size": 16}, "frames": 9,
+    job = render.make_job(prompt, {"seed": 0, "method": "radial", "options": {"block_size": 16}, "frames": 9,
                                 "height": 64, "width": 64, "steps": 2, "guidance": 5.0}, "m")
     return {**job.key(), "file": job.file_name(), **extra}
 
@@ -30,32 +31,32 @@ def _write_rows(path, rows, tail=""):
 
 
 def _rows(folder):
-    return [json.loads(line) for line in (folder / cli.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (folder / render.MANIFEST_NAME).read_text(encoding="utf-8").splitlines()]
 
 
 # ---- the pieces, in process --------------------------------------------------------------------------------------
 def test_shards_merge_into_the_manifest_in_rank_order_without_duplicates_and_are_removed(tmp_path, capsys):
     a, b, c, d = (_row(p) for p in PROMPTS)
-    _write_rows(tmp_path / cli.MANIFEST_NAME, [a])
-    _write_rows(tmp_path / cli.shard_name(1), [d])
-    _write_rows(tmp_path / cli.shard_name(0), [a, b, c], tail='{"prompt": "torn')  # a: merged before a crash
-    assert cli.merge_manifest_shards(str(tmp_path)) == 3
+    _write_rows(tmp_path / render.MANIFEST_NAME, [a])
+    _write_rows(tmp_path / render.shard_name(1), [d])
+    _write_rows(tmp_path / render.shard_name(0), [a, b, c], tail='{"prompt": "torn')  # a: merged before a crash
+    assert render.merge_manifest_shards(str(tmp_path)) == 3
     assert [row["prompt"] for row in _rows(tmp_path)] == PROMPTS
-    assert sorted(os.listdir(tmp_path)) == [cli.MANIFEST_NAME]
+    assert sorted(os.listdir(tmp_path)) == [render.MANIFEST_NAME]
     assert "skipping a line" in capsys.readouterr().err
-    assert cli.merge_manifest_shards(str(tmp_path)) == 0  # nothing left to merge
+    assert render.merge_manifest_shards(str(tmp_path)) == 0  # nothing left to merge
     assert [row["prompt"] for row in _rows(tmp_path)] == PROMPTS
 
 
 def test_pending_jobs_skip_finished_and_repeated_keys_in_prompt_order():
-    jobs = [cli.make_job(p, {"seed": 0, "method": "dense", "options": {}, "frames": 9, "height": 64, "width": 64,
+    jobs = [render.make_job(p, {"seed": 0, "method": "dense", "options": {}, "frames": 9, "height": 64, "width": 64,
                              "steps": 2, "guidance": 5.0}, "m") for p in [*PROMPTS, PROMPTS[0]]]
     finished = {jobs[1].key_hash(): {}}
-    assert [job.prompt for job in cli.pending_jobs(jobs, finished)] == [PROMPTS[0], *PROMPTS[2:]]
+    assert [job.prompt for job in render.pending_jobs(jobs, finished)] == [PROMPTS[0], *PROMPTS[2:]]
 
 
 def test_num_processes_relaunches_render_under_accelerate_without_the_flag():
-    command = cli.launch_command(2, ["render", "--prompt", "a cat", "--num-processes", "2", "--steps", "3",
+    command = render.launch_command(2, ["render", "--prompt", "a cat", "--num-processes", "2", "--steps", "3",
                                      "--num-processes=2"])
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "2"
@@ -112,7 +113,7 @@ def test_two_processes_render_the_same_videos_as_one_and_a_complete_manifest(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(out)
     assert sorted(row["prompt"] for row in rows) == sorted(PROMPTS) and len(rows) == 4
-    assert sorted(os.listdir(out)) == sorted([cli.MANIFEST_NAME, *(row["file"] for row in rows)])  # shards merged
+    assert sorted(os.listdir(out)) == sorted([render.MANIFEST_NAME, *(row["file"] for row in rows)])  # shards merged
     reference, frames = _frames(one_process), _frames(out)
     for prompt in PROMPTS:
         assert np.array_equal(frames[prompt], reference[prompt]), prompt
@@ -128,7 +129,7 @@ def test_a_killed_two_process_run_resumes_with_only_the_missing_videos(tmp_path,
     deadline = time.time() + 600
     try:
         while time.time() < deadline:  # until one process has recorded a video in its shard
-            shards = [out / cli.shard_name(r) for r in (0, 1)]
+            shards = [out / render.shard_name(r) for r in (0, 1)]
             if any(s.exists() and s.read_text(encoding="utf-8").strip() for s in shards):
                 break
             assert run.poll() is None, "the run ended before it could be killed"
@@ -142,9 +143,9 @@ def test_a_killed_two_process_run_resumes_with_only_the_missing_videos(tmp_path,
         run.wait()
     kept = {}  # videos the killed run recorded: file -> (inode, mtime)
     for r in (0, 1):
-        shard = out / cli.shard_name(r)
+        shard = out / render.shard_name(r)
         if shard.exists():
-            for row in cli.read_manifest(str(shard)):
+            for row in render.read_manifest(str(shard)):
                 stat = (out / row["file"]).stat()
                 kept[row["file"]] = (stat.st_ino, stat.st_mtime_ns)
     assert 1 <= len(kept) < 4
