@@ -47,19 +47,20 @@ from dit_sparse.api import sparsify, sparsity_stats, unsparsify
 from dit_sparse.attention import sparse_attention
 from dit_sparse.blockmask import BlockMask
 from dit_sparse.calibrate import calibrate
-from dit_sparse.config import (
+from dit_sparse.config import MethodConfig
+from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import enable_context_parallel
+from dit_sparse.patterns import (
     CONFIGS,
     DenseConfig,
     DraftConfig,
-    MethodConfig,
+    NeighborhoodConfig,
     RadialConfig,
     RandomBlocksConfig,
     ReorderConfig,
     VditConfig,
     make_config,
 )
-from dit_sparse.layout import VideoLayout
-from dit_sparse.parallel import enable_context_parallel
 from dit_sparse.plot import plot_mask
 from dit_sparse.profile import Profile
 
@@ -71,6 +72,7 @@ __all__ = [
     "DenseConfig",
     "DraftConfig",
     "MethodConfig",
+    "NeighborhoodConfig",
     "Profile",
     "RadialConfig",
     "RandomBlocksConfig",

@@ -8,8 +8,8 @@ import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks
-from dit_sparse.config import MethodConfig, make_config
-from dit_sparse.patterns import is_static
+from dit_sparse.config import MethodConfig
+from dit_sparse.patterns import is_static, make_config
 from dit_sparse.profile import Profile
 from dit_sparse.pipelines.adapters import find_adapter, supported_classes
 

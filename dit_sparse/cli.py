@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dit_sparse import models
-from dit_sparse.config import CONFIGS, make_config
+from dit_sparse.patterns import CONFIGS, make_config
 from dit_sparse.pipelines import tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 

@@ -3,15 +3,45 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import RadialConfig
+from dit_sparse.config import MethodConfig, check_block_size, choice
 from dit_sparse.layout import VideoLayout
 
 # Pairs of (query piece, key piece) evaluated at once: bounds the pair tensors to ~4M int32 each.
 _PAIRS_PER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Radial Attention (Li et al., 2025): a static mask whose window halves as the frame distance doubles.
+
+    - `block_size`: tokens per block (128 in the official code).
+    - `decay_factor`: scales the window; the official default is 1.0 (smaller is sparser).
+    - `variant`: `"wan"` or `"hunyuan"`, the two rules of the official `gen_log_mask_shrinked`.
+    """
+
+    method: ClassVar[str] = "radial"
+    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+
+    block_size: int = 128
+    decay_factor: float = 1.0
+    variant: str = choice("wan", VARIANTS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_block_size(owner, "block_size", self.block_size)
+        if not isinstance(self.decay_factor, (int, float)) or isinstance(self.decay_factor, bool) or not (
+            self.decay_factor > 0
+        ):
+            raise ValueError(f"{owner}.decay_factor must be a number > 0, got {self.decay_factor!r}")
+        if self.variant not in self.VARIANTS:
+            raise ValueError(f"{owner}.variant must be one of {self.VARIANTS}, got {self.variant!r}")
 
 
 def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 1.0, variant: str = "wan") -> BlockMask:
@@ -55,6 +85,14 @@ def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 
     block_dense[:n_full, :n_full] = _full_blocks(layout, block_size, float(decay_factor), variant, n_full)
     block_dense.fill_diagonal_(True)
     return BlockMask.from_block_dense(block_dense, seq_len=seq_len, q_block_size=block_size)
+
+
+def build_radial(layout: VideoLayout, config: RadialConfig, q=None, k=None, state=None, device="cpu",
+                 layer=None) -> BlockMask:
+    """`radial` with `config`'s options, on `device`."""
+    return radial(
+        layout, block_size=config.block_size, decay_factor=config.decay_factor, variant=config.variant
+    ).to(device)
 
 
 def _frame_distance_rule(tokens_per_frame: int, frames: int, block_size: int, decay_factor: float, variant: str):

@@ -34,13 +34,15 @@ of a layer depends on the layout only, so it is built once per (layout, device, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
+from dit_sparse.config import MethodConfig, check_block_size
 from dit_sparse.layout import VideoLayout
 
 from .neighborhood import tiled_order
@@ -477,3 +479,65 @@ def as_head_pattern(pattern, where: str) -> HeadPattern:
         return HeadPattern.from_dict(pattern)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+@dataclass(frozen=True)
+class VditConfig(MethodConfig):
+    """Sparse-vDiT (Chen et al., 2025): per layer and head one fixed pattern, diagonal, multi-diagonal, vertical stripe
+    or dense (`dit_sparse.patterns.vdit`). A layer's mask depends on the layout only: built once, reused every step.
+
+    - `block_size`: tokens per block; `tile`: the 3D tile one block holds (None: `default_tile(block_size)`,
+      (1, 8, 16) at 128). Pattern radii count these tiles, so a profile's patterns keep its block size and tile.
+    - `pattern`: every head's pattern, a `HeadPattern` or its dict (None: `DEFAULT_PATTERN`, a diagonal of +-3 tile
+      frames and +-1 tile in space).
+    - `layer_pattern`: per hooked layer, one pattern per head (from a `calibrate(..., method="vdit")` profile);
+      None: `pattern` for every layer and head.
+    """
+
+    method: ClassVar[str] = "vdit"
+    block_size: int = 128
+    tile: tuple[int, int, int] | None = None
+    pattern: object = None
+    layer_pattern: tuple | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_block_size(owner, "block_size", self.block_size)
+        if self.tile is not None:
+            object.__setattr__(self, "tile", resolve_tile(self.block_size, self.tile, owner))
+        pattern = DEFAULT_PATTERN if self.pattern is None else as_head_pattern(self.pattern, f"{owner}.pattern")
+        object.__setattr__(self, "pattern", pattern)
+        if self.layer_pattern is not None:
+            layers = check_profile_layers(self.layer_pattern, f"{owner}.layer_pattern")
+            object.__setattr__(self, "layer_pattern", layers)
+
+    @property
+    def block_tile(self) -> tuple[int, int, int]:
+        """The tile one block holds: `tile`, or `default_tile(block_size)`."""
+        return resolve_tile(self.block_size, self.tile)
+
+    def head_patterns(self, layer: int | None) -> tuple:
+        """The patterns of `layer`'s heads: `layer_pattern[layer]`, else `(pattern,)` (one mask row every head
+        shares)."""
+        if self.layer_pattern is None:
+            return (self.pattern,)
+        if layer is None or not 0 <= layer < len(self.layer_pattern):
+            raise ValueError(f"{type(self).__name__}.layer_pattern covers {len(self.layer_pattern)} layers; layer "
+                             f"{layer!r} has none (a profile for another model?)")
+        return self.layer_pattern[layer]
+
+    def options(self) -> dict:
+        """The config as plain JSON-able keyword arguments: patterns as `HeadPattern.to_dict()`, `tile` resolved."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        options["tile"] = list(self.block_tile)
+        options["pattern"] = self.pattern.to_dict()
+        if self.layer_pattern is not None:
+            options["layer_pattern"] = [[p.to_dict() for p in heads] for heads in self.layer_pattern]
+        return options
+
+
+def build_vdit(layout: VideoLayout, config: VditConfig, q=None, k=None, state=None, device="cpu",
+               layer=None) -> BlockMask:
+    """`vdit_mask` of `layer`'s head patterns (`config.head_patterns`), on `device`."""
+    return vdit_mask(layout, config.head_patterns(layer), config.block_size, config.tile).to(device)
