@@ -82,7 +82,7 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     """Route the self-attention of `pipe`'s transformer(s) through block-sparse attention; returns `pipe`.
 
     `pipe` is a diffusers pipeline, a transformer, or a list of transformers. `method` is a method name
-    (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
+    (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.patterns`; `options` override its fields, e.g.
     `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`; no method means `"radial"`. A method name takes the
     model family's defaults for options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config
     object is used as given. `profile` (a `dit_sparse.Profile` or the path of one `calibrate` wrote) gives the method

@@ -19,48 +19,64 @@ def choice(default: str, choices: tuple[str, ...]):
     return dataclasses.field(default=default, metadata={"choices": choices})
 
 
-def check_int(owner: str, name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+def is_int(value, minimum: int) -> bool:
+    """Whether `value` is an int (not a bool) >= `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def check_block_size(owner: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
-        raise ValueError(f"{owner}.{name} must be a power of two >= 16, got {value!r}")
+def _named(owner: str | None, name: str) -> str:
+    """How an error names the value: `Owner.name` for a config's field, `name` for a function's argument (None)."""
+    return f"{owner}.{name}" if owner else name
 
 
-def check_fraction(owner: str, name: str, value) -> None:
+def check_int(owner: str | None, name: str, value, minimum: int) -> None:
+    if not is_int(value, minimum):
+        raise ValueError(f"{_named(owner, name)} must be an int >= {minimum}, got {value!r}")
+
+
+def check_block_size(owner: str | None, name: str, value) -> None:
+    if not is_int(value, 16) or value & (value - 1):
+        raise ValueError(f"{_named(owner, name)} must be a power of two >= 16, got {value!r}")
+
+
+def check_positive(owner: str | None, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{_named(owner, name)} must be a number > 0, got {value!r}")
+
+
+def check_fraction(owner: str | None, name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value <= 1):
-        raise ValueError(f"{owner}.{name} must be in (0, 1], got {value!r}")
+        raise ValueError(f"{_named(owner, name)} must be in (0, 1], got {value!r}")
 
 
-def check_triple(owner: str, name: str, value) -> tuple[int, int, int]:
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 3
-        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value)
-    ):
-        raise ValueError(f"{owner}.{name} must be three positive ints (frames, rows, columns), got {value!r}")
+def check_choice(owner: str | None, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{_named(owner, name)} must be one of {allowed}, got {value!r}")
+
+
+def check_triple(owner: str | None, name: str, value) -> tuple[int, int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(is_int(v, 1) for v in value):
+        raise ValueError(f"{_named(owner, name)} must be three positive ints (frames, rows, columns), got {value!r}")
     return tuple(value)
 
 
-def check_tile(owner: str, name: str, value) -> tuple[int, int, int]:
+def check_tile(owner: str | None, name: str, value) -> tuple[int, int, int]:
     """A 3D tile (frames, rows, columns) that one kernel block holds: prod(tile) a power of two >= 16."""
     tile = check_triple(owner, name, value)
     tokens = tile[0] * tile[1] * tile[2]
     if tokens < 16 or tokens & (tokens - 1):
-        raise ValueError(f"{owner}.{name} {tile} holds {tokens} tokens; it must hold a power of two >= 16")
+        raise ValueError(f"{_named(owner, name)} {tile} holds {tokens} tokens; it must hold a power of two >= 16")
     return tile
 
 
-def per_layer_heads(owner: str, name: str, value, check) -> tuple[tuple, ...] | None:
+def per_layer_heads(owner: str | None, name: str, value, check) -> tuple[tuple, ...] | None:
     """None, or one tuple per hooked layer of one value per head (profiles give them), each passing `check`."""
     if value is None:
         return None
     if not isinstance(value, (tuple, list)) or not value or any(
         not isinstance(layer, (tuple, list)) or not layer for layer in value
     ):
-        raise ValueError(f"{owner}.{name} must be one non-empty sequence per layer of one value per head, got "
+        raise ValueError(f"{_named(owner, name)} must be one non-empty sequence per layer of one value per head, got "
                          f"{value!r:.200}")
     for layer in value:
         for item in layer:

@@ -181,9 +181,11 @@ def _write(root: Path, files: dict[str, str]) -> dict[str, Path]:
 def test_graph_counts_eager_imports_and_resolves_relative_and_from_imports(tmp_path):
     modules = _write(tmp_path, {
         "pkg": "from pkg import a\nfrom .sub import thing\n",
-        "pkg.a": "import os\nimport pkg.b as bee\ntry:\n    from . import c\nexcept ImportError:\n    from pkg import d\n",
+        "pkg.a": "import os\nimport pkg.b as bee\n"
+                 "try:\n    from . import c\nexcept ImportError:\n    from pkg import d\n",
         "pkg.b": "def later():\n    from pkg import a\n",
-        "pkg.c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\nclass C:\n    from pkg.sub import x\n",
+        "pkg.c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
+                 "class C:\n    from pkg.sub import x\n",
         "pkg.d": "",
         "pkg.sub": "from ..d import name\n",
         "pkg.sub.x": "from .. import b\n",

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import MethodConfig, check_block_size, choice
+from dit_sparse.config import MethodConfig, check_block_size, check_choice, check_positive, choice
 from dit_sparse.layout import VideoLayout
 
 # Pairs of (query piece, key piece) evaluated at once: bounds the pair tensors to ~4M int32 each.
@@ -36,12 +36,8 @@ class RadialConfig(MethodConfig):
         super().__post_init__()
         owner = type(self).__name__
         check_block_size(owner, "block_size", self.block_size)
-        if not isinstance(self.decay_factor, (int, float)) or isinstance(self.decay_factor, bool) or not (
-            self.decay_factor > 0
-        ):
-            raise ValueError(f"{owner}.decay_factor must be a number > 0, got {self.decay_factor!r}")
-        if self.variant not in self.VARIANTS:
-            raise ValueError(f"{owner}.variant must be one of {self.VARIANTS}, got {self.variant!r}")
+        check_positive(owner, "decay_factor", self.decay_factor)
+        check_choice(owner, "variant", self.variant, self.VARIANTS)
 
 
 def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 1.0, variant: str = "wan") -> BlockMask:
@@ -70,13 +66,9 @@ def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 
     - the frame-skip threshold is `block_size`, where the official hard-codes 128 ("equal to block-size").
     `"hunyuan"` has no sink, as in the later official releases (e.g. a5c638bb); early ones (09c88be) gave it one.
     """
-    if variant not in RadialConfig.VARIANTS:
-        raise ValueError(f"variant must be one of {RadialConfig.VARIANTS}, got {variant!r}")
-    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
-    if not is_int or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if not isinstance(decay_factor, (int, float)) or isinstance(decay_factor, bool) or not decay_factor > 0:
-        raise ValueError(f"decay_factor must be a number > 0, got {decay_factor!r}")
+    check_choice(None, "variant", variant, RadialConfig.VARIANTS)
+    check_block_size(None, "block_size", block_size)
+    check_positive(None, "decay_factor", decay_factor)
 
     seq_len = layout.video_len
     n_blocks = math.ceil(seq_len / block_size)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import MethodConfig, check_block_size, check_int
+from dit_sparse.config import MethodConfig, check_block_size, check_fraction, check_int
 from dit_sparse.layout import VideoLayout
 
 
@@ -26,10 +26,7 @@ class RandomBlocksConfig(MethodConfig):
         super().__post_init__()
         owner = type(self).__name__
         check_block_size(owner, "block_size", self.block_size)
-        if not isinstance(self.density, (int, float)) or isinstance(self.density, bool) or not (
-            0 < self.density <= 1
-        ):
-            raise ValueError(f"{owner}.density must be in (0, 1], got {self.density!r}")
+        check_fraction(owner, "density", self.density)
         check_int(owner, "seed", self.seed, 0)
 
 
@@ -38,8 +35,7 @@ def random_blocks(layout: VideoLayout, *, density: float = 0.25, block_size: int
 
     Deterministic in `seed`. Used as the random-mask control of SpargeAttn / VSA-style kernel benchmarks.
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    check_fraction(None, "density", density)
     n = math.ceil(layout.video_len / block_size)
     keep = max(1, min(n, round(density * n)))
     generator = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import DynamicConfig, check_block_size, check_int, choice, per_layer_heads
+from dit_sparse.config import DynamicConfig, check_block_size, check_choice, check_int, choice, per_layer_heads
 from dit_sparse.kernels import unavailable_reason
 from dit_sparse.layout import VideoLayout
 
@@ -61,11 +61,9 @@ class ReorderConfig(DynamicConfig):
     def __post_init__(self):
         super().__post_init__()
         owner = type(self).__name__
-        if self.strategy not in self.STRATEGIES:
-            raise ValueError(f"{owner}.strategy must be one of {self.STRATEGIES}, got {self.strategy!r}")
+        check_choice(owner, "strategy", self.strategy, self.STRATEGIES)
         check_block_size(owner, "block_size", self.block_size)
-        if self.axes not in AXIS_ORDERS:
-            raise ValueError(f"{owner}.axes must be one of {AXIS_ORDERS}, got {self.axes!r}")
+        check_choice(owner, "axes", self.axes, AXIS_ORDERS)
 
         def check_axes(order):
             if order not in AXIS_ORDERS:
@@ -93,8 +91,7 @@ class ReorderConfig(DynamicConfig):
 def axis_order(layout: VideoLayout, axes: str) -> torch.Tensor:
     """(video_len,) int64 on the CPU: the video tokens ordered with `axes[0]` slowest, e.g. "hwf" puts the frames of
     one (row, column) next to each other; "fhw" is the natural order. Memoised: a pure function of its arguments."""
-    if axes not in AXIS_ORDERS:
-        raise ValueError(f"axes must be one of {AXIS_ORDERS}, got {axes!r}")
+    check_choice(None, "axes", axes, AXIS_ORDERS)
     grid = torch.arange(layout.video_len).view(layout.frames, layout.height, layout.width)
     return grid.permute(*("fhw".index(axis) for axis in axes)).reshape(-1)
 
@@ -365,8 +362,7 @@ def reorder_cluster(
     of the clusters it holds (a block straddling two clusters gets both). `clusters` defaults to one per block.
     q, k (B, H, video_len, D).
     """
-    if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 1:
-        raise ValueError(f"kmeans_iters must be an int >= 1, got {kmeans_iters!r}")
+    check_int(None, "kmeans_iters", kmeans_iters, 1)
     seq_len, heads = layout.video_len, q.shape[1]
     clusters = clusters or math.ceil(seq_len / block_size)
     q_order, k_order, block_map, new_state = _cluster_map(q, k, clusters, block_size, state, kmeans_iters, seed)

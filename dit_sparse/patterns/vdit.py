@@ -42,7 +42,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
-from dit_sparse.config import MethodConfig, check_block_size
+from dit_sparse.config import MethodConfig, check_block_size, check_triple, is_int
 from dit_sparse.layout import VideoLayout
 
 from .neighborhood import tiled_order
@@ -61,9 +61,6 @@ _PARAMETERS = ("radius", "spatial_radius", "frame_stride", "key_frames")
 #: `per density` column 1.04-1.13 on Wan and HunyuanVideo): the cost model of the search, dense = 1.
 SPARSE_TIME_PER_DENSITY = 1.05
 
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
 
 def _int_tuple(owner: str, name: str, value, length: int | None, minimum: int) -> tuple[int, ...]:
     what = f"{length} ints" if length is not None else "a non-empty sequence of ints"
@@ -71,7 +68,7 @@ def _int_tuple(owner: str, name: str, value, length: int | None, minimum: int) -
         not isinstance(value, (tuple, list))
         or (length is not None and len(value) != length)
         or len(value) == 0
-        or any(not _is_int(v, minimum) for v in value)
+        or any(not is_int(v, minimum) for v in value)
     ):
         raise ValueError(f"{owner}.{name} must be {what} >= {minimum}, got {value!r}")
     return tuple(value)
@@ -110,7 +107,7 @@ class HeadPattern:
         if self.spatial_radius is not None:
             spatial = _int_tuple("HeadPattern", "spatial_radius", self.spatial_radius, 2, 0)
             object.__setattr__(self, "spatial_radius", spatial)
-        if self.frame_stride is not None and not _is_int(self.frame_stride, 1):
+        if self.frame_stride is not None and not is_int(self.frame_stride, 1):
             raise ValueError(f"HeadPattern.frame_stride must be an int >= 1, got {self.frame_stride!r}")
         if self.key_frames is not None:
             frames = _int_tuple("HeadPattern", "key_frames", self.key_frames, None, 0)
@@ -169,8 +166,7 @@ DEFAULT_PATTERN = HeadPattern.diagonal((3, 1, 1))
 
 def default_tile(block_size: int) -> tuple[int, int, int]:
     """(1, rows, columns) with rows x columns = block_size, as square as powers of two allow: 128 -> (1, 8, 16)."""
-    if not _is_int(block_size, 16) or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    check_block_size(None, "block_size", block_size)
     log = block_size.bit_length() - 1
     return (1, 1 << (log // 2), 1 << (log - log // 2))
 
@@ -180,7 +176,7 @@ def resolve_tile(block_size: int, tile, owner: str = "vdit") -> tuple[int, int, 
     if tile is None:
         return default_tile(block_size)
     default_tile(block_size)  # checks block_size
-    tile = _int_tuple(owner, "tile", tile, 3, 1)
+    tile = check_triple(owner, "tile", tile)
     if math.prod(tile) != block_size:
         raise ValueError(f"{owner}.tile {tile} holds {math.prod(tile)} tokens; it must hold block_size={block_size}")
     return tile
@@ -339,7 +335,7 @@ def candidate_errors(
     kernels run); the result is the mean over the batch. Softmax scale 1 / sqrt(D)."""
     _check_qkv(q, k, v, layout)
     candidates = _check_patterns(candidates, "candidates")
-    if query_rows is not None and not _is_int(query_rows, 1):
+    if query_rows is not None and not is_int(query_rows, 1):
         raise ValueError(f"query_rows must be an int >= 1 or None, got {query_rows!r}")
     mask = vdit_mask(layout, candidates, block_size, tile)
     block_dense = mask.to_block_dense()[0]  # (C, n_blocks, n_blocks)
