@@ -10,7 +10,9 @@ import torch
 import dit_sparse
 from dit_sparse import RadialConfig, VideoLayout, make_config, patterns
 from dit_sparse.config import DynamicConfig, MethodConfig
-from dit_sparse.patterns import radial
+from dit_sparse.patterns import RandomBlocksConfig, ReorderConfig, radial, random_blocks, reorder_cluster
+from dit_sparse.patterns.reorder import axis_order
+from dit_sparse.patterns.vdit import resolve_tile
 
 
 def test_make_config_applies_overrides():
@@ -78,3 +80,22 @@ def test_a_config_of_no_registered_pattern_is_refused_by_name(config):
         make_config(config)
     with pytest.raises(TypeError, match=message):
         patterns.build_mask(VideoLayout(2, 4, 8), config)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda layout: radial(layout, variant="flux"), r"^variant must be one of \('wan', 'hunyuan'\), got 'flux'$"),
+        (lambda layout: random_blocks(layout, density=0), r"^density must be in \(0, 1\], got 0$"),
+        (lambda layout: random_blocks(layout, density="half"), r"^density must be in \(0, 1\], got 'half'$"),
+        (lambda layout: axis_order(layout, "fxy"), r"^axes must be one of \('fhw', .*\), got 'fxy'$"),
+        (lambda layout: reorder_cluster(layout, torch.zeros(1, 1, 64, 8), torch.zeros(1, 1, 64, 8), block_size=16,
+                                        kmeans_iters=0), r"^kmeans_iters must be an int >= 1, got 0$"),
+        (lambda layout: resolve_tile(16, (1, 4)), r"^vdit.tile must be three positive ints \(frames, rows, columns\)"),
+        (lambda layout: RandomBlocksConfig(density=0), r"^RandomBlocksConfig.density must be in \(0, 1\], got 0$"),
+        (lambda layout: ReorderConfig(strategy="kmeans"), r"^ReorderConfig.strategy must be one of \('axes', "),
+    ],
+)
+def test_pattern_functions_and_configs_share_the_validators_naming_argument_or_field(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(VideoLayout(2, 4, 8))
