@@ -31,12 +31,10 @@ import threading
 
 import gradio as gr
 
-from dit_sparse.pipelines import models
-from dit_sparse.config import CONFIGS, make_config
 from dit_sparse.eval import metrics, render, runner
 from dit_sparse.eval.suites import tiny_suite
 from dit_sparse.layout import VideoLayout
-from dit_sparse.patterns import build_mask, is_per_layer, is_static
+from dit_sparse.patterns import CONFIGS, build_mask, is_per_layer, is_static, make_config
 from dit_sparse.pipelines import models
 from dit_sparse.plot import plot_mask
 from dit_sparse.video import write_mp4

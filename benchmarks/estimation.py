@@ -58,7 +58,7 @@ DENSITIES = (0.1, 0.25, 0.5)
 
 def _methods(heads: int, smoke: bool):
     """(name, method options) of each estimate; smoke shapes use blocks of 16."""
-    from dit_sparse.config import AXIS_ORDERS
+    from dit_sparse.patterns.reorder import AXIS_ORDERS
 
     block = 16 if smoke else 128
     tile = (1, 4, 4) if smoke else (1, 8, 16)

@@ -569,7 +569,7 @@ MODES = {
 def main(argv=None) -> int:
     import diffusers
 
-    from dit_sparse.config import CONFIGS
+    from dit_sparse.patterns import CONFIGS
     from dit_sparse.files import write_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -8,8 +8,8 @@ import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks, kernels
-from dit_sparse.config import MethodConfig, make_config
-from dit_sparse.patterns import is_static
+from dit_sparse.config import MethodConfig
+from dit_sparse.patterns import is_static, make_config
 from dit_sparse.profile import Profile
 from dit_sparse.pipelines.adapters import find_adapter, supported_classes
 
@@ -93,7 +93,7 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     """Route the self-attention of `pipe`'s transformer(s) through block-sparse attention; returns `pipe`.
 
     `pipe` is a diffusers pipeline, a transformer, or a list of transformers. `method` is a method name
-    (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.config`; `options` override its fields, e.g.
+    (`"dense"`, `"radial"`, `"random"`, ...: `dit_sparse.CONFIGS`) or a config from `dit_sparse.patterns`; `options` override its fields, e.g.
     `sparsify(pipe, "radial", dense_steps=12, dense_layers=1)`; no method means `"radial"`. A method name takes the
     model family's defaults for options you do not set (radial uses its `hunyuan` variant on HunyuanVideo); a config
     object is used as given. `profile` (a `dit_sparse.Profile` or the path of one `calibrate` wrote) gives the method

@@ -19,10 +19,10 @@ import torch
 
 from dit_sparse import hooks
 from dit_sparse.api import _transformers_of, unsparsify
-from dit_sparse.config import AXIS_ORDERS, DraftConfig, ReorderConfig, VditConfig, make_config
 from dit_sparse.layout import VideoLayout
+from dit_sparse.patterns import DraftConfig, ReorderConfig, VditConfig, make_config
 from dit_sparse.patterns.draft import draft_calibration
-from dit_sparse.patterns.reorder import axes_calibration, cluster_calibration
+from dit_sparse.patterns.reorder import AXIS_ORDERS, axes_calibration, cluster_calibration
 from dit_sparse.patterns.vdit import (
     DEFAULT_CANDIDATES,
     candidate_errors,

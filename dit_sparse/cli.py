@@ -50,7 +50,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_render_arguments(render: argparse.ArgumentParser) -> None:
     from dit_sparse.pipelines import models
-    from dit_sparse.config import CONFIGS
+    from dit_sparse.patterns import CONFIGS
     from dit_sparse.eval import render as engine
 
     render.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dit_sparse.config import CONFIGS, MethodConfig, make_config
+from dit_sparse.config import MethodConfig
 from dit_sparse.files import write_atomic
+from dit_sparse.patterns import CONFIGS, make_config
 
 PROFILE_VERSION = 1
 

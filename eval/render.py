@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dit_sparse.pipelines import models
-from dit_sparse.config import make_config
+from dit_sparse.patterns import make_config
 from dit_sparse.files import write_atomic
 from dit_sparse.pipelines import tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4

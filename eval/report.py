@@ -123,7 +123,7 @@ def reproduce_command(plan: EvalPlan) -> str:
     """A `dit-sparse eval` command line that renders the same videos (options that differ from the defaults)."""
     import shlex
 
-    from dit_sparse.config import make_config
+    from dit_sparse.patterns import make_config
     from dit_sparse.eval.suites import BUILT_IN
 
     name = plan.suite.name
@@ -229,9 +229,8 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
 def mask_plots(means: list[dict], folder: str) -> dict[str, str | None]:
     """Per method, a `plot_mask` PNG of its block mask at the eval's layout (head 0), or None with the reason kept
     in the returned dict's `<method>:note`."""
-    from dit_sparse.config import make_config
     from dit_sparse.layout import VideoLayout
-    from dit_sparse.patterns import build_mask, is_static
+    from dit_sparse.patterns import build_mask, is_static, make_config
     from dit_sparse.plot import plot_mask
 
     plots = {}

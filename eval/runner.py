@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse.config import CONFIGS, make_config
+from dit_sparse.patterns import CONFIGS, make_config
 from dit_sparse.files import atomic_path
 from dit_sparse.eval import render
 from dit_sparse.eval.render import MANIFEST_NAME

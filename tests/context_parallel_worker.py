@@ -35,7 +35,7 @@ def _hunyuan_inputs(device, dtype):
 
 
 def _cases():
-    from dit_sparse.config import DraftConfig, VditConfig
+    from dit_sparse.patterns import DraftConfig, VditConfig
     from dit_sparse.patterns.vdit import HeadPattern
 
     per_head = [HeadPattern.diagonal((0, 0, 0)), HeadPattern("dense"), HeadPattern.diagonal((1, 1, 1)),

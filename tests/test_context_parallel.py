@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import DraftConfig, RadialConfig
+from dit_sparse.patterns import DraftConfig, RadialConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import config_for_heads, gathered_order, mask_for_heads
 

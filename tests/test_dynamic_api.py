@@ -181,7 +181,7 @@ def test_calibrate_reorder_axes_records_an_order_per_head(pipe, tmp_path):
                                    progress=False, path=tmp_path / "axes.json")
     config = dit_sparse.Profile.load(tmp_path / "axes.json").config()
     assert config.strategy == "axes" and len(config.layer_axes) == 2
-    assert all(order in dit_sparse.config.AXIS_ORDERS for row in config.layer_axes for order in row)
+    assert all(order in dit_sparse.patterns.reorder.AXIS_ORDERS for row in config.layer_axes for order in row)
     assert [[e["axes"] for e in row] for row in profile.entries] == [list(row) for row in config.layer_axes]
     with pytest.raises(ValueError, match="calibrate supports methods"):
         dit_sparse.calibrate(pipe, ["a cat"], "radial")

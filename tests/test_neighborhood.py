@@ -14,10 +14,9 @@ import torch
 import dit_sparse
 from dit_sparse import kernels
 from dit_sparse.attention import sparse_attention
-from dit_sparse.config import NeighborhoodConfig, make_config
 from dit_sparse.kernels import fa4
 from dit_sparse.layout import VideoLayout
-from dit_sparse.patterns import PATTERNS, build_mask, is_static
+from dit_sparse.patterns import PATTERNS, NeighborhoodConfig, build_mask, is_static, make_config
 from dit_sparse.patterns.neighborhood import effective_window, neighborhood, tiled_order
 
 TILES = [(1, 4, 4), (2, 2, 4), (1, 2, 8), (4, 2, 2), (2, 4, 4)]
@@ -276,7 +275,7 @@ def test_fa4_refuses_exact_masks_by_name_and_auto_falls_back(monkeypatch):
 def test_config_normalises_and_builds_through_the_registry():
     config = make_config("neighborhood", window=[3, 9, 9], tile=[1, 4, 4])
     assert isinstance(config, NeighborhoodConfig) and config.window == (3, 9, 9) and config.tile == (1, 4, 4)
-    assert is_static(config) and "neighborhood" in PATTERNS
+    assert is_static(config) and NeighborhoodConfig in PATTERNS
     layout = VideoLayout(2, 6, 8)
     mask = build_mask(layout, config)
     assert torch.equal(mask.to_dense(), neighborhood(layout, window=(3, 9, 9), tile=(1, 4, 4)).to_dense())

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.config import VditConfig, make_config
 from dit_sparse.kernels import reference
 from dit_sparse.layout import VideoLayout
+from dit_sparse.patterns import make_config
 from dit_sparse.patterns.vdit import (
     DEFAULT_CANDIDATES,
     DEFAULT_PATTERN,
     HeadPattern,
+    VditConfig,
     candidate_errors,
     choose_head_patterns,
     combine_errors,

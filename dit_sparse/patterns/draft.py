@@ -5,14 +5,38 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dit_sparse.blockmask import BlockMask
+from dit_sparse.config import DynamicConfig, check_tile
 from dit_sparse.layout import VideoLayout
 
-from .estimate import block_attention_mass, density_for_recall, draft_map, keep_counts, top_blocks
+from .estimate import block_attention_mass, density_for_recall, draft_map, keep_counts, top_blocks, video_qk
 from .neighborhood import tiled_order
+
+
+@dataclass(frozen=True)
+class DraftConfig(DynamicConfig):
+    """DraftAttention (Shen et al., 2025): per head, the attention of q and k average-pooled over 3D tiles (the
+    low-resolution draft) picks the key tiles each query tile keeps; tokens are reordered so a tile is a block.
+
+    - `tile`: (frames, rows, columns) of one tile = one kernel block; prod(tile) a power of two >= 16.
+    """
+
+    method: ClassVar[str] = "draft"
+    tile: tuple[int, int, int] = (1, 8, 16)
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        object.__setattr__(self, "tile", check_tile(owner, "tile", self.tile))
+
+    @property
+    def block_size(self) -> int:
+        return self.tile[0] * self.tile[1] * self.tile[2]
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,6 +84,13 @@ def draft(
     indices, counts = top_blocks(probs, keep_counts(densities, probs.shape[-1]), top_p)
     block = math.prod(tile)
     return BlockMask(indices, counts, layout.video_len, block, block, permutation=perm, rows_all_kept=True)
+
+
+def build_draft(layout: VideoLayout, config: DraftConfig, q=None, k=None, state=None, device="cpu",
+                layer=None) -> BlockMask:
+    """`draft` of the call's video q, k with `config`'s options (`layer`: its per-head densities)."""
+    q, k = video_qk(layout, q, k, config.method)
+    return draft(layout, q, k, density=config.densities(layer, q.shape[1]), tile=config.tile, top_p=config.top_p)
 
 
 def draft_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, tile, target_recall: float,

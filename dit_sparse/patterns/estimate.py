@@ -31,6 +31,15 @@ def in_order(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     return x.gather(2, index[..., None].expand(-1, -1, -1, dim))
 
 
+def video_qk(layout, q: torch.Tensor | None, k: torch.Tensor | None, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video tokens of the call's q and k (B, H, S, D): (B, H, video_len, D) each, at `layout.video_slice`; a
+    ValueError naming `method` when either is missing (a dynamic pattern estimates its mask from them)."""
+    if q is None or k is None:
+        raise ValueError(f"method {method!r} estimates its mask from q and k; build_mask needs both")
+    video = layout.video_slice
+    return q[:, :, video], k[:, :, video]
+
+
 @functools.lru_cache(maxsize=64)
 def _block_sizes(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     n = math.ceil(seq_len / block_size)

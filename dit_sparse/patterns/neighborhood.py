@@ -11,15 +11,53 @@ Two variants over one token order (3D tiles, one kernel block per tile):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dit_sparse.blockmask import BlockMask, TokenBoxes
-from dit_sparse.config import NeighborhoodConfig
+from dit_sparse.config import MethodConfig, check_tile, check_triple
 from dit_sparse.layout import VideoLayout
 
 # Pairs of (query piece, key piece) evaluated at once: bounds the pair tensors to ~4M elements each.
 _PAIRS_PER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class NeighborhoodConfig(MethodConfig):
+    """Neighborhood attention (NATTEN / GNA, Hassani et al., 2025) and Sliding Tile Attention (STA, Zhang et al.,
+    2025): each token attends to a 3D window of tokens around it (`dit_sparse.patterns.neighborhood`).
+
+    - `window`, `stride`, `dilation`: (frames, rows, columns) in tokens, as NATTEN defines them (window clamped at
+      the borders so every query sees a full window; stride <= window).
+    - `tile`: the 3D tile one kernel block holds, prod(tile) a power of two >= 16 ((1, 8, 16) = 128).
+    - `exact`: False (default): STA, whole tiles (window rounded up to whole tiles), every backend, fastest; stride and
+      dilation must be 1. True: the exact token-level window, partial blocks masked inside (Triton, reference).
+    """
+
+    method: ClassVar[str] = "neighborhood"
+    window: tuple[int, int, int] = (7, 24, 48)
+    stride: tuple[int, int, int] = (1, 1, 1)
+    dilation: tuple[int, int, int] = (1, 1, 1)
+    tile: tuple[int, int, int] = (1, 8, 16)
+    exact: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        for name in ("window", "stride", "dilation"):
+            object.__setattr__(self, name, check_triple(owner, name, getattr(self, name)))
+        object.__setattr__(self, "tile", check_tile(owner, "tile", self.tile))
+        if any(s > k for s, k in zip(self.stride, self.window)):
+            raise ValueError(f"{owner}.stride {self.stride} must not exceed window {self.window} on any axis")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"{owner}.exact must be a bool, got {self.exact!r}")
+        if not self.exact and (self.stride != (1, 1, 1) or self.dilation != (1, 1, 1)):
+            raise ValueError(
+                f"{owner}: stride {self.stride} and dilation {self.dilation} need exact=True; the tile-aligned "
+                "variant (exact=False) shares one window per tile and takes stride and dilation (1, 1, 1)"
+            )
 
 
 def neighborhood(
@@ -92,6 +130,15 @@ def neighborhood(
         kept, layout.video_len, block_size, permutation=permutation,
         block_partial=partial if boxes is not None else None, token_boxes=boxes,
     )
+
+
+def build_neighborhood(layout: VideoLayout, config: NeighborhoodConfig, q=None, k=None, state=None, device="cpu",
+                       layer=None) -> BlockMask:
+    """`neighborhood` with `config`'s options, on `device`."""
+    return neighborhood(
+        layout, window=config.window, stride=config.stride, dilation=config.dilation, tile=config.tile,
+        exact=config.exact,
+    ).to(device)
 
 
 def effective_window(layout: VideoLayout, window, stride=(1, 1, 1), dilation=(1, 1, 1)) -> tuple[tuple, tuple, tuple]:

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import RadialConfig
+from dit_sparse.config import MethodConfig, check_block_size, check_choice, check_positive, choice
 from dit_sparse.layout import VideoLayout
 
 # Pairs of (query piece, key piece) evaluated at once: bounds the pair tensors to ~4M int32 each.
 _PAIRS_PER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Radial Attention (Li et al., 2025): a static mask whose window halves as the frame distance doubles.
+
+    - `block_size`: tokens per block (128 in the official code).
+    - `decay_factor`: scales the window; the official default is 1.0 (smaller is sparser).
+    - `variant`: `"wan"` or `"hunyuan"`, the two rules of the official `gen_log_mask_shrinked`.
+    """
+
+    method: ClassVar[str] = "radial"
+    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+
+    block_size: int = 128
+    decay_factor: float = 1.0
+    variant: str = choice("wan", VARIANTS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_block_size(owner, "block_size", self.block_size)
+        check_positive(owner, "decay_factor", self.decay_factor)
+        check_choice(owner, "variant", self.variant, self.VARIANTS)
 
 
 def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 1.0, variant: str = "wan") -> BlockMask:
@@ -40,13 +66,9 @@ def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 
     - the frame-skip threshold is `block_size`, where the official hard-codes 128 ("equal to block-size").
     `"hunyuan"` has no sink, as in the later official releases (e.g. a5c638bb); early ones (09c88be) gave it one.
     """
-    if variant not in RadialConfig.VARIANTS:
-        raise ValueError(f"variant must be one of {RadialConfig.VARIANTS}, got {variant!r}")
-    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
-    if not is_int or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if not isinstance(decay_factor, (int, float)) or isinstance(decay_factor, bool) or not decay_factor > 0:
-        raise ValueError(f"decay_factor must be a number > 0, got {decay_factor!r}")
+    check_choice(None, "variant", variant, RadialConfig.VARIANTS)
+    check_block_size(None, "block_size", block_size)
+    check_positive(None, "decay_factor", decay_factor)
 
     seq_len = layout.video_len
     n_blocks = math.ceil(seq_len / block_size)
@@ -55,6 +77,14 @@ def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 
     block_dense[:n_full, :n_full] = _full_blocks(layout, block_size, float(decay_factor), variant, n_full)
     block_dense.fill_diagonal_(True)
     return BlockMask.from_block_dense(block_dense, seq_len=seq_len, q_block_size=block_size)
+
+
+def build_radial(layout: VideoLayout, config: RadialConfig, q=None, k=None, state=None, device="cpu",
+                 layer=None) -> BlockMask:
+    """`radial` with `config`'s options, on `device`."""
+    return radial(
+        layout, block_size=config.block_size, decay_factor=config.decay_factor, variant=config.variant
+    ).to(device)
 
 
 def _frame_distance_rule(tokens_per_frame: int, frames: int, block_size: int, decay_factor: float, variant: str):

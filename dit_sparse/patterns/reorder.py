@@ -17,16 +17,72 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dit_sparse.blockmask import BlockMask
-from dit_sparse.config import AXIS_ORDERS
+from dit_sparse.config import DynamicConfig, check_block_size, check_choice, check_int, choice, per_layer_heads
 from dit_sparse.kernels import unavailable_reason
 from dit_sparse.layout import VideoLayout
 
 from .estimate import (block_attention_mass, block_sizes, density_for_recall, draft_map, keep_counts, select_blocks,
-                       top_blocks)
+                       top_blocks, video_qk)
+
+#: the orders of the (frame, row, column) axes a `reorder` head may take, slowest axis first ("fhw" is natural)
+AXIS_ORDERS = ("fhw", "fwh", "hfw", "hwf", "wfh", "whf")
+
+
+@dataclass(frozen=True)
+class ReorderConfig(DynamicConfig):
+    """Per-head token reordering that gathers a head's scattered pattern into dense blocks, then block selection.
+
+    - `strategy="axes"` (PAROAttention, Zhao et al., 2025): each head orders tokens by one of `AXIS_ORDERS`
+      (`layer_axes`, chosen per head at calibration; without a profile `axes` for every head); blocks of that
+      order are pooled and selected as `draft` does.
+    - `strategy="cluster"` (Sparse VideoGen2, Yang et al., 2025, semantic-aware permutation): k-means of q and of k
+      per head (`clusters` centroids each, default one per block; centroids reused across refreshes as warm starts
+      of `kmeans_iters` Lloyd steps, SVG2's 2 per step; cold starts seed with random tokens and run 8 x as many,
+      with centroid relocations), tokens sorted by cluster, blocks chosen from the centroid-level attention.
+    - `block_size`: tokens per kernel block (power of two >= 16).
+    """
+
+    method: ClassVar[str] = "reorder"
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("axes", "cluster")
+
+    strategy: str = choice("cluster", STRATEGIES)
+    block_size: int = 128
+    axes: str = choice("fhw", AXIS_ORDERS)
+    layer_axes: tuple[tuple[str, ...], ...] | None = None
+    clusters: int | None = None
+    kmeans_iters: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_choice(owner, "strategy", self.strategy, self.STRATEGIES)
+        check_block_size(owner, "block_size", self.block_size)
+        check_choice(owner, "axes", self.axes, AXIS_ORDERS)
+
+        def check_axes(order):
+            if order not in AXIS_ORDERS:
+                raise ValueError(f"{owner}.layer_axes entries must be one of {AXIS_ORDERS}, got {order!r}")
+
+        object.__setattr__(self, "layer_axes", per_layer_heads(owner, "layer_axes", self.layer_axes, check_axes))
+        if self.clusters is not None:
+            check_int(owner, "clusters", self.clusters, 2)
+        check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
+
+    def head_axes(self, layer: int | None, heads: int) -> tuple[str, ...]:
+        """The axis order of each head of `layer`: `layer_axes[layer]`, else `axes` for every head."""
+        if self.layer_axes is None or layer is None:
+            return (self.axes,) * heads
+        if not 0 <= layer < len(self.layer_axes) or len(self.layer_axes[layer]) != heads:
+            raise ValueError(f"{type(self).__name__}.layer_axes has no entry of {heads} heads for layer {layer} "
+                             "(a profile for another model?)")
+        return self.layer_axes[layer]
+
 
 # ---- axes (PAROAttention) -----------------------------------------------------------------------------------------
 
@@ -35,8 +91,7 @@ from .estimate import (block_attention_mass, block_sizes, density_for_recall, dr
 def axis_order(layout: VideoLayout, axes: str) -> torch.Tensor:
     """(video_len,) int64 on the CPU: the video tokens ordered with `axes[0]` slowest, e.g. "hwf" puts the frames of
     one (row, column) next to each other; "fhw" is the natural order. Memoised: a pure function of its arguments."""
-    if axes not in AXIS_ORDERS:
-        raise ValueError(f"axes must be one of {AXIS_ORDERS}, got {axes!r}")
+    check_choice(None, "axes", axes, AXIS_ORDERS)
     grid = torch.arange(layout.video_len).view(layout.frames, layout.height, layout.width)
     return grid.permute(*("fhw".index(axis) for axis in axes)).reshape(-1)
 
@@ -307,8 +362,7 @@ def reorder_cluster(
     of the clusters it holds (a block straddling two clusters gets both). `clusters` defaults to one per block.
     q, k (B, H, video_len, D).
     """
-    if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 1:
-        raise ValueError(f"kmeans_iters must be an int >= 1, got {kmeans_iters!r}")
+    check_int(None, "kmeans_iters", kmeans_iters, 1)
     seq_len, heads = layout.video_len, q.shape[1]
     clusters = clusters or math.ceil(seq_len / block_size)
     q_order, k_order, block_map, new_state = _cluster_map(q, k, clusters, block_size, state, kmeans_iters, seed)
@@ -317,6 +371,22 @@ def reorder_cluster(
     mask = BlockMask(indices, counts, seq_len, block_size, block_size, q_order, kv_permutation=k_order,
                      rows_all_kept=True)
     return mask, new_state
+
+
+def build_reorder(layout: VideoLayout, config: ReorderConfig, q=None, k=None, state=None, device="cpu",
+                  layer=None) -> BlockMask:
+    """`reorder_axes` or `reorder_cluster` (`config.strategy`) of the call's video q, k; `layer` gives the per-head
+    densities and axes, `state` (the session's per-site dict) the k-means centroids, updated for the next refresh."""
+    q, k = video_qk(layout, q, k, config.method)
+    heads = q.shape[1]
+    options = dict(density=config.densities(layer, heads), block_size=config.block_size, top_p=config.top_p)
+    if config.strategy == "axes":
+        return reorder_axes(layout, q, k, axes=config.head_axes(layer, heads), **options)
+    mask, centroids = reorder_cluster(layout, q, k, clusters=config.clusters, kmeans_iters=config.kmeans_iters,
+                                      state=state, **options)
+    if state is not None:
+        state.update(centroids)  # the session's per-site dict: warm starts for the next refresh
+    return mask
 
 
 def cluster_calibration(layout: VideoLayout, q: torch.Tensor, k: torch.Tensor, *, block_size: int,

@@ -34,13 +34,15 @@ of a layer depends on the layout only, so it is built once per (layout, device, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
+from dit_sparse.config import MethodConfig, check_block_size, check_triple, is_int
 from dit_sparse.layout import VideoLayout
 
 from .neighborhood import tiled_order
@@ -59,9 +61,6 @@ _PARAMETERS = ("radius", "spatial_radius", "frame_stride", "key_frames")
 #: `per density` column 1.04-1.13 on Wan and HunyuanVideo): the cost model of the search, dense = 1.
 SPARSE_TIME_PER_DENSITY = 1.05
 
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
 
 def _int_tuple(owner: str, name: str, value, length: int | None, minimum: int) -> tuple[int, ...]:
     what = f"{length} ints" if length is not None else "a non-empty sequence of ints"
@@ -69,7 +68,7 @@ def _int_tuple(owner: str, name: str, value, length: int | None, minimum: int) -
         not isinstance(value, (tuple, list))
         or (length is not None and len(value) != length)
         or len(value) == 0
-        or any(not _is_int(v, minimum) for v in value)
+        or any(not is_int(v, minimum) for v in value)
     ):
         raise ValueError(f"{owner}.{name} must be {what} >= {minimum}, got {value!r}")
     return tuple(value)
@@ -108,7 +107,7 @@ class HeadPattern:
         if self.spatial_radius is not None:
             spatial = _int_tuple("HeadPattern", "spatial_radius", self.spatial_radius, 2, 0)
             object.__setattr__(self, "spatial_radius", spatial)
-        if self.frame_stride is not None and not _is_int(self.frame_stride, 1):
+        if self.frame_stride is not None and not is_int(self.frame_stride, 1):
             raise ValueError(f"HeadPattern.frame_stride must be an int >= 1, got {self.frame_stride!r}")
         if self.key_frames is not None:
             frames = _int_tuple("HeadPattern", "key_frames", self.key_frames, None, 0)
@@ -167,8 +166,7 @@ DEFAULT_PATTERN = HeadPattern.diagonal((3, 1, 1))
 
 def default_tile(block_size: int) -> tuple[int, int, int]:
     """(1, rows, columns) with rows x columns = block_size, as square as powers of two allow: 128 -> (1, 8, 16)."""
-    if not _is_int(block_size, 16) or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    check_block_size(None, "block_size", block_size)
     log = block_size.bit_length() - 1
     return (1, 1 << (log // 2), 1 << (log - log // 2))
 
@@ -178,7 +176,7 @@ def resolve_tile(block_size: int, tile, owner: str = "vdit") -> tuple[int, int, 
     if tile is None:
         return default_tile(block_size)
     default_tile(block_size)  # checks block_size
-    tile = _int_tuple(owner, "tile", tile, 3, 1)
+    tile = check_triple(owner, "tile", tile)
     if math.prod(tile) != block_size:
         raise ValueError(f"{owner}.tile {tile} holds {math.prod(tile)} tokens; it must hold block_size={block_size}")
     return tile
@@ -337,7 +335,7 @@ def candidate_errors(
     kernels run); the result is the mean over the batch. Softmax scale 1 / sqrt(D)."""
     _check_qkv(q, k, v, layout)
     candidates = _check_patterns(candidates, "candidates")
-    if query_rows is not None and not _is_int(query_rows, 1):
+    if query_rows is not None and not is_int(query_rows, 1):
         raise ValueError(f"query_rows must be an int >= 1 or None, got {query_rows!r}")
     mask = vdit_mask(layout, candidates, block_size, tile)
     block_dense = mask.to_block_dense()[0]  # (C, n_blocks, n_blocks)
@@ -477,3 +475,65 @@ def as_head_pattern(pattern, where: str) -> HeadPattern:
         return HeadPattern.from_dict(pattern)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+@dataclass(frozen=True)
+class VditConfig(MethodConfig):
+    """Sparse-vDiT (Chen et al., 2025): per layer and head one fixed pattern, diagonal, multi-diagonal, vertical stripe
+    or dense (`dit_sparse.patterns.vdit`). A layer's mask depends on the layout only: built once, reused every step.
+
+    - `block_size`: tokens per block; `tile`: the 3D tile one block holds (None: `default_tile(block_size)`,
+      (1, 8, 16) at 128). Pattern radii count these tiles, so a profile's patterns keep its block size and tile.
+    - `pattern`: every head's pattern, a `HeadPattern` or its dict (None: `DEFAULT_PATTERN`, a diagonal of +-3 tile
+      frames and +-1 tile in space).
+    - `layer_pattern`: per hooked layer, one pattern per head (from a `calibrate(..., method="vdit")` profile);
+      None: `pattern` for every layer and head.
+    """
+
+    method: ClassVar[str] = "vdit"
+    block_size: int = 128
+    tile: tuple[int, int, int] | None = None
+    pattern: object = None
+    layer_pattern: tuple | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_block_size(owner, "block_size", self.block_size)
+        if self.tile is not None:
+            object.__setattr__(self, "tile", resolve_tile(self.block_size, self.tile, owner))
+        pattern = DEFAULT_PATTERN if self.pattern is None else as_head_pattern(self.pattern, f"{owner}.pattern")
+        object.__setattr__(self, "pattern", pattern)
+        if self.layer_pattern is not None:
+            layers = check_profile_layers(self.layer_pattern, f"{owner}.layer_pattern")
+            object.__setattr__(self, "layer_pattern", layers)
+
+    @property
+    def block_tile(self) -> tuple[int, int, int]:
+        """The tile one block holds: `tile`, or `default_tile(block_size)`."""
+        return resolve_tile(self.block_size, self.tile)
+
+    def head_patterns(self, layer: int | None) -> tuple:
+        """The patterns of `layer`'s heads: `layer_pattern[layer]`, else `(pattern,)` (one mask row every head
+        shares)."""
+        if self.layer_pattern is None:
+            return (self.pattern,)
+        if layer is None or not 0 <= layer < len(self.layer_pattern):
+            raise ValueError(f"{type(self).__name__}.layer_pattern covers {len(self.layer_pattern)} layers; layer "
+                             f"{layer!r} has none (a profile for another model?)")
+        return self.layer_pattern[layer]
+
+    def options(self) -> dict:
+        """The config as plain JSON-able keyword arguments: patterns as `HeadPattern.to_dict()`, `tile` resolved."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        options["tile"] = list(self.block_tile)
+        options["pattern"] = self.pattern.to_dict()
+        if self.layer_pattern is not None:
+            options["layer_pattern"] = [[p.to_dict() for p in heads] for heads in self.layer_pattern]
+        return options
+
+
+def build_vdit(layout: VideoLayout, config: VditConfig, q=None, k=None, state=None, device="cpu",
+               layer=None) -> BlockMask:
+    """`vdit_mask` of `layer`'s head patterns (`config.head_patterns`), on `device`."""
+    return vdit_mask(layout, config.head_patterns(layer), config.block_size, config.tile).to(device)
