@@ -5,44 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks
 from dit_sparse.config import MethodConfig, make_config
 from dit_sparse.patterns import is_static
 from dit_sparse.profile import Profile
-from dit_sparse.pipelines.adapters import find_adapter, supported_classes
+from dit_sparse.pipelines.adapters import find_adapter, transformers_of
+from dit_sparse.session import SparseSession
 
 #: diffusers attention backends that end in torch's scaled_dot_product_attention, which dit-sparse intercepts.
 _NATIVE_BACKENDS = (None, "native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
-
-
-def _transformers_of(obj: Any, *, require_adapter: bool) -> list[torch.nn.Module]:
-    """The transformer(s) of a pipeline, a transformer, or a list of them (Wan 2.2's two experts); a transformer
-    wrapped by `torch.compile` stands for the module it wraps (the hooks go there, and dynamo's guards see them)."""
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _transformers_of(item, require_adapter=require_adapter)]
-    if isinstance(obj, torch.nn.Module):
-        obj = unwrap_module(obj)
-        if require_adapter and find_adapter(obj) is None:
-            raise ValueError(
-                f"no dit-sparse adapter for transformer class {type(obj).__name__!r}; supported: {supported_classes()}"
-            )
-        return [obj]
-    components = getattr(obj, "components", None)
-    if isinstance(components, dict):
-        modules = [unwrap_module(m) for m in components.values() if isinstance(m, torch.nn.Module)]
-        found = [m for m in modules if find_adapter(m) is not None]
-        if not found and require_adapter:
-            classes = sorted({type(m).__name__ for m in modules})
-            raise ValueError(
-                f"no dit-sparse adapter for pipeline {type(obj).__name__!r} (its modules: {classes}); "
-                f"supported transformer classes: {supported_classes()}"
-            )
-        return found if require_adapter else modules
-    raise TypeError(
-        f"sparsify takes a diffusers pipeline, a transformer or a list of transformers, got {type(obj).__name__}"
-    )
 
 
 def _check_attention_backend(transformer: torch.nn.Module, sites) -> None:
@@ -96,7 +68,7 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     else:
         method = "radial" if method is None else method
         make_config(method, **options)  # the user's own method and options, checked first
-    transformers = _transformers_of(pipe, require_adapter=True)
+    transformers = transformers_of(pipe, require_adapter=True)
     plan = []
     for transformer in transformers:
         adapter = find_adapter(transformer)
@@ -108,11 +80,11 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
         else:
             plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
     unsparsify(pipe)
-    sessions: list[hooks.SparseSession] = []  # transformers with one config share steps, masks and statistics
+    sessions: list[SparseSession] = []  # transformers with one config share steps, masks and statistics
     for transformer, adapter, config in plan:
         session = next((s for s in sessions if s.config == config), None)
         if session is None:
-            session = hooks.SparseSession(config)
+            session = SparseSession(config)
             sessions.append(session)
         hooks.install(transformer, adapter, session)
     return pipe
@@ -120,7 +92,7 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
 
 def unsparsify(pipe: Any) -> Any:
     """Remove every dit-sparse hook from `pipe`; its output is then bit-identical to a pipeline never wrapped."""
-    for transformer in _transformers_of(pipe, require_adapter=False):
+    for transformer in transformers_of(pipe, require_adapter=False):
         hooks.remove(transformer)
     return pipe
 
@@ -134,7 +106,7 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     per-layer ones (`vdit`) too: how many were built (one per layout and layer).
     """
     sessions = []
-    for transformer in _transformers_of(pipe, require_adapter=False):
+    for transformer in transformers_of(pipe, require_adapter=False):
         session = hooks.session_of(transformer)
         if session is not None and all(session is not seen for seen in sessions):
             sessions.append(session)

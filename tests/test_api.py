@@ -6,10 +6,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanPipeline, WanTransformer3DModel
 
 import dit_sparse
+import dit_sparse.hooks
 from dit_sparse.hooks import hooked_modules
+from dit_sparse.pipelines.adapters import find_adapter
 from dit_sparse.pipelines.tiny_random import build_tiny_wan_pipeline
 from dit_sparse.video import psnr
 
@@ -123,6 +126,57 @@ def test_dense_steps_and_dense_layers_follow_cfg_calls(pipe):
         stats = dit_sparse.sparsity_stats(pipe)
         # step 0: 4 dense calls; step 1: layer 0 dense, layer 1 sparse.
         assert stats["density"] == pytest.approx((6 * 1.0 + 2 * mask_density) / 8)
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_observe_runs_dense_and_hands_the_observer_each_self_attention_calls_q_k_v(pipe, dense_latents):
+    # 3 steps x 2 CFG calls x 2 layers. The observer's q, k, v are the call's own: attention over them, projected by
+    # the module's to_out, gives the module's output.
+    observed, outputs = [], []
+
+    def observer(layer, step, layout, q, k, v):
+        attn = pipe.transformer.blocks[layer].attn1
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, S, H * D)
+        observed.append((layer, step, layout, attn.to_out[0](out).detach()))
+
+    attn0 = pipe.transformer.blocks[0].attn1
+    handle = attn0.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    adapter = find_adapter(pipe.transformer)
+    try:
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, observer) as session:
+            assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+            latents = _render(pipe)
+    finally:
+        handle.remove()
+    assert hooked_modules(pipe.transformer) == []
+    assert torch.equal(latents, dense_latents)  # the original dense call in every step and layer
+    expected = [(layer, step) for step in range(3) for _branch in ("cond", "uncond") for layer in (0, 1)]
+    assert [(layer, step) for layer, step, _, _ in observed] == expected
+    assert {layout for _, _, layout, _ in observed} == {dit_sparse.VideoLayout(5, 6, 6)}
+    layer0 = [out for layer, _, _, out in observed if layer == 0]
+    assert len(layer0) == len(outputs) == 6
+    for mine, theirs in zip(layer0, outputs):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert session.attention_calls == 12 and float(session.kept_fraction_sum) == 12.0  # all dense
+
+
+def test_observe_removes_its_hooks_when_the_block_raises_and_refuses_a_sparsified_model(pipe):
+    adapter = find_adapter(pipe.transformer)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, lambda **call: None):
+            raise RuntimeError("inside the block")
+    assert hooked_modules(pipe.transformer) == []
+    with pytest.raises(TypeError, match="observer must be callable, got int"):
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, 3):
+            pass
+    assert hooked_modules(pipe.transformer) == []
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    try:
+        with pytest.raises(ValueError, match="is sparsified: call dit_sparse.unsparsify"):
+            with dit_sparse.hooks.observe(pipe.transformer, adapter, lambda **call: None):
+                pass
+        assert dit_sparse.sparsity_stats(pipe)["method"] == "radial"  # the sparsified setting is untouched
     finally:
         dit_sparse.unsparsify(pipe)
 
