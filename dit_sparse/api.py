@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -61,7 +62,9 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     and its per-layer, per-head settings (checked against each transformer: class, layers, heads); `options` then
     override the rest (e.g. `refresh=5`).
     Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
-    with `torch.compile`. Every check happens before anything is changed.
+    with `torch.compile`. Every check happens before anything is changed; an empty list is a ValueError. A setting
+    that leaves the method nothing to do (`dense_layers` covering every block, `dense_steps` every step of a run, a
+    `block_size` holding the whole video) is warned about once on the `dit_sparse` logger (`dit_sparse.session`).
     """
     if profile is not None:
         profile, profile_config = _profile_config(profile, method, options)
@@ -76,18 +79,30 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
         _check_attention_backend(transformer, sites)
         if profile is not None:
             profile.check(transformer, adapter)
-            plan.append((transformer, adapter, profile_config))
+            plan.append((transformer, adapter, sites, profile_config))
         else:
-            plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
+            plan.append((transformer, adapter, sites, _config_for(transformer, adapter, method, options)))
+    pipeline = _pipeline_ref(pipe)
     unsparsify(pipe)
     sessions: list[SparseSession] = []  # transformers with one config share steps, masks and statistics
-    for transformer, adapter, config in plan:
+    for transformer, adapter, sites, config in plan:
         session = next((s for s in sessions if s.config == config), None)
         if session is None:
-            session = SparseSession(config)
+            session = SparseSession(config, pipeline=pipeline)
             sessions.append(session)
         hooks.install(transformer, adapter, session)
+        session.warn_if_layers_all_dense(type(transformer).__name__, [site.layer for site in sites])
     return pipe
+
+
+def _pipeline_ref(pipe: Any) -> weakref.ref | None:
+    """A weak reference to `pipe` when it is a pipeline (its scheduler tells a run's step count), else None."""
+    if isinstance(pipe, (torch.nn.Module, list, tuple)):
+        return None
+    try:
+        return weakref.ref(pipe)
+    except TypeError:  # an object that takes no weak references (a namespace of components): no step count
+        return None
 
 
 def unsparsify(pipe: Any) -> Any:
@@ -98,7 +113,9 @@ def unsparsify(pipe: Any) -> Any:
 
 
 def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
-    """Method, mean kept fraction (`density`, dense calls count 1.0) and number of self-attention calls so far.
+    """Method, mean kept fraction (`density`, dense calls count 1.0), number of self-attention calls so far
+    (`attention_calls`) and how many of them ran the method's mask (`sparse_calls`; the rest were dense by
+    `dense_steps` / `dense_layers`: 0 means the method never ran, which `sparsify` or the run also warns about).
 
     Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
     accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them). Dynamic methods
@@ -114,7 +131,8 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
         raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
     calls = sum(session.attention_calls for session in sessions)
     kept = sum(float(session.kept_fraction_sum) for session in sessions)  # dynamic masks add device tensors
-    stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
+    stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls,
+             "sparse_calls": sum(session.sparse_calls for session in sessions)}
     if not is_static(sessions[0].config):
         stats["mask_builds"] = sum(session.mask_builds for session in sessions)
     if reset:

@@ -104,6 +104,7 @@ class TransformerHook(ModelHook):
         step_index = getattr(context, "step_index", None) if context is not None else None
         branch_name = getattr(context, "name", None) if context is not None else None
         step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index, branch_name)
+        self.session.warn_if_steps_all_dense()
         plan = self.session.plan_for(layout, device, step, self.adapter)
         self.session.record_forward(plan, self.layers)
         self.session.active = plan

@@ -9,11 +9,18 @@ layer); `SparseSession.mask_builds` counts every mask built or estimated.
 Observing (calibration): `SparseSession.observing(observer)` is a session that runs every attention call as the
 original dense call and, before it, hands the call's q, k, v to `observer(layer=, step=, layout=, q=, k=, v=)`
 ((B, H, S, D), in the natural [video; text] order); `dit_sparse.hooks.observe` installs one for a block of code.
+
+A setting that leaves the method nothing to do is warned about once per session on the `dit_sparse` logger:
+`dense_layers` covering every block (at `sparsify`), `dense_steps` covering every step of a run (read from the
+pipeline's scheduler at the run's first transformer call), a `block_size` at least a layout's video token count
+(one block holds the whole video, so the mask is dense). `sparsity_stats`' `sparse_calls` counts what did run sparse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +34,8 @@ from dit_sparse.pipelines.adapters import TransformerAdapter
 
 #: What an observing session calls for each attention call: observer(layer=, step=, layout=, q=, k=, v=).
 Observer = Callable[..., None]
+
+logger = logging.getLogger("dit_sparse")
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +80,8 @@ class SparseSession:
 
     Holds the config, the masks (static ones built once per layout and device, per-layer ones per layer too) and
     forward plans, the denoising step counter, the density statistics (`dit_sparse.sparsity_stats` reads them), and
-    the plan of the forward now running (`active`, None outside one). `observer`: set by `observing` only.
+    the plan of the forward now running (`active`, None outside one). `observer`: set by `observing` only;
+    `pipeline`: a weak reference to the pipeline `sparsify` was given (its scheduler tells a run's step count).
     """
 
     config: MethodConfig
@@ -90,6 +100,9 @@ class SparseSession:
     observer: Observer | None = None
     token_orders: dict = field(default_factory=dict)
     head_configs: dict = field(default_factory=dict)  # (head offset, count) -> the config cut to those heads
+    sparse_calls: int = 0  # attention calls that ran the method's mask (not dense by dense_steps / dense_layers)
+    pipeline: weakref.ref | None = None
+    warned: set = field(default_factory=set)  # the warnings this session gave ("layers", "steps", "block")
 
     @classmethod
     def observing(cls, observer: Observer) -> SparseSession:
@@ -184,6 +197,8 @@ class SparseSession:
         sparse_from = None if dense else self.config.dense_layers
         key = (layout, str(device), sparse_from, adapter.text_position, adapter.attention_mask)
         if key not in self.plans:
+            if sparse_from is not None:
+                self._warn_if_one_block(layout)
             mask, density = None, 1.0
             if sparse_from is not None and is_static(self.config):
                 mask, density = self.mask_for(layout, device)
@@ -192,17 +207,45 @@ class SparseSession:
             )
         return self.plans[key]
 
-    def record(self, kept_fraction: float | torch.Tensor, calls: int = 1) -> None:
+    def record(self, kept_fraction: float | torch.Tensor, calls: int = 1, sparse: bool = True) -> None:
         self.attention_calls += calls
+        self.sparse_calls += calls if sparse else 0
         self.kept_fraction_sum += kept_fraction * calls
 
     def record_forward(self, plan: ForwardPlan, layers: list[int]) -> None:
         """Count one forward's self-attention calls (one per hooked module); calls to dynamic masks count themselves."""
         for layer in layers:
             if plan.is_dense(layer):
-                self.record(1.0)
+                self.record(1.0, sparse=False)
             elif plan.mask is not None:
                 self.record(plan.density)
 
     def reset_stats(self) -> None:
-        self.attention_calls, self.kept_fraction_sum, self.mask_builds = 0, 0.0, 0
+        self.attention_calls, self.sparse_calls, self.kept_fraction_sum, self.mask_builds = 0, 0, 0.0, 0
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            logger.warning(message)
+
+    def warn_if_layers_all_dense(self, transformer_name: str, layers: Sequence[int]) -> None:
+        """At `sparsify`: warn when `dense_layers` covers every one of a transformer's hooked `layers`."""
+        if layers and self.config.dense_layers > max(layers):
+            self._warn_once("layers", f"dit-sparse: dense_layers={self.config.dense_layers} covers all "
+                            f"{max(layers) + 1} blocks of {transformer_name}: the {self.config.method!r} method never "
+                            "runs there")
+
+    def warn_if_steps_all_dense(self) -> None:
+        """At a transformer call: warn when `dense_steps` covers every step of the run the pipeline's scheduler set
+        up (`len(scheduler.timesteps)`); nothing is known without a pipeline or before its first run."""
+        pipeline = None if self.pipeline is None else self.pipeline()
+        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        if timesteps is not None and self.config.dense_steps >= len(timesteps):
+            self._warn_once("steps", f"dit-sparse: dense_steps={self.config.dense_steps} covers all {len(timesteps)} "
+                            f"steps of this run: the {self.config.method!r} method never runs (every call is dense)")
+
+    def _warn_if_one_block(self, layout: VideoLayout) -> None:
+        block_size = getattr(self.config, "block_size", None)
+        if block_size is not None and not isinstance(self.config, DenseConfig) and block_size >= layout.video_len:
+            self._warn_once("block", f"dit-sparse: block_size={block_size} >= the {layout.video_len} video tokens of "
+                            f"{layout}: one block holds the whole video, so the {self.config.method!r} mask is dense")

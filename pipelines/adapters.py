@@ -408,9 +408,14 @@ def transformers_of(obj: Any, *, require_adapter: bool = True) -> list[torch.nn.
 
     `require_adapter=True`: a pipeline's modules that have an adapter, and a ValueError naming the class where a
     transformer (or every module of a pipeline) has none. `require_adapter=False` (what removal walks): every module
-    of a pipeline, a transformer as given, no error. TypeError for anything else."""
+    of a pipeline, a transformer as given, no error. An empty list is a ValueError with `require_adapter`, else [].
+    TypeError for anything else."""
     if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in transformers_of(item, require_adapter=require_adapter)]
+        found = [t for item in obj for t in transformers_of(item, require_adapter=require_adapter)]
+        if require_adapter and not found:
+            raise ValueError(f"got an empty {type(obj).__name__} {obj!r}: pass a pipeline, a transformer or a "
+                             "non-empty list of transformers")
+        return found
     if isinstance(obj, torch.nn.Module):
         obj = unwrap_module(obj)
         if require_adapter and find_adapter(obj) is None:

@@ -343,7 +343,8 @@ def test_dense_method_matches_the_unwrapped_transformer(built, name):
         stats = dit_sparse.sparsity_stats(transformer)
     finally:
         dit_sparse.unsparsify(transformer)
-    assert stats == {"method": "dense", "density": 1.0, "attention_calls": len(FAMILIES[name].sites)}
+    calls = len(FAMILIES[name].sites)
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": calls, "sparse_calls": calls}
     torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
 
 

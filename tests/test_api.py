@@ -1,6 +1,7 @@
 """sparsify / unsparsify on real diffusers Wan classes at tiny sizes (randomly initialised, built offline)."""
 
 import copy
+import logging
 import pickle
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_dense_method_matches_the_unwrapped_pipeline(pipe, dense_latents):
     finally:
         dit_sparse.unsparsify(pipe)
     # 3 steps x 2 CFG calls x 2 layers, every one through the sparse path with a full mask.
-    assert stats == {"method": "dense", "density": 1.0, "attention_calls": 12}
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": 12, "sparse_calls": 12}
     torch.testing.assert_close(latents, dense_latents, atol=1e-4, rtol=1e-4)
 
 
@@ -181,6 +182,67 @@ def test_observe_removes_its_hooks_when_the_block_raises_and_refuses_a_sparsifie
         dit_sparse.unsparsify(pipe)
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dit_sparse" and r.levelname == "WARNING"]
+
+
+def test_dense_steps_covering_the_run_warns_once_and_counts_no_sparse_call(pipe, caplog):
+    # 3 steps x 2 CFG calls x 2 layers = 12 calls a run; dense_steps=2 leaves step 2's 4 calls sparse.
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=2)
+    try:
+        _render(pipe)
+        assert dit_sparse.sparsity_stats(pipe)["sparse_calls"] == 4 and _warnings(caplog) == []
+        dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=100)
+        _render(pipe)
+        _render(pipe)
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert stats["attention_calls"] == 24 and stats["sparse_calls"] == 0 and stats["density"] == 1.0
+    (message,) = _warnings(caplog)  # once, not once per run or call
+    assert "dense_steps=100 covers all 3 steps" in message and "'radial' method never runs" in message
+
+
+def test_dense_layers_covering_every_block_warns_at_sparsify(pipe, caplog):
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_layers=1)  # the tiny Wan has 2 blocks
+    assert _warnings(caplog) == []
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_layers=2)
+    try:
+        (message,) = _warnings(caplog)
+        assert "dense_layers=2 covers all 2 blocks of WanTransformer3DModel" in message
+        _render(pipe)
+        assert dit_sparse.sparsity_stats(pipe)["sparse_calls"] == 0
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_a_block_holding_the_whole_video_warns_once_that_the_mask_is_dense(pipe, caplog):
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    try:
+        _render(pipe)
+        assert _warnings(caplog) == []
+        dit_sparse.sparsify(pipe, "radial", block_size=131072)  # accepted: a power of two
+        _render(pipe)
+        _render(pipe)
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert stats["density"] == 1.0 and stats["sparse_calls"] == stats["attention_calls"] == 24
+    (message,) = _warnings(caplog)
+    assert "block_size=131072 >= the 180 video tokens" in message and "mask is dense" in message
+
+
+def test_sparsify_refuses_an_empty_list(pipe):
+    with pytest.raises(ValueError, match=r"got an empty list \[\]: pass a pipeline, a transformer"):
+        dit_sparse.sparsify([], "radial")
+    with pytest.raises(ValueError, match=r"got an empty tuple \(\)"):
+        dit_sparse.sparsify((), "radial")
+    assert dit_sparse.unsparsify([]) == []  # removing from nothing stays a no-op
+
+
 def test_both_wan22_transformers_are_wrapped(pipe):
     components = dict(pipe.components)
     components["transformer_2"] = build_tiny_wan_pipeline(seed=1).transformer
@@ -203,7 +265,8 @@ def test_sparsify_twice_replaces_the_first_setting(pipe):
     try:
         assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
         _render(pipe, num_inference_steps=1)
-        assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4}
+        assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4,
+                                                   "sparse_calls": 4}
     finally:
         dit_sparse.unsparsify(pipe)
 
