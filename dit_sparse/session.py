@@ -11,9 +11,10 @@ original dense call and, before it, hands the call's q, k, v to `observer(layer=
 ((B, H, S, D), in the natural [video; text] order); `dit_sparse.hooks.observe` installs one for a block of code.
 
 A setting that leaves the method nothing to do is warned about once per session on the `dit_sparse` logger:
-`dense_layers` covering every block (at `sparsify`), `dense_steps` covering every step of a run (read from the
-pipeline's scheduler, which sets it before the run's first transformer call), a `block_size` at least a layout's video token count
-(one block holds the whole video, so the mask is dense). `sparsity_stats`' `sparse_calls` counts what did run sparse.
+`dense_layers` covering every block (at `sparsify`), `dense_steps` covering every step of a run (the pipeline's
+scheduler holds the count before the run's first transformer call), a `block_size` at least a layout's video token
+count (one block holds the whole video, so the mask is dense). `sparsity_stats`' `sparse_calls` counts what did run
+sparse.
 """
 
 from __future__ import annotations
