@@ -195,9 +195,9 @@ class Renderer:
 def attention_shape(pipe) -> tuple[int, int | None]:
     """How many self-attention layers dit-sparse hooks in `pipe`, and their heads (None where the module does not say):
     the layers and heads the mask view may show."""
-    from dit_sparse.pipelines.adapters import find_adapter
+    from dit_sparse.pipelines.adapters import find_adapter, transformers_of
 
-    sites = [site for module in runner.transformers_of(pipe) for site in find_adapter(module).attention_sites(module)]
+    sites = [site for module in transformers_of(pipe) for site in find_adapter(module).attention_sites(module)]
     layers = max((site.layer for site in sites), default=-1) + 1
     return layers, getattr(sites[0].module, "heads", None) if sites else None
 

@@ -2,47 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse import hooks, kernels
 from dit_sparse.config import MethodConfig
 from dit_sparse.patterns import is_static, make_config
 from dit_sparse.profile import Profile
-from dit_sparse.pipelines.adapters import find_adapter, supported_classes
+from dit_sparse.pipelines.adapters import find_adapter, transformers_of
+from dit_sparse.session import SparseSession
 
 #: diffusers attention backends that end in torch's scaled_dot_product_attention, which dit-sparse intercepts.
 _NATIVE_BACKENDS = (None, "native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
-
-
-def _transformers_of(obj: Any, *, require_adapter: bool) -> list[torch.nn.Module]:
-    """The transformer(s) of a pipeline, a transformer, or a list of them (Wan 2.2's two experts); a transformer
-    wrapped by `torch.compile` stands for the module it wraps (the hooks go there, and dynamo's guards see them)."""
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _transformers_of(item, require_adapter=require_adapter)]
-    if isinstance(obj, torch.nn.Module):
-        obj = unwrap_module(obj)
-        if require_adapter and find_adapter(obj) is None:
-            raise ValueError(
-                f"no dit-sparse adapter for transformer class {type(obj).__name__!r}; supported: {supported_classes()}"
-            )
-        return [obj]
-    components = getattr(obj, "components", None)
-    if isinstance(components, dict):
-        modules = [unwrap_module(m) for m in components.values() if isinstance(m, torch.nn.Module)]
-        found = [m for m in modules if find_adapter(m) is not None]
-        if not found and require_adapter:
-            classes = sorted({type(m).__name__ for m in modules})
-            raise ValueError(
-                f"no dit-sparse adapter for pipeline {type(obj).__name__!r} (its modules: {classes}); "
-                f"supported transformer classes: {supported_classes()}"
-            )
-        return found if require_adapter else modules
-    raise TypeError(
-        f"sparsify takes a diffusers pipeline, a transformer or a list of transformers, got {type(obj).__name__}"
-    )
 
 
 def _check_attention_backend(transformer: torch.nn.Module, sites) -> None:
@@ -100,16 +73,19 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
     and its per-layer, per-head settings (checked against each transformer: class, layers, heads); `options` then
     override the rest (e.g. `refresh=5`).
     Sparsifying again replaces the earlier setting. Works with `enable_model_cpu_offload()` and, sparsified first,
-    with `torch.compile`. Every check happens before anything is changed; a named `backend` (e.g. "fa4") is checked
-    against the device the transformer's weights are on (move the pipeline there first), except under model CPU
-    offload, where the weights do not say where it runs: the first attention call checks it then.
+    with `torch.compile`. Every check happens before anything is changed; an empty list is a ValueError; a named
+    `backend` (e.g. "fa4") is checked against the device the transformer's weights are on (move the pipeline there
+    first), except under model CPU offload, where the weights do not say where it runs: the first attention call
+    checks it then. A setting that leaves the method nothing to do (`dense_layers` covering every block,
+    `dense_steps` every step of a run, a `block_size` holding the whole video) is warned about once on the
+    `dit_sparse` logger (`dit_sparse.session`).
     """
     if profile is not None:
         profile, profile_config = _profile_config(profile, method, options)
     else:
         method = "radial" if method is None else method
         make_config(method, **options)  # the user's own method and options, checked first
-    transformers = _transformers_of(pipe, require_adapter=True)
+    transformers = transformers_of(pipe, require_adapter=True)
     plan = []
     for transformer in transformers:
         adapter = find_adapter(transformer)
@@ -117,32 +93,47 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
         _check_attention_backend(transformer, sites)
         if profile is not None:
             profile.check(transformer, adapter)
-            plan.append((transformer, adapter, profile_config))
+            config = profile_config
         else:
-            plan.append((transformer, adapter, _config_for(transformer, adapter, method, options)))
+            config = _config_for(transformer, adapter, method, options)
         device = _weights_device(transformer)
         if device is not None:
-            kernels.check_backend(plan[-1][2].backend, device)
+            kernels.check_backend(config.backend, device)
+        plan.append((transformer, adapter, sites, config))
+    pipeline = _pipeline_ref(pipe)
     unsparsify(pipe)
-    sessions: list[hooks.SparseSession] = []  # transformers with one config share steps, masks and statistics
-    for transformer, adapter, config in plan:
+    sessions: list[SparseSession] = []  # transformers with one config share steps, masks and statistics
+    for transformer, adapter, sites, config in plan:
         session = next((s for s in sessions if s.config == config), None)
         if session is None:
-            session = hooks.SparseSession(config)
+            session = SparseSession(config, pipeline=pipeline)
             sessions.append(session)
         hooks.install(transformer, adapter, session)
+        session.warn_if_layers_all_dense(type(transformer).__name__, [site.layer for site in sites])
     return pipe
+
+
+def _pipeline_ref(pipe: Any) -> weakref.ref | None:
+    """A weak reference to `pipe` when it is a pipeline (its scheduler tells a run's step count), else None."""
+    if isinstance(pipe, (torch.nn.Module, list, tuple)):
+        return None
+    try:
+        return weakref.ref(pipe)
+    except TypeError:  # an object that takes no weak references (a namespace of components): no step count
+        return None
 
 
 def unsparsify(pipe: Any) -> Any:
     """Remove every dit-sparse hook from `pipe`; its output is then bit-identical to a pipeline never wrapped."""
-    for transformer in _transformers_of(pipe, require_adapter=False):
+    for transformer in transformers_of(pipe, require_adapter=False):
         hooks.remove(transformer)
     return pipe
 
 
 def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
-    """Method, mean kept fraction (`density`, dense calls count 1.0) and number of self-attention calls so far.
+    """Method, mean kept fraction (`density`, dense calls count 1.0), number of self-attention calls so far
+    (`attention_calls`) and how many of them ran the method's mask (`sparse_calls`; the rest were dense by
+    `dense_steps` / `dense_layers`: 0 means the method never ran, which `sparsify` or the run also warns about).
 
     Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
     accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them). Dynamic methods
@@ -150,7 +141,7 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     per-layer ones (`vdit`) too: how many were built (one per layout and layer).
     """
     sessions = []
-    for transformer in _transformers_of(pipe, require_adapter=False):
+    for transformer in transformers_of(pipe, require_adapter=False):
         session = hooks.session_of(transformer)
         if session is not None and all(session is not seen for seen in sessions):
             sessions.append(session)
@@ -158,7 +149,8 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
         raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
     calls = sum(session.attention_calls for session in sessions)
     kept = sum(float(session.kept_fraction_sum) for session in sessions)  # dynamic masks add device tensors
-    stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls}
+    stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls,
+             "sparse_calls": sum(session.sparse_calls for session in sessions)}
     if not is_static(sessions[0].config):
         stats["mask_builds"] = sum(session.mask_builds for session in sessions)
     if reset:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dit_sparse import hooks
-from dit_sparse.api import _transformers_of, unsparsify
+from dit_sparse.api import unsparsify
 from dit_sparse.layout import VideoLayout
 from dit_sparse.patterns import DraftConfig, ReorderConfig, VditConfig, make_config
 from dit_sparse.patterns.draft import draft_calibration
@@ -31,8 +31,9 @@ from dit_sparse.patterns.vdit import (
     combine_errors,
     pattern_costs,
 )
-from dit_sparse.pipelines.adapters import find_adapter
+from dit_sparse.pipelines.adapters import find_adapter, transformers_of
 from dit_sparse.profile import Profile
+
 
 def _measure_draft(layout: VideoLayout, q, k, v, config: DraftConfig, settings: dict) -> list[dict]:
     return draft_calibration(layout, q, k, tile=config.tile, target_recall=settings["target_recall"])
@@ -129,7 +130,7 @@ def calibrate(
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r}")
     config = make_config(method, **options)
-    transformers = _transformers_of(pipe, require_adapter=True)
+    transformers = transformers_of(pipe, require_adapter=True)
     if len(transformers) != 1:
         raise ValueError(f"calibrate takes a pipeline with one transformer (a profile is per transformer), got "
                          f"{len(transformers)}: calibrate each one as its own transformer")
@@ -155,19 +156,14 @@ def calibrate(
             for head, entry in enumerate(measure(layout, *(x[:, :, video] for x in (q, k, v)), config, settings)):
                 samples[layer][head].append(entry)
 
-    # Every call dense (the original attention call), observed on the way.
-    session = hooks.SparseSession(make_config("dense", dense_steps=2**31 - 1), observer=observe)
     runs = [(prompt, seed) for prompt in prompts for seed in seeds]
     unsparsify(pipe)
-    hooks.install(transformer, adapter, session)
-    try:
+    with hooks.observe(transformer, adapter, observe):  # every call dense (the original call), observed on the way
         from tqdm.auto import tqdm
 
         for prompt, seed in tqdm(runs, desc=f"calibrate {method}", disable=not progress):
             pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="latent",
                  **(pipe_kwargs or {}))
-    finally:
-        hooks.remove(transformer)
     if any(not head for layer in samples for head in layer):
         raise ValueError(f"no attention call was measured at steps {sorted(wanted)}; the runs have fewer steps?")
     entries = [[reduce(head, settings) for head in layer] for layer in samples]

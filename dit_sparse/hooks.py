@@ -20,9 +20,8 @@ code never reads a layer index or a per-module object identity, so all blocks tr
 compilation (`compile_repeated_blocks`) compiles one block for every block, dynamic patterns compile without a graph
 break, and the rest of each block (norms, modulation, RoPE, MLP) fuses around the op.
 
-Dynamic masks are cached per (attention site, CFG branch, layout, device) and re-estimated on the config's
-`refresh` schedule (`DynamicConfig.refreshes_at`); per-layer masks (`vdit`) are built once per (layout, device, layer);
-`SparseSession.mask_builds` counts every mask built or estimated.
+What a sparsified pipeline remembers (plans, masks, steps, statistics) is its `SparseSession` (`dit_sparse.session`);
+`observe` installs an observing session (every call dense, its q, k, v handed to a function) for calibration.
 
 Under diffusers' Ulysses context parallelism (`dit_sparse.parallel`) the intercepted call holds the full sequence
 for this rank's heads: the call puts the tokens in the natural order when joint text makes the gathered order
@@ -32,9 +31,10 @@ order on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,191 +44,15 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from dit_sparse.attention import sparse_attention
-from dit_sparse.blockmask import BlockMask, inverse_order
-from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
-from dit_sparse.parallel import config_for_heads, gathered_order, mask_for_heads, ulysses_shard
-from dit_sparse.patterns import build_mask, is_per_layer, is_static
+from dit_sparse.parallel import mask_for_heads, ulysses_shard
 from dit_sparse.pipelines.adapters import TransformerAdapter
+from dit_sparse.session import ForwardPlan, Observer, SparseSession
 
 TRANSFORMER_HOOK = "dit_sparse.transformer"
 ATTENTION_HOOK = "dit_sparse.attention"
 
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-
-
-@dataclass(frozen=True, eq=False)
-class ForwardPlan:
-    """What every self-attention call of one transformer forward needs.
-
-    - `layout`: the video tokens (`text_len` 0); a call's full layout adds the tokens beyond them as text.
-    - `text_position`, `attention_mask`: the adapter's text side and mask convention.
-    - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
-    - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
-      for patterns that need q and k or the layer (taken in the call).
-    """
-
-    layout: VideoLayout
-    text_position: str | None
-    attention_mask: str | None
-    sparse_from: int | None
-    backend: str
-    mask: BlockMask | None = None
-    density: float = 1.0
-
-    def is_dense(self, layer: int) -> bool:
-        return self.sparse_from is None or layer < self.sparse_from
-
-    def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
-        """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
-        video = self.layout
-        text_len = int(seq_len) - video.video_len
-        if text_len < 0 or (text_len > 0 and self.text_position is None):
-            raise RuntimeError(
-                f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
-                f"({video.video_len} video tokens{'' if self.text_position else ' and no joint text'})"
-            )
-        if text_len == 0:
-            return video
-        return VideoLayout(video.frames, video.height, video.width, text_len, self.text_position)
-
-
-@dataclass
-class SparseSession:
-    """State shared by every hook of one `sparsify` call with one config (both Wan 2.2 experts share one session).
-
-    Holds the config, the masks (static ones built once per layout and device, per-layer ones per layer too) and
-    forward plans, the denoising step
-    counter, the density statistics, and the plan of the forward now running (`active`, None outside one).
-    """
-
-    config: MethodConfig
-    masks: dict = field(default_factory=dict)
-    plans: dict = field(default_factory=dict)
-    active: ForwardPlan | None = None
-    step: int = 0
-    last_timestep: float | None = None
-    generation: int = 0  # counts generations: a timestep above the last, a step index below it, or reset_steps
-    attention_calls: int = 0
-    kept_fraction_sum: float | torch.Tensor = 0.0  # a device tensor once a dynamic mask is counted
-    branch: object = 0
-    mask_builds: int = 0
-    dynamic_masks: dict = field(default_factory=dict)
-    pattern_state: dict = field(default_factory=dict)
-    observer: object = None
-    token_orders: dict = field(default_factory=dict)
-    head_configs: dict = field(default_factory=dict)  # (head offset, count) -> the config cut to those heads
-
-    def observe_call(self, timestep, step_index: int | None, branch_name: str | None = None) -> int:
-        """Advance the step counter for one transformer call; CFG's second call of a step repeats the timestep.
-
-        Also sets `branch`, which call of the step this is: the pipeline's cache-context name ("cond", "uncond")
-        when it gives one, else the count of calls that repeated the timestep (dynamic masks are kept per branch)."""
-        value = None
-        if isinstance(timestep, torch.Tensor):
-            value = float(timestep.max())
-        elif timestep is not None:
-            value = float(timestep)
-        if branch_name is not None:
-            self.branch = branch_name
-        elif value is not None and value == self.last_timestep and isinstance(self.branch, int):
-            self.branch += 1
-        else:
-            self.branch = 0
-        rose = value is not None and self.last_timestep is not None and value > self.last_timestep
-        if rose or (step_index is not None and step_index < self.step):
-            self.generation += 1  # timesteps only fall, and step indices only grow, during a generation
-        if step_index is not None:
-            self.step = step_index
-        elif value is not None and self.last_timestep is not None:
-            if rose:  # a new generation started
-                self.step = 0
-            elif value < self.last_timestep:
-                self.step += 1
-        self.last_timestep = value
-        return self.step
-
-    def reset_steps(self) -> None:
-        self.step, self.last_timestep = 0, None
-        self.generation += 1
-
-    def mask_for(self, layout: VideoLayout, device, q=None, k=None, layer: int | None = None,
-                 site=None, heads: tuple[int, int] | None = None) -> tuple[BlockMask, float | torch.Tensor]:
-        """The mask over `layout`'s video tokens and its density; static masks are built once per (layout, device),
-        per-layer ones per (layout, device, layer), dynamic ones cached per (site, branch, layout, device) and
-        re-estimated from q, k on the `refresh` schedule. `heads` (offset, count): the heads q and k hold when they
-        are one rank's share under context parallelism (dynamic masks then use those heads' per-head settings)."""
-        if isinstance(self.config, DynamicConfig):
-            return self._dynamic_mask(layout, device, q, k, layer, site, heads)
-        video = VideoLayout(layout.frames, layout.height, layout.width)  # the mask spans the video tokens only
-        key = (video, str(device), layer) if is_per_layer(self.config) else (video, str(device))
-        if key not in self.masks:
-            mask = build_mask(layout, self.config, q=q, k=k, device=device, layer=layer)
-            self.mask_builds += 1
-            self.masks[key] = (mask, mask.density)
-        return self.masks[key]
-
-    def _dynamic_mask(self, layout, device, q, k, layer, site, heads=None) -> tuple[BlockMask, torch.Tensor]:
-        key = (site, self.branch, layout, str(device))
-        cached = self.dynamic_masks.get(key)
-        if cached is not None and cached[3] == self.generation and not self.config.refreshes_at(self.step, cached[2]):
-            return cached[0], cached[1]  # a mask of this generation, within its refresh period
-        state = self.pattern_state.setdefault((site, self.branch), {})
-        config = self.config if heads is None else self.config_for_heads(heads)
-        mask = build_mask(layout, config, q=q, k=k, state=state, device=device, layer=layer)
-        self.mask_builds += 1
-        fraction = mask.kept_fraction  # a device tensor: no host sync per estimate (`stats` reads it)
-        self.dynamic_masks[key] = (mask, fraction, self.step, self.generation)
-        return mask, fraction
-
-    def config_for_heads(self, heads: tuple[int, int]) -> MethodConfig:
-        """The config cut to one rank's heads (offset, count), built once per session (a `dataclasses.replace`
-        that validates every per-layer profile entry again: not something to redo at every refresh)."""
-        config = self.head_configs.get(heads)
-        if config is None:
-            config = self.head_configs[heads] = config_for_heads(self.config, *heads)
-        return config
-
-    def token_order(self, layout: VideoLayout, world: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(natural -> gathered, gathered -> natural) token indices of a call Ulysses gathered from `world` ranks, or
-        None when the orders agree; built once per (layout, world, device)."""
-        key = (layout, world, str(device))
-        if key not in self.token_orders:
-            order = gathered_order(layout, world)
-            self.token_orders[key] = None if order is None else (order.to(device), inverse_order(order).to(device))
-        return self.token_orders[key]
-
-    def plan_for(self, layout: VideoLayout, device, step: int, adapter: TransformerAdapter) -> ForwardPlan:
-        """The plan of a forward over `layout` at `step`: the same object as long as nothing in it changes."""
-        sparse_from = None if step < self.config.dense_steps else self.config.dense_layers
-        key = (layout, str(device), sparse_from, adapter.text_position, adapter.attention_mask)
-        if key not in self.plans:
-            mask, density = None, 1.0
-            if sparse_from is not None and is_static(self.config):
-                mask, density = self.mask_for(layout, device)
-            self.plans[key] = ForwardPlan(
-                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density
-            )
-        return self.plans[key]
-
-    def record(self, kept_fraction: float | torch.Tensor, calls: int = 1) -> None:
-        self.attention_calls += calls
-        self.kept_fraction_sum += kept_fraction * calls
-
-    def record_forward(self, plan: ForwardPlan, layers: list[int]) -> None:
-        """Count one forward's self-attention calls (one per hooked module); calls to dynamic masks count themselves."""
-        for layer in layers:
-            if plan.is_dense(layer):
-                self.record(1.0)
-            elif plan.mask is not None:
-                self.record(plan.density)
-
-    def stats(self) -> dict:
-        density = float(self.kept_fraction_sum) / self.attention_calls if self.attention_calls else None
-        return {"method": self.config.method, "density": density, "attention_calls": self.attention_calls}
-
-    def reset_stats(self) -> None:
-        self.attention_calls, self.kept_fraction_sum, self.mask_builds = 0, 0.0, 0
 
 
 class _NoState(BaseState):
@@ -280,6 +104,7 @@ class TransformerHook(ModelHook):
         step_index = getattr(context, "step_index", None) if context is not None else None
         branch_name = getattr(context, "name", None) if context is not None else None
         step = self.session.observe_call(self.adapter.timestep(args, kwargs), step_index, branch_name)
+        self.session.warn_if_steps_all_dense()
         plan = self.session.plan_for(layout, device, step, self.adapter)
         self.session.record_forward(plan, self.layers)
         self.session.active = plan
@@ -543,6 +368,21 @@ def install(transformer: torch.nn.Module, adapter: TransformerAdapter, session: 
         else:
             module.__class__ = _intercepting_class(type(module))
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+
+@contextlib.contextmanager
+def observe(transformer: torch.nn.Module, adapter: TransformerAdapter, observer: Observer) -> Iterator[SparseSession]:
+    """While the block runs, `transformer` runs dense with `observer` called on each self-attention call's q, k, v
+    (`SparseSession.observing`); the hooks are removed on the way out, whatever happens. The transformer must not be
+    sparsified (unsparsify it first)."""
+    if session_of(transformer) is not None:
+        raise ValueError(f"{type(transformer).__name__} is sparsified: call dit_sparse.unsparsify before observing it")
+    session = SparseSession.observing(observer)
+    install(transformer, adapter, session)
+    try:
+        yield session
+    finally:
+        remove(transformer)
 
 
 def hooked_modules(transformer: torch.nn.Module) -> list[str]:

@@ -32,6 +32,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from dit_sparse.blockmask import BlockMask
 from dit_sparse.config import MethodConfig
 from dit_sparse.layout import VideoLayout
+from dit_sparse.pipelines.adapters import transformers_of
 
 LOCAL_TEXT_MASK_HOOK = "dit_sparse.cp_local_text_mask"
 TEXT_MASK_SOURCE_HOOK = "dit_sparse.cp_text_mask_source"
@@ -198,8 +199,6 @@ def enable_context_parallel(pipe, config) -> object:
     `ulysses_degree=N` (ring attention is not supported with sparse attention)."""
     from diffusers import ContextParallelConfig
 
-    from dit_sparse.api import _transformers_of
-
     if not isinstance(config, ContextParallelConfig):
         raise TypeError(f"config must be a diffusers ContextParallelConfig, got {type(config).__name__}")
     if config.ring_degree > 1 or config.ulysses_anything or config.ring_anything:
@@ -208,7 +207,7 @@ def enable_context_parallel(pipe, config) -> object:
             f"ring_degree={config.ring_degree}, ulysses_anything={config.ulysses_anything}, "
             f"ring_anything={config.ring_anything}"
         )
-    for transformer in _transformers_of(pipe, require_adapter=True):
+    for transformer in transformers_of(pipe):
         plan = CP_PLANS.get(type(transformer).__name__)
         own = dataclasses.replace(config)  # each transformer sets up its own mesh on its config
         transformer.enable_parallelism(config=own, cp_plan=None if plan is None else plan())

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dit_sparse.patterns import CONFIGS, make_config
+from dit_sparse.pipelines.adapters import transformers_of
 from dit_sparse.files import atomic_path
 from dit_sparse.eval import render
 from dit_sparse.eval.render import MANIFEST_NAME
@@ -263,14 +264,6 @@ def make_plan(
 def load_eval_model(plan: EvalPlan):
     """The pipeline of `plan.model` on its device and dtype, progress bar off."""
     return models.load_pipeline(plan.model, plan.device, plan.dtype)
-
-
-def transformers_of(pipe) -> list:
-    """The pipeline's transformer modules that dit-sparse has an adapter for."""
-    from dit_sparse.pipelines.adapters import find_adapter
-
-    components = getattr(pipe, "components", {}) or {}
-    return [module for module in components.values() if find_adapter(module) is not None]
 
 
 # ---- measuring one call ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from dit_sparse.layout import TEXT_POSITIONS, VideoLayout
 
@@ -399,3 +400,40 @@ def find_adapter(transformer: torch.nn.Module) -> TransformerAdapter | None:
 
 def supported_classes() -> list[str]:
     return sorted(name for adapter in ADAPTERS for name in adapter.class_names)
+
+
+def transformers_of(obj: Any, *, require_adapter: bool = True) -> list[torch.nn.Module]:
+    """The transformer(s) of a pipeline, a transformer, or a list of them (Wan 2.2's two experts); a transformer
+    wrapped by `torch.compile` stands for the module it wraps (the hooks go there, and dynamo's guards see them).
+
+    `require_adapter=True`: a pipeline's modules that have an adapter, and a ValueError naming the class where a
+    transformer (or every module of a pipeline) has none. `require_adapter=False` (what removal walks): every module
+    of a pipeline, a transformer as given, no error. An empty list is a ValueError with `require_adapter`, else [].
+    TypeError for anything else."""
+    if isinstance(obj, (list, tuple)):
+        found = [t for item in obj for t in transformers_of(item, require_adapter=require_adapter)]
+        if require_adapter and not found:
+            raise ValueError(f"got an empty {type(obj).__name__} {obj!r}: pass a pipeline, a transformer or a "
+                             "non-empty list of transformers")
+        return found
+    if isinstance(obj, torch.nn.Module):
+        obj = unwrap_module(obj)
+        if require_adapter and find_adapter(obj) is None:
+            raise ValueError(
+                f"no dit-sparse adapter for transformer class {type(obj).__name__!r}; supported: {supported_classes()}"
+            )
+        return [obj]
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        modules = [unwrap_module(m) for m in components.values() if isinstance(m, torch.nn.Module)]
+        found = [m for m in modules if find_adapter(m) is not None]
+        if not found and require_adapter:
+            classes = sorted({type(m).__name__ for m in modules})
+            raise ValueError(
+                f"no dit-sparse adapter for pipeline {type(obj).__name__!r} (its modules: {classes}); "
+                f"supported transformer classes: {supported_classes()}"
+            )
+        return found if require_adapter else modules
+    raise TypeError(
+        f"sparsify takes a diffusers pipeline, a transformer or a list of transformers, got {type(obj).__name__}"
+    )

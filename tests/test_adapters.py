@@ -26,6 +26,7 @@ from diffusers import (
 
 import dit_sparse
 import dit_sparse.hooks
+import dit_sparse.session
 from dit_sparse.hooks import hooked_modules
 from dit_sparse.layout import VideoLayout
 
@@ -342,7 +343,8 @@ def test_dense_method_matches_the_unwrapped_transformer(built, name):
         stats = dit_sparse.sparsity_stats(transformer)
     finally:
         dit_sparse.unsparsify(transformer)
-    assert stats == {"method": "dense", "density": 1.0, "attention_calls": len(FAMILIES[name].sites)}
+    calls = len(FAMILIES[name].sites)
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": calls, "sparse_calls": calls}
     torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
 
 
@@ -603,14 +605,14 @@ def test_ltx2_image_to_video_timesteps_per_token_follow_the_steps(built):
 def test_patterns_that_read_q_and_k_build_their_mask_in_each_call(built, monkeypatch):
     transformer, inputs, _ = built("hunyuan_video")
     built_for = []
-    build_mask = dit_sparse.hooks.build_mask
+    build_mask = dit_sparse.session.build_mask
 
     def recording_build_mask(layout, config, q=None, k=None, **kwargs):
         built_for.append((layout, q is not None and k is not None))
         return build_mask(layout, config, q=q, k=k, **kwargs)
 
-    monkeypatch.setattr(dit_sparse.hooks, "is_static", lambda config: False)
-    monkeypatch.setattr(dit_sparse.hooks, "build_mask", recording_build_mask)
+    monkeypatch.setattr(dit_sparse.session, "is_static", lambda config: False)
+    monkeypatch.setattr(dit_sparse.session, "build_mask", recording_build_mask)
     dit_sparse.sparsify(transformer, "random", dense_layers=1, **SPARSE)
     try:
         _forward(transformer, inputs)

@@ -1,15 +1,19 @@
 """sparsify / unsparsify on real diffusers Wan classes at tiny sizes (randomly initialised, built offline)."""
 
 import copy
+import logging
 import pickle
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanPipeline, WanTransformer3DModel
 
 import dit_sparse
+import dit_sparse.hooks
 from dit_sparse.hooks import hooked_modules
+from dit_sparse.pipelines.adapters import find_adapter
 from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 from dit_sparse.video import psnr
 
@@ -42,7 +46,7 @@ def test_dense_method_matches_the_unwrapped_pipeline(pipe, dense_latents):
     finally:
         dit_sparse.unsparsify(pipe)
     # 3 steps x 2 CFG calls x 2 layers, every one through the sparse path with a full mask.
-    assert stats == {"method": "dense", "density": 1.0, "attention_calls": 12}
+    assert stats == {"method": "dense", "density": 1.0, "attention_calls": 12, "sparse_calls": 12}
     torch.testing.assert_close(latents, dense_latents, atol=1e-4, rtol=1e-4)
 
 
@@ -127,6 +131,118 @@ def test_dense_steps_and_dense_layers_follow_cfg_calls(pipe):
         dit_sparse.unsparsify(pipe)
 
 
+def test_observe_runs_dense_and_hands_the_observer_each_self_attention_calls_q_k_v(pipe, dense_latents):
+    # 3 steps x 2 CFG calls x 2 layers. The observer's q, k, v are the call's own: attention over them, projected by
+    # the module's to_out, gives the module's output.
+    observed, outputs = [], []
+
+    def observer(layer, step, layout, q, k, v):
+        attn = pipe.transformer.blocks[layer].attn1
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, S, H * D)
+        observed.append((layer, step, layout, attn.to_out[0](out).detach()))
+
+    attn0 = pipe.transformer.blocks[0].attn1
+    handle = attn0.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    adapter = find_adapter(pipe.transformer)
+    try:
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, observer) as session:
+            assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
+            latents = _render(pipe)
+    finally:
+        handle.remove()
+    assert hooked_modules(pipe.transformer) == []
+    assert torch.equal(latents, dense_latents)  # the original dense call in every step and layer
+    expected = [(layer, step) for step in range(3) for _branch in ("cond", "uncond") for layer in (0, 1)]
+    assert [(layer, step) for layer, step, _, _ in observed] == expected
+    assert {layout for _, _, layout, _ in observed} == {dit_sparse.VideoLayout(5, 6, 6)}
+    layer0 = [out for layer, _, _, out in observed if layer == 0]
+    assert len(layer0) == len(outputs) == 6
+    for mine, theirs in zip(layer0, outputs):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert session.attention_calls == 12 and float(session.kept_fraction_sum) == 12.0  # all dense
+
+
+def test_observe_removes_its_hooks_when_the_block_raises_and_refuses_a_sparsified_model(pipe):
+    adapter = find_adapter(pipe.transformer)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, lambda **call: None):
+            raise RuntimeError("inside the block")
+    assert hooked_modules(pipe.transformer) == []
+    with pytest.raises(TypeError, match="observer must be callable, got int"):
+        with dit_sparse.hooks.observe(pipe.transformer, adapter, 3):
+            pass
+    assert hooked_modules(pipe.transformer) == []
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    try:
+        with pytest.raises(ValueError, match="is sparsified: call dit_sparse.unsparsify"):
+            with dit_sparse.hooks.observe(pipe.transformer, adapter, lambda **call: None):
+                pass
+        assert dit_sparse.sparsity_stats(pipe)["method"] == "radial"  # the sparsified setting is untouched
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dit_sparse" and r.levelname == "WARNING"]
+
+
+def test_dense_steps_covering_the_run_warns_once_and_counts_no_sparse_call(pipe, caplog):
+    # 3 steps x 2 CFG calls x 2 layers = 12 calls a run; dense_steps=2 leaves step 2's 4 calls sparse.
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=2)
+    try:
+        _render(pipe)
+        assert dit_sparse.sparsity_stats(pipe)["sparse_calls"] == 4 and _warnings(caplog) == []
+        dit_sparse.sparsify(pipe, "radial", block_size=16, dense_steps=100)
+        _render(pipe)
+        _render(pipe)
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert stats["attention_calls"] == 24 and stats["sparse_calls"] == 0 and stats["density"] == 1.0
+    (message,) = _warnings(caplog)  # once, not once per run or call
+    assert "dense_steps=100 covers all 3 steps" in message and "'radial' method never runs" in message
+
+
+def test_dense_layers_covering_every_block_warns_at_sparsify(pipe, caplog):
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_layers=1)  # the tiny Wan has 2 blocks
+    assert _warnings(caplog) == []
+    dit_sparse.sparsify(pipe, "radial", block_size=16, dense_layers=2)
+    try:
+        (message,) = _warnings(caplog)
+        assert "dense_layers=2 covers all 2 blocks of WanTransformer3DModel" in message
+        _render(pipe)
+        assert dit_sparse.sparsity_stats(pipe)["sparse_calls"] == 0
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+def test_a_block_holding_the_whole_video_warns_once_that_the_mask_is_dense(pipe, caplog):
+    caplog.set_level(logging.WARNING, logger="dit_sparse")
+    dit_sparse.sparsify(pipe, "radial", block_size=16)
+    try:
+        _render(pipe)
+        assert _warnings(caplog) == []
+        dit_sparse.sparsify(pipe, "radial", block_size=131072)  # accepted: a power of two
+        _render(pipe)
+        _render(pipe)
+        stats = dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+    assert stats["density"] == 1.0 and stats["sparse_calls"] == stats["attention_calls"] == 24
+    (message,) = _warnings(caplog)
+    assert "block_size=131072 >= the 180 video tokens" in message and "mask is dense" in message
+
+
+def test_sparsify_refuses_an_empty_list(pipe):
+    with pytest.raises(ValueError, match=r"got an empty list \[\]: pass a pipeline, a transformer"):
+        dit_sparse.sparsify([], "radial")
+    with pytest.raises(ValueError, match=r"got an empty tuple \(\)"):
+        dit_sparse.sparsify((), "radial")
+    assert dit_sparse.unsparsify([]) == []  # removing from nothing stays a no-op
+
+
 def test_both_wan22_transformers_are_wrapped(pipe):
     components = dict(pipe.components)
     components["transformer_2"] = build_tiny_wan_pipeline(seed=1).transformer
@@ -149,7 +265,8 @@ def test_sparsify_twice_replaces_the_first_setting(pipe):
     try:
         assert hooked_modules(pipe.transformer) == ["", "blocks.0.attn1", "blocks.1.attn1"]
         _render(pipe, num_inference_steps=1)
-        assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4}
+        assert dit_sparse.sparsity_stats(pipe) == {"method": "dense", "density": 1.0, "attention_calls": 4,
+                                                   "sparse_calls": 4}
     finally:
         dit_sparse.unsparsify(pipe)
 

@@ -65,13 +65,13 @@ def test_config_for_heads_cuts_per_head_profile_entries_to_this_ranks_heads():
 
 
 def test_a_session_cuts_its_config_to_a_ranks_heads_once(monkeypatch):
-    import dit_sparse.hooks
+    import dit_sparse.session
 
     calls = []
-    monkeypatch.setattr(dit_sparse.hooks, "config_for_heads", lambda config, *heads: calls.append(heads) or
+    monkeypatch.setattr(dit_sparse.session, "config_for_heads", lambda config, *heads: calls.append(heads) or
                         config_for_heads(config, *heads))
     config = DraftConfig(layer_density=[(0.1, 0.2, 0.3, 0.4)], tile=(1, 4, 4))
-    session = dit_sparse.hooks.SparseSession(config)
+    session = dit_sparse.session.SparseSession(config)
     layout = VideoLayout(2, 8, 8)
     q, k = torch.randn(2, 1, 2, layout.video_len, 8).unbind(0)  # this rank's 2 of 4 heads
     for step in range(3):  # draft's default refresh: a new estimate every step

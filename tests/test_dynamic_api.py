@@ -202,7 +202,8 @@ def test_vdit_out_of_the_box_changes_the_output_and_unsparsify_restores(pipe, de
     finally:
         dit_sparse.unsparsify(pipe)
     expected = vdit_mask(TINY_LAYOUT, [DEFAULT_PATTERN], VDIT_BLOCK, VDIT_TILE).density  # one pattern, every head
-    assert stats == {"method": "vdit", "density": pytest.approx(expected), "attention_calls": 12, "mask_builds": 2}
+    assert stats == {"method": "vdit", "density": pytest.approx(expected), "attention_calls": 12, "sparse_calls": 12,
+                     "mask_builds": 2}
     assert 0 < expected < 1 and not torch.allclose(sparse, dense_latents, atol=1e-3)
     assert torch.equal(_render(pipe), dense_latents)  # unwrapped: bit-identical again
 
