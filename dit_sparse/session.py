@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
-from dit_sparse.config import DenseConfig, DynamicConfig, MethodConfig
+from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import config_for_heads, gathered_order
-from dit_sparse.patterns import build_mask, is_per_layer, is_static
+from dit_sparse.patterns import DenseConfig, build_mask, is_per_layer, is_static
 from dit_sparse.pipelines.adapters import TransformerAdapter
 
 #: What an observing session calls for each attention call: observer(layer=, step=, layout=, q=, k=, v=).
