@@ -358,7 +358,8 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
 
 
 class _AttentionInterceptor(TorchFunctionMode):
-    """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
+    """Routes the self-attention `scaled_dot_product_attention` call inside one self-attention module (keys of the
+    query's own sequence) to the sparse path; any other SDPA call there (a cross-attention) runs as it is."""
 
     def __init__(self, site: _Site, plan: ForwardPlan):
         super().__init__()
@@ -375,9 +376,13 @@ class _AttentionInterceptor(TorchFunctionMode):
                 # bodies of some (`Tensor.unflatten` calls `super()`). The same call in eager mode.
                 return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
-        self.calls += 1
         # query, key, value: (B, H, S, D), as diffusers' native backend and direct callers pass them to SDPA.
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
+        if not query.shape[2] == key.shape[2] == value.shape[2]:
+            # Not the module's self-attention: keys from another sequence (FLUX's IP-Adapter attends the image
+            # tokens to its image-prompt tokens in the same module). The original call, dense.
+            return func(*args, **kwargs)
+        self.calls += 1
         if is_causal or dropout_p or enable_gqa or not (query.shape[:3] == key.shape[:3] == value.shape[:3]):
             raise NotImplementedError(
                 f"{self.site.name}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), "
