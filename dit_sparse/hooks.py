@@ -6,8 +6,8 @@ step and layer run dense, the block mask) and publishing it on the session. A se
 swapped for a subclass of it (one per class, same name) whose `forward`, while a plan is published, runs the module's
 own forward under a `TorchFunctionMode` that routes its `scaled_dot_product_attention` call to the sparse path; a
 module that already has an instance-level `forward` (another HookRegistry hook) gets a HookRegistry hook instead.
-The joint text is whatever the call has beyond the video tokens (`text_len = S - video_len`), at the side the adapter
-names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a hooked forward every
+The joint text is whatever the call has beyond the video tokens and the adapter's extra tokens off the grid
+(`text_len = S - video_len - extra_len`), at the side the adapter names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a hooked forward every
 call falls through untouched; `remove` restores every class and hook (the intercepting subclasses stay cached for
 the next `sparsify`, unused), and no other state is left.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_produ
 class ForwardPlan:
     """What every self-attention call of one transformer forward needs.
 
-    - `layout`: the video tokens (`text_len` 0); a call's full layout adds the tokens beyond them as text.
+    - `layout`: the video tokens and the adapter's extra tokens off the grid (`text_len` 0); a call's full layout
+      adds the tokens beyond them as text.
     - `text_position`, `attention_mask`: the adapter's text side and mask convention.
     - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
@@ -80,17 +81,19 @@ class ForwardPlan:
         return self.sparse_from is None or layer < self.sparse_from
 
     def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
-        """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
+        """The layout of an attention call over `seq_len` tokens: the video and its extra tokens, plus
+        `seq_len - video_len - extra_len` text tokens."""
         video = self.layout
-        text_len = int(seq_len) - video.video_len
+        text_len = int(seq_len) - video.video_len - video.extra_len
         if text_len < 0 or (text_len > 0 and self.text_position is None):
             raise RuntimeError(
                 f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
-                f"({video.video_len} video tokens{'' if self.text_position else ' and no joint text'})"
+                f"({video.video_len} video tokens{f', {video.extra_len} extra' if video.extra_len else ''}"
+                f"{'' if self.text_position else ' and no joint text'})"
             )
         if text_len == 0:
             return video
-        return VideoLayout(video.frames, video.height, video.width, text_len, self.text_position)
+        return replace(video, text_len=text_len, text_position=self.text_position)
 
 
 @dataclass

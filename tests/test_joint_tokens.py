@@ -2,12 +2,24 @@
 IP-Adapter) stay dense, and tokens off the grid (reference images, conditioning tokens) are attended like joint
 text. Tiny random configs of the real diffusers classes, run through their pipelines or called as they call them."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    LTXConditionPipeline,
+)
 
 import dit_sparse
-from test_adapters import SPARSE, attention_probe  # noqa: F401  (a fixture)
+from dit_sparse.layout import VideoLayout
+from test_adapters import SPARSE, _forward, attention_probe, built  # noqa: F401  (attention_probe, built: fixtures)
 
 
 # ---- FLUX IP-Adapter: its image-prompt cross-attention inside the self-attention module stays dense ----------------
@@ -77,3 +89,141 @@ def test_flux_ip_adapter_cross_attention_stays_dense_under_every_method(flux_ip_
     assert dense_calls == 4 and len(attention_probe) == 8
     assert all(q.shape[1] == 6 + 12 * 12 for q, *_ in attention_probe)
     assert torch.equal(_flux_latents(pipe, prompt, image_embeds), reference)
+
+
+# ---- tokens off the grid: attended like joint text ------------------------------------------------------------------
+def _kontext_inputs(inputs: dict) -> dict:
+    # FluxKontextPipeline's call with a 6 x 5 reference image for a 12 x 10 output: the reference's tokens after the
+    # image's, its ids at frame 1 (the pipeline's own id builder).
+    ids = FluxKontextPipeline._prepare_latent_image_ids(1, 12, 10, "cpu", torch.float32)
+    reference_ids = FluxKontextPipeline._prepare_latent_image_ids(1, 6, 5, "cpu", torch.float32)
+    reference_ids[..., 0] = 1
+    return dict(inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8), img_ids=torch.cat([ids, reference_ids]))
+
+
+def _flux2_edit_inputs(inputs: dict) -> dict:
+    # Flux2Pipeline's image editing: two reference images (6 x 5 and 12 x 10) at frames 10 and 20 after the image.
+    references = [torch.zeros(1, 8, 6, 5), torch.zeros(1, 8, 12, 10)]
+    ids = torch.cat([Flux2Pipeline._prepare_latent_ids(torch.zeros(1, 8, 12, 10))[0],
+                     Flux2Pipeline._prepare_image_ids(references)[0]]).float()
+    return dict(inputs, hidden_states=torch.randn(2, 2 * 12 * 10 + 6 * 5, 8), img_ids=ids)
+
+
+def _qwen_image_edit_inputs(inputs: dict) -> dict:
+    # QwenImageEditPipeline: the reference image's tokens after the image's, its shape second in each sample's list.
+    return dict(inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8), img_shapes=[[(1, 12, 10), (1, 6, 5)]] * 2)
+
+
+def _ltx_condition_coords(frame_rate: int = 25) -> torch.Tensor:
+    # LTXConditionPipeline's video_coords for a 3 x 8 x 8 latent video and one image condition at frame_index 16
+    # (its 1 latent frame of extra tokens before the video's), built by the pipeline's own helpers.
+    def coords(frames: int, frame_index: int) -> torch.Tensor:
+        ids = LTXConditionPipeline._prepare_video_ids(1, frames, 8, 8)
+        return LTXConditionPipeline._scale_video_ids(ids, 32, 8, frame_index=frame_index)
+
+    video_coords = torch.cat([coords(1, 16), coords(3, 0)], dim=2).float()
+    video_coords[:, 0] = video_coords[:, 0] * (1.0 / frame_rate)
+    return video_coords.expand(2, -1, -1)  # (B, 3, N), the CFG batch
+
+
+def _ltx_condition_inputs(inputs: dict) -> dict:
+    inputs = {key: value for key, value in inputs.items() if key not in ("num_frames", "height", "width")}
+    return dict(inputs, hidden_states=torch.randn(2, 64 + 3 * 64, 8), video_coords=_ltx_condition_coords())
+
+
+@dataclass(frozen=True)
+class OffGrid:
+    family: str  # the test_adapters family whose transformer runs
+    inputs: object  # its inputs -> the call with tokens off the grid
+    layout: VideoLayout  # each self-attention call's layout
+    before: int  # joint tokens before the video (text or extra), counted by hand
+    after: int  # joint tokens after it
+
+
+OFF_GRID = {
+    "flux_kontext": OffGrid("flux", _kontext_inputs, VideoLayout(1, 12, 10, 6, "prefix", 30, "suffix"), 6, 30),
+    "flux2_edit": OffGrid("flux2", _flux2_edit_inputs, VideoLayout(1, 12, 10, 6, "prefix", 150, "suffix"), 6, 150),
+    "qwen_image_edit": OffGrid("qwen_image", _qwen_image_edit_inputs,
+                               VideoLayout(1, 12, 10, 7, "prefix", 30, "suffix"), 7, 30),
+    "ltx_condition": OffGrid("ltx_video", _ltx_condition_inputs, VideoLayout(3, 8, 8, 0, None, 64, "prefix"), 64, 0),
+}
+
+
+def _inputs(built, name: str):
+    case = OFF_GRID[name]
+    transformer, inputs, _ = built(case.family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return transformer, case.inputs(inputs)
+
+
+@pytest.mark.parametrize("name", OFF_GRID)
+def test_dense_method_with_tokens_off_the_grid_matches_the_unwrapped_transformer(built, name):
+    transformer, inputs = _inputs(built, name)
+    reference = _forward(transformer, inputs)
+    dit_sparse.sparsify(transformer, "dense", block_size=16)
+    try:
+        dense = _forward(transformer, inputs)
+    finally:
+        dit_sparse.unsparsify(transformer)
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+
+
+def _attention_with_hand_built_mask(q, k, v, mask, before: int, after: int, text_padding_mask) -> torch.Tensor:
+    """Dense SDPA with a token mask built by hand: the video x video part is `mask`'s blocks, the `before` and
+    `after` joint tokens' rows and columns are full, padded text keys (the first of the prefix) masked."""
+    batch, seq_len = q.shape[:2]
+    video = torch.arange(before, seq_len - after)
+    allowed = torch.ones(batch, seq_len, seq_len, dtype=torch.bool)
+    allowed[:, video[:, None], video[None, :]] = mask.to_dense()[:, 0]  # shared over heads
+    if text_padding_mask is not None:
+        allowed[:, :, : text_padding_mask.shape[1]] &= text_padding_mask[:, None, :]
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=allowed[:, None])
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", OFF_GRID)
+def test_tokens_off_the_grid_see_and_are_seen_by_every_token(built, name, attention_probe):
+    case = OFF_GRID[name]
+    transformer, inputs = _inputs(built, name)
+    reference = _forward(transformer, inputs)
+    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    try:
+        sparse = _forward(transformer, inputs)
+        assert 0 < dit_sparse.sparsity_stats(transformer)["density"] < 1
+    finally:
+        dit_sparse.unsparsify(transformer)
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, reference, atol=1e-3)
+    assert attention_probe
+    for q, k, v, mask, layout, text_padding_mask, out in attention_probe:
+        assert layout == case.layout and q.shape[1] == case.before + layout.video_len + case.after
+        assert mask.density < 1 and mask.to_dense().shape[-1] == layout.video_len
+        expected = _attention_with_hand_built_mask(q, k, v, mask, case.before, case.after, text_padding_mask)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_places_extra_tokens_on_the_other_side_of_the_video_from_the_text():
+    kontext = VideoLayout(1, 3, 4, text_len=5, text_position="prefix", extra_len=6, extra_position="suffix")
+    assert (kontext.text_slice, kontext.video_slice, kontext.extra_slice) == (slice(0, 5), slice(5, 17),
+                                                                               slice(17, 23))
+    assert kontext.seq_len == 23 and kontext.joint_len == 11 and kontext.prefix_len == 5
+    conditioned = VideoLayout(2, 3, 4, extra_len=6, extra_position="prefix")  # LTXConditionPipeline's
+    assert (conditioned.extra_slice, conditioned.video_slice, conditioned.text_slice) == (slice(0, 6), slice(6, 30),
+                                                                                          slice(30, 30))
+    with pytest.raises(ValueError, match="extra tokens must sit on the other side of the video from the text"):
+        VideoLayout(1, 3, 4, text_len=5, text_position="prefix", extra_len=6, extra_position="prefix")
+    with pytest.raises(ValueError, match="extra_position must be 'prefix' or 'suffix' exactly when extra_len > 0"):
+        VideoLayout(1, 3, 4, extra_len=6)
+    with pytest.raises(ValueError, match="extra_len must be an int >= 0, got -1"):
+        VideoLayout(1, 3, 4, extra_len=-1, extra_position="suffix")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_gathered_order_keeps_the_extra_tokens_with_the_video(world):
+    # Ulysses splits the transformer's hidden states ([image; reference image]) and the text into equal shares per
+    # rank; each rank's gathered share is [its text; its hidden states].
+    layout = VideoLayout(2, 4, 4, text_len=8, text_position="prefix", extra_len=8, extra_position="suffix")
+    natural = torch.arange(layout.seq_len)
+    text, hidden = natural[:8], natural[8:]
+    gathered = torch.cat([part for t, h in zip(text.chunk(world), hidden.chunk(world)) for part in (t, h)])
+    assert torch.equal(gathered[dit_sparse.parallel.gathered_order(layout, world)], natural)
