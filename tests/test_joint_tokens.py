@@ -7,19 +7,31 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+import numpy as np
+import PIL.Image
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLLTXVideo,
     FlowMatchEulerDiscreteScheduler,
     Flux2Pipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     LTXConditionPipeline,
+    LTXVideoTransformer3DModel,
 )
+from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
 import dit_sparse
 from dit_sparse.layout import VideoLayout
 from test_adapters import SPARSE, _forward, attention_probe, built  # noqa: F401  (attention_probe, built: fixtures)
+
+
+def _tiny_flux_transformer() -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+    )
 
 
 # ---- FLUX IP-Adapter: its image-prompt cross-attention inside the self-attention module stays dense ----------------
@@ -47,10 +59,7 @@ def _ip_adapter_state_dict(transformer: FluxTransformer2DModel) -> dict:
 def flux_ip_adapter_pipeline():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformer = FluxTransformer2DModel(
-            in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
-        )
+        transformer = _tiny_flux_transformer()
         vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
         pipe = FluxPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, None, None, transformer)
         transformer._load_ip_adapter_weights(_ip_adapter_state_dict(transformer), low_cpu_mem_usage=False)
@@ -199,6 +208,74 @@ def test_tokens_off_the_grid_see_and_are_seen_by_every_token(built, name, attent
         assert layout == case.layout and q.shape[1] == case.before + layout.video_len + case.after
         assert mask.density < 1 and mask.to_dense().shape[-1] == layout.video_len
         expected = _attention_with_hand_built_mask(q, k, v, mask, case.before, case.after, text_padding_mask)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the same through the pipelines themselves: FluxKontextPipeline and LTXConditionPipeline ------------------------
+def _kontext_pipeline():
+    """FluxKontextPipeline editing a 12 x 10 pixel image into a 24 x 20 one (1x VAE, 2x2 packing): 6 x 5 reference
+    tokens after the 12 x 10 image's."""
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, shift_factor=0.0)
+    pipe = FluxKontextPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, None, None, _tiny_flux_transformer())
+    image = PIL.Image.fromarray((np.random.rand(12, 10, 3) * 255).astype(np.uint8))
+    prompt = dict(prompt_embeds=torch.randn(1, 6, 16), pooled_prompt_embeds=torch.randn(1, 8))
+
+    def run():
+        return pipe(image=image, **prompt, height=24, width=20, max_area=24 * 20, _auto_resize=False,
+                    num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    return pipe, run, VideoLayout(1, 12, 10, 6, "prefix", 30, "suffix"), (6, 30)
+
+
+def _ltx_condition_pipeline():
+    """LTXConditionPipeline making 9 frames of 32 x 32 pixels (3 x 8 x 8 latents) with an image condition at frame 4:
+    its latent frame (64 tokens) before the video's, CFG batched."""
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+        cross_attention_dim=24, num_layers=2, caption_channels=16,
+    )
+    vae = AutoencoderKLLTXVideo(  # 4x spatial and temporal compression
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    )
+    pipe = LTXConditionPipeline(FlowMatchEulerDiscreteScheduler(), vae, None, None, transformer)
+    condition = LTXVideoCondition(image=torch.rand(1, 3, 32, 32), frame_index=4)
+    prompt = dict(prompt_embeds=torch.randn(1, 6, 16), prompt_attention_mask=torch.ones(1, 6),
+                  negative_prompt_embeds=torch.randn(1, 6, 16), negative_prompt_attention_mask=torch.ones(1, 6))
+
+    def run():
+        return pipe(conditions=[condition], **prompt, height=32, width=32, num_frames=9, num_inference_steps=2,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    return pipe, run, VideoLayout(3, 8, 8, 0, None, 64, "prefix"), (64, 0)
+
+
+@pytest.mark.parametrize("build", [_kontext_pipeline, _ltx_condition_pipeline], ids=["flux_kontext", "ltx_condition"])
+def test_pipelines_with_tokens_off_the_grid_run_dense_exactly_and_sparse_on_the_grid(build, attention_probe):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe, run, layout, (before, after) = build()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = run()
+        dit_sparse.sparsify(pipe, "dense", block_size=16)
+        try:
+            dense = run()
+            dense_calls = len(attention_probe)
+            dit_sparse.sparsify(pipe, "random", **SPARSE)
+            sparse = run()
+        finally:
+            dit_sparse.unsparsify(pipe)
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, reference, atol=1e-3)
+    assert dense_calls == 4 and len(attention_probe) == 8  # 2 blocks x 2 steps per method
+    for q, k, v, mask, call_layout, text_padding_mask, out in attention_probe[dense_calls:]:
+        assert call_layout == layout and mask.density < 1
+        expected = _attention_with_hand_built_mask(q, k, v, mask, before, after, text_padding_mask)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
