@@ -181,22 +181,24 @@ def test_dense_method_with_tokens_off_the_grid_matches_the_unwrapped_transformer
 def _attention_with_hand_built_mask(q, k, v, mask, before: int, after: int, text_padding_mask) -> torch.Tensor:
     """Dense SDPA with a token mask built by hand: the video x video part is `mask`'s blocks, the `before` and
     `after` joint tokens' rows and columns are full, padded text keys (the first of the prefix) masked."""
-    batch, seq_len = q.shape[:2]
+    batch, seq_len, heads = q.shape[:3]
     video = torch.arange(before, seq_len - after)
-    allowed = torch.ones(batch, seq_len, seq_len, dtype=torch.bool)
-    allowed[:, video[:, None], video[None, :]] = mask.to_dense()[:, 0]  # shared over heads
+    allowed = torch.ones(batch, heads, seq_len, seq_len, dtype=torch.bool)
+    allowed[:, :, video[:, None], video[None, :]] = mask.to_dense()  # (B or 1, H or 1, video, video)
     if text_padding_mask is not None:
-        allowed[:, :, : text_padding_mask.shape[1]] &= text_padding_mask[:, None, :]
-    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=allowed[:, None])
+        allowed[..., : text_padding_mask.shape[1]] &= text_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=allowed)
     return out.transpose(1, 2)
 
 
+@pytest.mark.parametrize("method, options", [("random", SPARSE), ("draft", dict(density=0.4, tile=(1, 4, 4)))],
+                         ids=["random", "draft"])  # a static mask, and one estimated from the video's q and k
 @pytest.mark.parametrize("name", OFF_GRID)
-def test_tokens_off_the_grid_see_and_are_seen_by_every_token(built, name, attention_probe):
+def test_tokens_off_the_grid_see_and_are_seen_by_every_token(built, name, method, options, attention_probe):
     case = OFF_GRID[name]
     transformer, inputs = _inputs(built, name)
     reference = _forward(transformer, inputs)
-    dit_sparse.sparsify(transformer, "random", **SPARSE)
+    dit_sparse.sparsify(transformer, method, **options)
     try:
         sparse = _forward(transformer, inputs)
         assert 0 < dit_sparse.sparsity_stats(transformer)["density"] < 1
