@@ -281,6 +281,31 @@ def test_pipelines_with_tokens_off_the_grid_run_dense_exactly_and_sparse_on_the_
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("text_position, extra_position", [("prefix", "suffix"), ("suffix", "prefix"), (None, "prefix")])
+def test_sparse_attention_gives_extra_tokens_dense_rows_and_columns(text_position, extra_position):
+    # 72 video tokens (a per-head random block mask, empty rows too), 10 text tokens (the second prompt padded) and
+    # 9 extra tokens on the other side: the rule checked against SDPA with a token mask built by index.
+    from test_attention import _random_block_mask, _random_qkv, _sdpa
+
+    g = torch.Generator().manual_seed(4)
+    text_len = 10 if text_position else 0
+    layout = VideoLayout(3, 4, 6, text_len, text_position, 9, extra_position)
+    q, k, v = _random_qkv(2, layout.seq_len, 2, 32, g)
+    mask = _random_block_mask(layout.video_len, 16, 2, g, density=0.4, empty_rows=True)
+    text_valid = None
+    before = text_len if text_position == "prefix" else 9  # the joint tokens before the video
+    video = torch.arange(before, before + 72)
+    allowed = torch.ones(2, 2, layout.seq_len, layout.seq_len, dtype=torch.bool)
+    allowed[:, :, video[:, None], video[None, :]] = mask.to_dense()
+    if text_len:
+        text_valid = torch.ones(2, text_len, dtype=torch.bool)
+        text_valid[1, 6:] = False
+        text = torch.arange(text_len) + (0 if text_position == "prefix" else 9 + 72)
+        allowed[:, :, :, text] &= text_valid[:, None, None, :]
+    out = dit_sparse.sparse_attention(q, k, v, mask, layout, text_padding_mask=text_valid, backend="reference")
+    torch.testing.assert_close(out, _sdpa(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+
+
 def test_layout_places_extra_tokens_on_the_other_side_of_the_video_from_the_text():
     kontext = VideoLayout(1, 3, 4, text_len=5, text_position="prefix", extra_len=6, extra_position="suffix")
     assert (kontext.text_slice, kontext.video_slice, kontext.extra_slice) == (slice(0, 5), slice(5, 17),
