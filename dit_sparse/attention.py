@@ -70,9 +70,9 @@ def sparse_attention(
 
     Video queries attend to the key blocks `mask` keeps (over the video tokens) plus every valid joint key; joint
     queries (`layout.text_len` text tokens before or after the video, and `layout.extra_len` tokens off the grid on
-    its other side) attend to every valid key. `text_padding_mask`
-    (B, text_len) bool marks real text tokens (True) and padding (False, zero weight). `scale` defaults to
-    1/sqrt(D). A query block with no kept key block and no text gets zeros. Output: (B, S, H, D), q's dtype.
+    its other side) attend to every valid key. `text_padding_mask` (B, text_len) bool marks real text tokens (True)
+    and padding (False, zero weight); extra tokens are never padding. `scale` defaults to 1/sqrt(D). A query block
+    with no kept key block and no joint token gets zeros. Output: (B, S, H, D), q's dtype.
     """
     layout = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -7,9 +7,10 @@ swapped for a subclass of it (one per class, same name) whose `forward`, while a
 own forward under a `TorchFunctionMode` that routes its `scaled_dot_product_attention` call to the sparse path; a
 module that already has an instance-level `forward` (another HookRegistry hook) gets a HookRegistry hook instead.
 The joint text is whatever the call has beyond the video tokens and the adapter's extra tokens off the grid
-(`text_len = S - video_len - extra_len`), at the side the adapter names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a hooked forward every
-call falls through untouched; `remove` restores every class and hook (the intercepting subclasses stay cached for
-the next `sparsify`, unused), and no other state is left.
+(`text_len = S - video_len - extra_len`), at the side the adapter names; a key-padding attention mask becomes
+`sparse_attention`'s `text_padding_mask`; any other SDPA call in the module (a cross-attention, as FLUX's IP-Adapter
+makes) runs as it is. Outside a hooked forward every call falls through untouched; `remove` restores every class and
+hook (the intercepting subclasses stay cached for the next `sparsify`, unused), and no other state is left.
 
 torch.compile: the plan is built in a function dynamo skips (one graph break, before the first block); the plan
 object is reused while the layout and the dense/sparse phase stay the same, so the compiled graph's guards hold from

@@ -253,9 +253,9 @@ def _image_ids_layout(family: str, position: int) -> Callable[[torch.nn.Module, 
             (ids[image_len:, 0] == 0).any()
         ):
             raise ValueError(
-                f"{family} {source} do not start with the image's tokens on one height x width grid at frame 0 in "
-                "raster order, its reference images' (if any) at other frames after them (layered ids, whose layer "
-                "axis is not 0, neither); dit-sparse needs the image tokens on one grid"
+                f"{family} {source} are not the image's tokens on one height x width grid at frame 0 in raster order "
+                "followed by any reference images' at other frames, or are layered (a layer axis not 0); dit-sparse "
+                "needs the image tokens on one grid"
             )
         extra_len = ids.shape[0] - image_len  # the reference images' tokens, after the image's
         return _filled(family, hidden_states, VideoLayout(1, height, width, extra_len=extra_len,
@@ -334,12 +334,12 @@ QWEN_IMAGE = TransformerAdapter(
 
 
 # ---- LTX-Video, LTX-2 ---------------------------------------------------------------------------------------------
-def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str,
+def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str | None = None,
                            coords_layout: Callable[[torch.Tensor, torch.Tensor], VideoLayout] | None = None):
     """The layout of a transformer whose packed latents (B, N, C) come with int `num_frames`, `height`, `width`
     arguments (positions `first`, +1, +2): the token grid, which the N tokens must fill exactly. Without them,
-    `coords_layout(hidden_states, video_coords)` reads the layout from the tokens' coordinates where the family's
-    conditioning pipeline passes those instead."""
+    `coords_layout(hidden_states, video_coords)` reads the layout from the tokens' coordinates, where the family's
+    conditioning pipeline passes those instead; a family without one refuses `conditioning`'s video_coords."""
 
     def layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
         hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
@@ -349,11 +349,13 @@ def _grid_arguments_layout(model: str, first: int, supported: str, conditioning:
         if coords_layout is not None and all(size is None for size in sizes) and video_coords is not None:
             return coords_layout(hidden_states, video_coords)
         if any(not isinstance(size, int) for size in sizes):
-            unsupported = "" if coords_layout else (
-                f", not video_coords conditioning ({conditioning}), whose extra tokens do not form a grid")
+            if coords_layout is not None:
+                raise ValueError(f"{model} transformer called with neither int num_frames, height and width (got "
+                                 f"{sizes}) nor video_coords; dit-sparse supports {supported}")
             raise ValueError(
-                f"{model} transformer called without int num_frames, height and width (got {sizes})"
-                f"{' or video_coords' if coords_layout else ''}; dit-sparse supports {supported}{unsupported}"
+                f"{model} transformer called without int num_frames, height and width (got {sizes}); dit-sparse "
+                f"supports {supported}, not video_coords conditioning ({conditioning}), whose extra tokens do not "
+                "form a grid"
             )
         return _filled(model, hidden_states, VideoLayout(*sizes), f"num_frames x height x width {sizes}")
 
@@ -393,7 +395,7 @@ LTX_VIDEO = TransformerAdapter(
     class_names=("LTXVideoTransformer3DModel",),
     attention_sites=_sites(("transformer_blocks", "attn1")),  # attn2 is cross-attention to the text
     layout=_grid_arguments_layout("LTX-Video", 4, "LTXPipeline, LTXImageToVideoPipeline and LTXConditionPipeline",
-                                  "", _ltx_coords_layout),
+                                  coords_layout=_ltx_coords_layout),
     timestep=_timestep_argument(2),
 )
 

@@ -281,7 +281,8 @@ def test_pipelines_with_tokens_off_the_grid_run_dense_exactly_and_sparse_on_the_
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("text_position, extra_position", [("prefix", "suffix"), ("suffix", "prefix"), (None, "prefix")])
+@pytest.mark.parametrize("text_position, extra_position",
+                         [("prefix", "suffix"), ("suffix", "prefix"), (None, "prefix")])
 def test_sparse_attention_gives_extra_tokens_dense_rows_and_columns(text_position, extra_position):
     # 72 video tokens (a per-head random block mask, empty rows too), 10 text tokens (the second prompt padded) and
     # 9 extra tokens on the other side: the rule checked against SDPA with a token mask built by index.
