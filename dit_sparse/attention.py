@@ -55,13 +55,14 @@ def sparse_attention(
 ) -> torch.Tensor:
     """Block-sparse self-attention of a video DiT; q, k, v (B, S, H, D) as diffusers passes them.
 
-    Video queries attend to the key blocks `mask` keeps (over the video tokens) plus every valid text key; text
-    queries (`layout.text_len` tokens before or after the video) attend to every valid key. `text_padding_mask`
-    (B, text_len) bool marks real text tokens (True) and padding (False, zero weight). `scale` defaults to
-    1/sqrt(D). A query block with no kept key block and no text gets zeros. Output: (B, S, H, D), q's dtype.
+    Video queries attend to the key blocks `mask` keeps (over the video tokens) plus every valid joint key; joint
+    queries (`layout.text_len` text tokens before or after the video, and `layout.extra_len` tokens off the grid on
+    its other side) attend to every valid key. `text_padding_mask` (B, text_len) bool marks real text tokens (True)
+    and padding (False, zero weight); extra tokens are never padding. `scale` defaults to 1/sqrt(D). A query block
+    with no kept key block and no joint token gets zeros. Output: (B, S, H, D), q's dtype.
     """
     scale = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale)
-    if layout is None or layout.text_len == 0:
+    if layout is None or layout.joint_len == 0:
         if _full_mask_on_cpu(q, mask, backend):
             # A full mask is dense attention: torch's fused SDPA computes it 2-3x faster than the reference kernel's
             # block loop (the `dense` method on a CPU, the demo's baseline), equal to fp32 rounding.
@@ -69,19 +70,26 @@ def sparse_attention(
             return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
         return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)[0]
 
-    # Video rows: kept blocks plus every valid text key, in one pass (the text keys continue the kernel's online
-    # softmax). Text rows: dense over every valid key. Each writes its slice of one output; no S x S mask, no
-    # (S, T) score tensor, padding exact.
-    video, text = layout.video_slice, layout.text_slice
+    # Video rows: kept blocks plus every valid joint key (text, then extra), in one pass (the joint keys continue the
+    # kernel's online softmax). Joint rows: dense over every valid key. Each writes its slice of one output; no
+    # S x S mask, no (S, T) score tensor, padding exact.
+    video = layout.video_slice
+    joint = [part for part in (layout.text_slice, layout.extra_slice) if part.stop > part.start]
+    joint_valid = text_padding_mask
+    if text_padding_mask is not None and layout.extra_len:
+        extra_valid = torch.ones(q.shape[0], layout.extra_len, dtype=torch.bool, device=q.device)
+        joint_valid = torch.cat([text_padding_mask, extra_valid], dim=1)
+    joint_k, joint_v = ((x[:, joint[0]] if len(joint) == 1 else torch.cat([x[:, part] for part in joint], dim=1))
+                        for x in (k, v))  # (B, joint_len, H, D): a view, or a copy of the joint tokens only
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kernels.block_sparse_attention(
         q[:, video], k[:, video], v[:, video], mask, scale=scale, backend=backend,
-        extra_k=k[:, text], extra_v=v[:, text], extra_key_valid=text_padding_mask, out=out[:, video],
+        extra_k=joint_k, extra_v=joint_v, extra_key_valid=joint_valid, out=out[:, video],
     )
     key_valid = None
     if text_padding_mask is not None:
-        video_valid = torch.ones(q.shape[0], layout.video_len, dtype=torch.bool, device=q.device)
-        prefix = layout.text_position == "prefix"
-        key_valid = torch.cat([text_padding_mask, video_valid] if prefix else [video_valid, text_padding_mask], dim=1)
-    kernels.dense_attention(q[:, text], k, v, key_valid=key_valid, scale=scale, backend=backend, out=out[:, text])
+        key_valid = torch.ones(q.shape[0], layout.seq_len, dtype=torch.bool, device=q.device)
+        key_valid[:, layout.text_slice] = text_padding_mask
+    for part in joint:
+        kernels.dense_attention(q[:, part], k, v, key_valid=key_valid, scale=scale, backend=backend, out=out[:, part])
     return out

@@ -6,10 +6,11 @@ step and layer run dense, the block mask) and publishing it on the session. A se
 swapped for a subclass of it (one per class, same name) whose `forward`, while a plan is published, runs the module's
 own forward under a `TorchFunctionMode` that routes its `scaled_dot_product_attention` call to the sparse path; a
 module that already has an instance-level `forward` (another HookRegistry hook) gets a HookRegistry hook instead.
-The joint text is whatever the call has beyond the video tokens (`text_len = S - video_len`), at the side the adapter
-names; a key-padding attention mask becomes `sparse_attention`'s `text_padding_mask`. Outside a hooked forward every
-call falls through untouched; `remove` restores every class and hook (the intercepting subclasses stay cached for
-the next `sparsify`, unused), and no other state is left.
+The joint text is whatever the call has beyond the video tokens and the adapter's extra tokens off the grid
+(`text_len = S - video_len - extra_len`), at the side the adapter names; a key-padding attention mask becomes
+`sparse_attention`'s `text_padding_mask`; any other SDPA call in the module (a cross-attention, as FLUX's IP-Adapter
+makes) runs as it is. Outside a hooked forward every call falls through untouched; `remove` restores every class and
+hook (the intercepting subclasses stay cached for the next `sparsify`, unused), and no other state is left.
 
 torch.compile: the plan is built in a function dynamo skips (one graph break, before the first block); the plan
 object is reused while the layout and the dense/sparse phase stay the same, so the compiled graph's guards hold from
@@ -183,7 +184,8 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
 
 
 class _AttentionInterceptor(TorchFunctionMode):
-    """Routes `scaled_dot_product_attention` inside one self-attention module to the sparse path."""
+    """Routes the self-attention `scaled_dot_product_attention` call inside one self-attention module (keys of the
+    query's own sequence) to the sparse path; any other SDPA call there (a cross-attention) runs as it is."""
 
     def __init__(self, site: _Site, plan: ForwardPlan):
         super().__init__()
@@ -200,9 +202,13 @@ class _AttentionInterceptor(TorchFunctionMode):
                 # bodies of some (`Tensor.unflatten` calls `super()`). The same call in eager mode.
                 return getattr(args[0], name)(*args[1:], **kwargs)
             return func(*args, **kwargs)
-        self.calls += 1
         # query, key, value: (B, H, S, D), as diffusers' native backend and direct callers pass them to SDPA.
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
+        if not query.shape[2] == key.shape[2] == value.shape[2]:
+            # Not the module's self-attention: keys from another sequence (FLUX's IP-Adapter attends the image
+            # tokens to its image-prompt tokens in the same module). The original call, dense.
+            return func(*args, **kwargs)
+        self.calls += 1
         if is_causal or dropout_p or enable_gqa or not (query.shape[:3] == key.shape[:3] == value.shape[:3]):
             raise NotImplementedError(
                 f"{self.site.name}: sparse attention supports self-attention only (q, k, v of one (B, H, S)), "

@@ -17,6 +17,11 @@ class VideoLayout:
     latent width / w-patch). Video tokens are ordered frame-major, then row, then column, as every diffusers video
     transformer flattens them. `text_len` joint text tokens sit before (`"prefix"`: CogVideoX, FLUX) or after
     (`"suffix"`: HunyuanVideo) the video tokens; `text_position` is `None` when there are none (Wan).
+
+    `extra_len` tokens off the video grid that are not text (FLUX.1 Kontext's, FLUX.2's and Qwen-Image-Edit's
+    reference images after the image, LTXConditionPipeline's conditioning tokens before the video) sit at
+    `extra_position`, on the other side of the video from the text. Attention treats them as joint text: they see
+    and are seen by every token. Every joint token (text or extra) lies outside `video_slice`.
     """
 
     frames: int
@@ -24,20 +29,29 @@ class VideoLayout:
     width: int
     text_len: int = 0
     text_position: str | None = None
+    extra_len: int = 0
+    extra_position: str | None = None
 
     def __post_init__(self):
         for name in ("frames", "height", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VideoLayout.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.text_len, int) or self.text_len < 0:
-            raise ValueError(f"VideoLayout.text_len must be an int >= 0, got {self.text_len!r}")
-        if self.text_position not in TEXT_POSITIONS:
-            raise ValueError(f"VideoLayout.text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
-        if (self.text_len > 0) != (self.text_position is not None):
+        for kind in ("text", "extra"):
+            length, position = getattr(self, f"{kind}_len"), getattr(self, f"{kind}_position")
+            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+                raise ValueError(f"VideoLayout.{kind}_len must be an int >= 0, got {length!r}")
+            if position not in TEXT_POSITIONS:
+                raise ValueError(f"VideoLayout.{kind}_position must be one of {TEXT_POSITIONS}, got {position!r}")
+            if (length > 0) != (position is not None):
+                raise ValueError(
+                    f"VideoLayout.{kind}_position must be 'prefix' or 'suffix' exactly when {kind}_len > 0, "
+                    f"got {kind}_len={length} and {kind}_position={position!r}"
+                )
+        if self.text_position is not None and self.text_position == self.extra_position:
             raise ValueError(
-                f"VideoLayout.text_position must be 'prefix' or 'suffix' exactly when text_len > 0, "
-                f"got text_len={self.text_len} and text_position={self.text_position!r}"
+                f"VideoLayout's extra tokens must sit on the other side of the video from the text, got both "
+                f"{self.text_position!r}"
             )
 
     @property
@@ -49,19 +63,35 @@ class VideoLayout:
         return self.frames * self.height * self.width
 
     @property
+    def joint_len(self) -> int:
+        """The tokens outside the video grid, text and extra, which attend and are attended densely."""
+        return self.text_len + self.extra_len
+
+    @property
     def seq_len(self) -> int:
-        return self.video_len + self.text_len
+        return self.video_len + self.joint_len
+
+    @property
+    def prefix_len(self) -> int:
+        """The joint tokens before the video (text or extra: never both, they sit on either side)."""
+        return (self.text_len if self.text_position == "prefix" else 0) + (
+            self.extra_len if self.extra_position == "prefix" else 0)
 
     @property
     def video_slice(self) -> slice:
-        start = self.text_len if self.text_position == "prefix" else 0
-        return slice(start, start + self.video_len)
+        return slice(self.prefix_len, self.prefix_len + self.video_len)
 
     @property
     def text_slice(self) -> slice:
-        if self.text_position == "prefix":
-            return slice(0, self.text_len)
-        return slice(self.video_len, self.video_len + self.text_len)
+        return self._joint_slice(self.text_len, self.text_position)
+
+    @property
+    def extra_slice(self) -> slice:
+        return self._joint_slice(self.extra_len, self.extra_position)
+
+    def _joint_slice(self, length: int, position: str | None) -> slice:
+        start = 0 if position == "prefix" else self.prefix_len + self.video_len
+        return slice(start, start + length)
 
     def tile_permutation(self, tile: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Order of video tokens that makes each run of `prod(tile)` tokens one compact (t, h, w) space-time cube.

@@ -75,7 +75,9 @@ def gathered_order(layout: VideoLayout, world: int) -> torch.Tensor | None:
     None when the two orders agree (no joint text, or one rank)."""
     if world == 1 or layout.text_len == 0:
         return None
-    video_len, text_len = layout.video_len, layout.text_len
+    # The extra tokens off the grid come with the video in the transformer's hidden states (a reference image after
+    # the image): each rank's share of hidden states holds both, in [video; extra] order.
+    video_len, text_len = layout.video_len + layout.extra_len, layout.text_len
     if video_len % world or text_len % world:
         raise ValueError(
             f"context parallel over {world} ranks needs the video ({video_len}) and text ({text_len}) token counts to "

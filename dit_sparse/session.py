@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,7 +43,8 @@ logger = logging.getLogger("dit_sparse")
 class ForwardPlan:
     """What every self-attention call of one transformer forward needs.
 
-    - `layout`: the video tokens (`text_len` 0); a call's full layout adds the tokens beyond them as text.
+    - `layout`: the video tokens and the adapter's extra tokens off the grid (`text_len` 0); a call's full layout
+      adds the tokens beyond them as text.
     - `text_position`, `attention_mask`: the adapter's text side and mask convention.
     - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
@@ -62,17 +63,19 @@ class ForwardPlan:
         return self.sparse_from is None or layer < self.sparse_from
 
     def call_layout(self, seq_len: int, site_name: str) -> VideoLayout:
-        """The layout of an attention call over `seq_len` tokens: the video plus `seq_len - video_len` text tokens."""
+        """The layout of an attention call over `seq_len` tokens: the video and its extra tokens, plus
+        `seq_len - video_len - extra_len` text tokens."""
         video = self.layout
-        text_len = int(seq_len) - video.video_len
+        text_len = int(seq_len) - video.video_len - video.extra_len
         if text_len < 0 or (text_len > 0 and self.text_position is None):
             raise RuntimeError(
                 f"{site_name}: attention over {seq_len} tokens, but the transformer's input gives {video} "
-                f"({video.video_len} video tokens{'' if self.text_position else ' and no joint text'})"
+                f"({video.video_len} video tokens{f', {video.extra_len} extra' if video.extra_len else ''}"
+                f"{'' if self.text_position else ' and no joint text'})"
             )
         if text_len == 0:
             return video
-        return VideoLayout(video.frames, video.height, video.width, text_len, self.text_position)
+        return replace(video, text_len=text_len, text_position=self.text_position)
 
 
 @dataclass

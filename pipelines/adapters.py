@@ -118,12 +118,11 @@ def _latents(family: str, args: tuple, kwargs: dict, order: str) -> torch.Tensor
 
 
 def _filled(model: str, hidden_states: torch.Tensor, layout: VideoLayout, source: str) -> VideoLayout:
-    """`layout`, once the packed latents' (B, N, C) N tokens are checked to fill its grid exactly; `source` names
-    where the grid came from, for the error."""
-    if hidden_states.shape[1] != layout.video_len:
-        raise ValueError(
-            f"{model} hidden_states have {hidden_states.shape[1]} tokens, but {source} make {layout.video_len}"
-        )
+    """`layout`, once the packed latents' (B, N, C) N tokens are checked to be its grid and extra tokens exactly;
+    `source` names where the grid came from, for the error."""
+    if hidden_states.shape[1] != layout.video_len + layout.extra_len:
+        raise ValueError(f"{model} hidden_states have {hidden_states.shape[1]} tokens, but {source} make "
+                         f"{layout.video_len + layout.extra_len}")
     return layout
 
 
@@ -217,12 +216,20 @@ COGVIDEOX = TransformerAdapter(
 
 
 # ---- FLUX.1 (and Kontext), FLUX.2 ---------------------------------------------------------------------------------
+def _raster_grid(frames: int, height: int, width: int) -> torch.Tensor:
+    """(frames * height * width, 3) int64 (frame, row, column) of each token of the grid, in raster order."""
+    axes = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack(axes, dim=-1).reshape(-1, 3)
+
+
 def _image_ids_layout(family: str, position: int) -> Callable[[torch.nn.Module, tuple, dict], VideoLayout]:
     """The image tokens as `frames` x height x width from `img_ids` (argument `position`): (N, 3) = (frame, row,
     column) per token for FLUX.1, (N, 4) = (frame, row, column, layer) for FLUX.2, whose layer axis is 0.
 
     FLUX packs its latents (B, N, C), so the grid is only in the position ids: one frame for a text-to-image call,
-    two for Kontext with a reference image of the output's size (its ids carry frame 1). Reads the ids on the host
+    two for Kontext with a reference image of the output's size (its ids carry frame 1). Reference images that do
+    not continue the grid (FLUX.1 Kontext's of another size, FLUX.2's at frames 10, 20, ...) follow the image's
+    frame-0 tokens: they are the layout's extra tokens (suffix), attended like joint text. Reads the ids on the host
     (one small copy per forward).
     """
 
@@ -238,18 +245,22 @@ def _image_ids_layout(family: str, position: int) -> Callable[[torch.nn.Module, 
         layered = ids.shape[-1] == 4 and bool((ids[:, 3] != 0).any())
         ids = ids[:, :3]
         frames, height, width = (int(ids[:, axis].max()) + 1 for axis in range(3))
-        layout = VideoLayout(frames, height, width)
-        grid = torch.stack(
-            torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"), dim=-1
-        ).reshape(-1, 3)
-        if layered or ids.shape != grid.shape or not torch.equal(ids, grid):
+        source = f"img_ids {tuple(img_ids.shape)}"
+        if not layered and torch.equal(ids, _raster_grid(frames, height, width)):
+            return _filled(family, hidden_states, VideoLayout(frames, height, width), source)
+        image_len = int((ids[:, 0] == 0).cumprod(0).sum())  # the leading frame-0 tokens: the image itself
+        height, width = (int(ids[:image_len, axis].max()) + 1 if image_len else 0 for axis in (1, 2))
+        if layered or image_len == 0 or not torch.equal(ids[:image_len], _raster_grid(1, height, width)) or bool(
+            (ids[image_len:, 0] == 0).any()
+        ):
             raise ValueError(
-                f"{family} img_ids ({tuple(img_ids.shape)}) do not form a frames x height x width grid in raster order "
-                f"with one token each (reference images: FLUX.1 Kontext's of another size than the output, or "
-                f"FLUX.2's, placed at frames 10, 20, ...); dit-sparse needs the image tokens on one {frames} x "
-                f"{height} x {width} grid"
+                f"{family} {source} are not the image's tokens on one height x width grid at frame 0 in raster order "
+                "followed by any reference images' at other frames, or are layered (a layer axis not 0); dit-sparse "
+                "needs the image tokens on one grid"
             )
-        return _filled(family, hidden_states, layout, f"img_ids {tuple(img_ids.shape)}")
+        extra_len = ids.shape[0] - image_len  # the reference images' tokens, after the image's
+        return _filled(family, hidden_states, VideoLayout(1, height, width, extra_len=extra_len,
+                                                          extra_position="suffix"), source)
 
     return layout
 
@@ -261,7 +272,8 @@ _NO_RADIAL_ON_IMAGES = {
 
 FLUX = TransformerAdapter(
     family="flux",
-    # FluxPipeline, FluxImg2ImgPipeline, FluxKontextPipeline (reference image of the output's size), ...
+    # FluxPipeline, FluxImg2ImgPipeline, FluxKontextPipeline (a reference image of the output's size is a second
+    # frame; of another size, extra tokens), ...
     class_names=("FluxTransformer2DModel",),
     attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
     layout=_image_ids_layout("FLUX", 4),
@@ -272,8 +284,8 @@ FLUX = TransformerAdapter(
 
 FLUX2 = TransformerAdapter(
     family="flux2",
-    # Flux2Pipeline and Flux2KleinPipeline, text to image. Their reference images (image editing) are tokens of other
-    # sizes after the image's, at frames 10, 20, ...: no grid, refused by the layout with a clear error.
+    # Flux2Pipeline and Flux2KleinPipeline, text to image and image editing: the reference images' tokens follow the
+    # image's, at frames 10, 20, ...: the layout's extra tokens, attended like joint text.
     class_names=("Flux2Transformer2DModel",),
     attention_sites=_sites(("transformer_blocks", "attn"), ("single_transformer_blocks", "attn")),
     layout=_image_ids_layout("FLUX.2", 3),
@@ -285,7 +297,8 @@ FLUX2 = TransformerAdapter(
 
 # ---- Qwen-Image ---------------------------------------------------------------------------------------------------
 def _qwen_image_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
-    """The image tokens as the one (frames, height, width) shape of `img_shapes` (the same for every sample)."""
+    """The image tokens as the first (frames, height, width) shape of `img_shapes` (the same for every sample); the
+    tokens of the shapes after it (the edit pipelines' reference images) are extra tokens after the image's."""
     hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
     img_shapes = _argument(args, kwargs, "img_shapes", 4)
     try:  # a list of [(frames, height, width), ...] per sample, or (the ControlNet pipelines) of one shape per sample
@@ -296,17 +309,20 @@ def _qwen_image_layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) 
         raise ValueError(f"Qwen-Image transformer called without img_shapes (a list of [(frames, height, width)] per "
                          f"sample); got {img_shapes!r}") from None
     sample = next(iter(shapes)) if len(shapes) == 1 else ()  # every sample's shapes, when they agree
-    if len(sample) != 1 or len(sample[0]) != 3:
+    if not sample or any(len(shape) != 3 for shape in sample):
         raise ValueError(
-            f"Qwen-Image img_shapes {img_shapes!r} name more than one image per sample (the edit pipelines' reference "
-            "images, or layers) or differ between samples; dit-sparse needs the image tokens on one grid"
+            f"Qwen-Image img_shapes {img_shapes!r} differ between samples or are not (frames, height, width) "
+            "shapes; dit-sparse needs every sample's image tokens on one grid"
         )
-    return _filled("Qwen-Image", hidden_states, VideoLayout(*sample[0]), f"img_shapes {img_shapes!r}")
+    extra_len = sum(frames * height * width for frames, height, width in sample[1:])
+    layout = VideoLayout(*sample[0], extra_len=extra_len, extra_position="suffix" if extra_len else None)
+    return _filled("Qwen-Image", hidden_states, layout, f"img_shapes {img_shapes!r}")
 
 
 QWEN_IMAGE = TransformerAdapter(
     family="qwen_image",
-    # QwenImagePipeline, its Img2Img, Inpaint and ControlNet variants (one image per sample); the joint
+    # QwenImagePipeline, its Img2Img, Inpaint and ControlNet variants (one image per sample), and the Edit
+    # pipelines (their reference images: extra tokens after the image's, attended like joint text); the joint
     # attention mask the processor builds from the prompt's padding is a key-padding mask over text and image.
     class_names=("QwenImageTransformer2DModel",),
     attention_sites=_sites(("transformer_blocks", "attn")),
@@ -319,15 +335,24 @@ QWEN_IMAGE = TransformerAdapter(
 
 
 # ---- LTX-Video, LTX-2 ---------------------------------------------------------------------------------------------
-def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str):
+def _grid_arguments_layout(model: str, first: int, supported: str, conditioning: str | None = None,
+                           coords_layout: Callable[[torch.Tensor, torch.Tensor], VideoLayout] | None = None):
     """The layout of a transformer whose packed latents (B, N, C) come with int `num_frames`, `height`, `width`
-    arguments (positions `first`, +1, +2): the token grid, which the N tokens must fill exactly."""
+    arguments (positions `first`, +1, +2): the token grid, which the N tokens must fill exactly. Without them,
+    `coords_layout(hidden_states, video_coords)` reads the layout from the tokens' coordinates, where the family's
+    conditioning pipeline passes those instead; a family without one refuses `conditioning`'s video_coords."""
 
     def layout(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
         hidden_states = _argument(args, kwargs, "hidden_states", 0)  # (B, N, C) packed latents
         names = ("num_frames", "height", "width")
         sizes = tuple(_argument(args, kwargs, name, first + i) for i, name in enumerate(names))
+        video_coords = kwargs.get("video_coords")
+        if coords_layout is not None and all(size is None for size in sizes) and video_coords is not None:
+            return coords_layout(hidden_states, video_coords)
         if any(not isinstance(size, int) for size in sizes):
+            if coords_layout is not None:
+                raise ValueError(f"{model} transformer called with neither int num_frames, height and width (got "
+                                 f"{sizes}) nor video_coords; dit-sparse supports {supported}")
             raise ValueError(
                 f"{model} transformer called without int num_frames, height and width (got {sizes}); dit-sparse "
                 f"supports {supported}, not video_coords conditioning ({conditioning}), whose extra tokens do not "
@@ -338,11 +363,40 @@ def _grid_arguments_layout(model: str, first: int, supported: str, conditioning:
     return layout
 
 
+def _ltx_coords_layout(hidden_states: torch.Tensor, video_coords: torch.Tensor) -> VideoLayout:
+    """LTXConditionPipeline's layout from `video_coords` (B, 3, N), the (frame, row, column) coordinates of each
+    token: its conditioning tokens (images or videos at frame_index > 0, coordinates from that frame on) come first,
+    then the video's grid, whose frame coordinates start at 0. The grid is the run of tokens after the last fall of
+    the frame coordinate, checked to be a frames x height x width raster; the tokens before it are extra (prefix).
+    Reads the coordinates on the host (one small copy per forward)."""
+    if not isinstance(video_coords, torch.Tensor) or video_coords.dim() != 3 or video_coords.shape[1] != 3:
+        raise ValueError(f"LTX-Video video_coords must be (B, 3, N); got "
+                         f"{getattr(video_coords, 'shape', type(video_coords).__name__)}")
+    coords = video_coords[0].detach().to("cpu", torch.float64).T  # (N, 3): one sample's, as CFG repeats them
+    falls = (coords[1:, 0] < coords[:-1, 0]).nonzero()
+    start = int(falls[-1]) + 1 if len(falls) else 0  # the first grid token
+    grid = coords[start:]
+    values = [torch.unique(grid[:, axis]) for axis in range(3)]  # sorted: each axis's coordinates
+    sizes = tuple(len(axis_values) for axis_values in values)
+    raster = torch.stack(torch.meshgrid(*values, indexing="ij"), dim=-1).reshape(-1, 3)
+    if raster.shape != grid.shape or not torch.equal(raster, grid):
+        raise ValueError(
+            f"LTX-Video video_coords {tuple(video_coords.shape)}: the tokens after the conditioning tokens (the last "
+            f"{grid.shape[0]}) do not form a frames x height x width grid in raster order; dit-sparse needs the video "
+            "tokens on one grid, after any conditioning tokens"
+        )
+    layout = VideoLayout(*sizes, extra_len=start, extra_position="prefix" if start else None)
+    return _filled("LTX-Video", hidden_states, layout, f"video_coords {tuple(video_coords.shape)}")
+
+
 LTX_VIDEO = TransformerAdapter(
     family="ltx_video",
+    # LTXPipeline, LTXImageToVideoPipeline (num_frames, height, width) and LTXConditionPipeline (video_coords: its
+    # conditioning tokens before the video's are extra tokens, attended like joint text).
     class_names=("LTXVideoTransformer3DModel",),
     attention_sites=_sites(("transformer_blocks", "attn1")),  # attn2 is cross-attention to the text
-    layout=_grid_arguments_layout("LTX-Video", 4, "LTXPipeline and LTXImageToVideoPipeline", "LTXConditionPipeline"),
+    layout=_grid_arguments_layout("LTX-Video", 4, "LTXPipeline, LTXImageToVideoPipeline and LTXConditionPipeline",
+                                  coords_layout=_ltx_coords_layout),
     timestep=_timestep_argument(2),
 )
 

@@ -479,49 +479,45 @@ def test_radial_on_flux_is_refused_before_anything_changes(built, name):
 def test_flux_kontext_reference_image_of_the_output_size_is_a_second_frame(built, attention_probe):
     transformer, inputs, _ = built("flux")
     kontext = dict(inputs, hidden_states=torch.randn(2, 2 * 12 * 10, 8), img_ids=_flux_ids(2, 12, 10))
-    other_size = dict(
+    # Ids with no frame-0 image grid first (here the reference's tokens first): no grid to tell, a clear error.
+    reference_first = dict(
         inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8),
-        img_ids=torch.cat([_flux_ids(1, 12, 10), _flux_ids(2, 6, 5)[6 * 5 :]]),
+        img_ids=torch.cat([_flux_ids(2, 6, 5)[6 * 5 :], _flux_ids(1, 12, 10)]),
     )
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
         _forward(transformer, kontext)
         assert attention_probe[0][4] == VideoLayout(2, 12, 10, 6, "prefix")
-        with pytest.raises(ValueError, match="img_ids .* do not form a frames x height x width grid"):
-            _forward(transformer, other_size)
+        with pytest.raises(ValueError, match=r"img_ids \(150, 3\) are not the image's tokens on one height x width "
+                                             "grid at frame 0"):
+            _forward(transformer, reference_first)
         with pytest.raises(ValueError, match=r"FLUX hidden_states have 241 tokens, but img_ids \(240, 3\) make 240"):
             _forward(transformer, dict(kontext, hidden_states=torch.randn(2, 2 * 12 * 10 + 1, 8)))
     finally:
         dit_sparse.unsparsify(transformer)
 
 
-def test_flux2_reference_images_are_refused_clearly(built, attention_probe):
+def test_flux2_layered_ids_are_refused_clearly(built, attention_probe):
     transformer, inputs, _ = built("flux2")
-    references = dict(  # Flux2Pipeline's image editing: a 6 x 5 reference image's tokens after the image's
-        inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8),
-        img_ids=torch.cat([_flux2_ids(0, 12, 10), _flux2_ids(10, 6, 5)]),
-    )
     layered = dict(inputs, img_ids=_flux2_ids(0, 12, 10) + torch.tensor([0, 0, 0, 1]))
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
         _forward(transformer, inputs)
         assert attention_probe[0][4] == VideoLayout(1, 12, 10, 6, "prefix")
-        for call in (references, layered):
-            with pytest.raises(ValueError, match=r"FLUX.2 img_ids .* do not form a frames x height x width grid"):
-                _forward(transformer, call)
+        with pytest.raises(ValueError, match=r"FLUX.2 img_ids .* or are layered \(a layer axis not 0\)"):
+            _forward(transformer, layered)
     finally:
         dit_sparse.unsparsify(transformer)
 
 
-def test_qwen_image_edit_reference_images_are_refused_clearly(built):
+def test_qwen_image_shapes_that_differ_between_samples_are_refused_clearly(built):
     transformer, inputs, _ = built("qwen_image")
-    edit = dict(  # QwenImageEditPipeline: the reference image's tokens after the image's, a second shape per sample
-        inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8), img_shapes=[[(1, 12, 10), (1, 6, 5)]] * 2,
-    )
+    differ = dict(inputs, hidden_states=torch.randn(2, 12 * 10 + 6 * 5, 8),
+                  img_shapes=[[(1, 12, 10), (1, 6, 5)], [(1, 12, 10), (1, 5, 6)]])
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
-        with pytest.raises(ValueError, match=r"img_shapes .* more than one image per sample"):
-            _forward(transformer, edit)
+        with pytest.raises(ValueError, match=r"img_shapes .* differ between samples"):
+            _forward(transformer, differ)
         # QwenImageControlNetPipeline passes one shape per sample, not a list of them.
         torch.testing.assert_close(_forward(transformer, dict(inputs, img_shapes=[(1, 12, 10)] * 2)),
                                    _forward(transformer, inputs), atol=0, rtol=0)
@@ -531,16 +527,19 @@ def test_qwen_image_edit_reference_images_are_refused_clearly(built):
         dit_sparse.unsparsify(transformer)
 
 
-@pytest.mark.parametrize("name, model, coords", [
-    ("ltx_video", "LTX-Video", (2, 3, 192)), ("ltx2_video", "LTX-2", (2, 3, 192, 2))
+@pytest.mark.parametrize("name, message", [
+    # LTX-Video reads its grid from the coordinates (tests/test_joint_tokens.py); ones of no grid are refused.
+    ("ltx_video", r"LTX-Video video_coords \(2, 3, 192\): the tokens after the conditioning tokens \(the last 192\) "
+                  "do not form a frames x height x width grid"),
+    ("ltx2_video", r"LTX-2 transformer called without int num_frames, height and width .*\(LTX2ConditionPipeline"),
 ])
-def test_ltx_conditioning_by_video_coords_is_a_clear_error(built, name, model, coords):
+def test_ltx_video_coords_without_a_grid_are_a_clear_error(built, name, message):
     transformer, inputs, _ = built(name)
     inputs = {key: value for key, value in inputs.items() if key not in ("num_frames", "height", "width")}
+    coords = (2, 3, 192) if name == "ltx_video" else (2, 3, 192, 2)
     dit_sparse.sparsify(transformer, "random", **SPARSE)
     try:
-        with pytest.raises(ValueError, match=f"{model} transformer called without int num_frames, height and width "
-                                             r".*\(LTX2?ConditionPipeline"):
+        with pytest.raises(ValueError, match=message):
             _forward(transformer, dict(inputs, video_coords=torch.zeros(coords)))
     finally:
         dit_sparse.unsparsify(transformer)

@@ -48,7 +48,10 @@ def _random_case(rng: torch.Generator, backend: str, index: int):
     width = int(torch.randint(3, 40, (1,), generator=rng))
     text = pick((None, None, "prefix", "suffix"))
     text_len = int(torch.randint(1, 300, (1,), generator=rng)) if text else 0
-    layout = VideoLayout(frames, height, width, text_len, text)
+    # Extra tokens off the grid (a reference image, conditioning tokens) on the video's other side from the text.
+    extra = pick((None, None, "suffix" if text == "prefix" else "prefix"))
+    extra_len = int(torch.randint(1, 200, (1,), generator=rng)) if extra else 0
+    layout = VideoLayout(frames, height, width, text_len, text, extra_len, extra)
     seq_len = layout.video_len
     mask_batch, mask_heads = pick(((1, 1), (1, heads), (batch, heads)))
     density = float(torch.rand(1, generator=rng)) * 0.9 + 0.05
@@ -66,7 +69,7 @@ def _random_case(rng: torch.Generator, backend: str, index: int):
     q, k, v = (torch.randn(batch, layout.seq_len, heads, head_dim, generator=rng).to("cuda", dtype) for _ in range(3))
     description = (f"B{batch} H{heads} D{head_dim} {dtype} S{seq_len} blocks({q_block},{kv_block}) "
                    f"mask({mask_batch},{mask_heads}) density {density:.2f} text {text}:{text_len} "
-                   f"padding {padding is not None} permuted {permutation is not None}")
+                   f"extra {extra}:{extra_len} padding {padding is not None} permuted {permutation is not None}")
     return q, k, v, mask, layout, padding, dtype, description
 
 
