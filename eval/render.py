@@ -23,15 +23,15 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse.pipelines import models
-from dit_sparse.patterns import make_config
 from dit_sparse.files import write_atomic
-from dit_sparse.pipelines import tiny
+from dit_sparse.patterns import make_config
+from dit_sparse.pipelines import models, tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
 
 # ---- defaults: the tiny trained model's own size and steps (`render`'s, the demo's and the app's).
@@ -149,8 +149,6 @@ def check_output_dir(path: str, flag: str = "--output-dir") -> str:
     """Make sure the folder `path` exists (created if needed) and can be written: a probe file is created and removed,
     so a render is never lost to a folder it cannot write. A file in its place, or a folder that cannot be created
     or written, is a ValueError naming it."""
-    import tempfile
-
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a file, not a folder")
     try:
