@@ -10,8 +10,8 @@ import torch
 from dit_sparse import hooks, kernels
 from dit_sparse.config import MethodConfig
 from dit_sparse.patterns import is_static, make_config
-from dit_sparse.profile import Profile
 from dit_sparse.pipelines.adapters import find_adapter, transformers_of
+from dit_sparse.profile import Profile
 from dit_sparse.session import SparseSession
 
 #: diffusers attention backends that end in torch's scaled_dot_product_attention, which dit-sparse intercepts.

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dit_sparse.patterns import CONFIGS, make_config
-from dit_sparse.pipelines.adapters import transformers_of
-from dit_sparse.files import atomic_path
 from dit_sparse.eval import render
 from dit_sparse.eval.render import MANIFEST_NAME
 from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
+from dit_sparse.files import atomic_path
+from dit_sparse.patterns import CONFIGS, make_config
 from dit_sparse.pipelines import models
+from dit_sparse.pipelines.adapters import transformers_of
 from dit_sparse.video import to_uint8
 
 BASELINE = "baseline"

@@ -23,8 +23,8 @@ pytest.importorskip("gradio", reason="the app tests need the app extra (gradio, 
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from dit_sparse import cli  # noqa: E402
-from dit_sparse.patterns import CONFIGS  # noqa: E402
 from dit_sparse.eval import render, runner  # noqa: E402
+from dit_sparse.patterns import CONFIGS  # noqa: E402
 from dit_sparse.video import read_video  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")

@@ -13,9 +13,9 @@ import pytest
 from headless_chromium import screenshot
 
 from dit_sparse import cli
-from dit_sparse.patterns import CONFIGS
 from dit_sparse.eval import render, runner, suites
 from dit_sparse.eval import report as report_module
+from dit_sparse.patterns import CONFIGS
 from dit_sparse.pipelines.tiny.shapes import build_tokenizer, parse_caption
 from dit_sparse.video import read_video
 
