@@ -473,23 +473,25 @@ def damaged_frames(path: str, shape=None) -> str | None:
     return None
 
 
-def cached_rows(cache_dir: str) -> dict[str, dict]:
-    """Video hash -> manifest row, for the rows of the cache whose frames file is there and whole (the last row wins).
-    A damaged file (a write cut short by a full disk or a kill) is reported by path and left out: it is rendered
-    again, never trusted."""
-    finished = {}
+def cached_rows(cache_dir: str, hashes=None) -> dict[str, dict]:
+    """Video hash -> manifest row, for the rows of the cache whose frames file is there and whole (the last row wins);
+    only those in `hashes` when given. A damaged file (a write cut short by a full disk or a kill) is reported by
+    path and left out: it is rendered again, never trusted. Each file's header is read once."""
+    rows = {}
     for row in render.read_manifest(os.path.join(cache_dir, MANIFEST_NAME)):
         name = row.get("file")
-        if isinstance(row.get("hash"), str) and isinstance(name, str):
-            path = os.path.join(cache_dir, name)
-            if not os.path.isfile(path):
-                continue
-            problem = damaged_frames(path, row.get("shape"))
-            if problem is None:
-                finished[row["hash"]] = row
-            else:
-                finished.pop(row["hash"], None)
-                print(f"dit-sparse: warning: {path}: {problem}; rendering it again", file=sys.stderr)
+        if isinstance(row.get("hash"), str) and isinstance(name, str) and os.path.isfile(os.path.join(cache_dir, name)):
+            rows[row["hash"]] = row
+    finished = {}
+    for key, row in rows.items():
+        if hashes is not None and key not in hashes:
+            continue
+        path = os.path.join(cache_dir, row["file"])
+        problem = damaged_frames(path, row.get("shape"))
+        if problem is None:
+            finished[key] = row
+        else:
+            print(f"dit-sparse: warning: {path}: {problem}; rendering it again", file=sys.stderr)
     return finished
 
 
@@ -521,7 +523,8 @@ def render_cached(
     """`job`'s uint8 frames, manifest row and whether they came from the cache: a video already in `cache_dir` is
     loaded (its row keeps the seconds measured when it was rendered), else it is rendered into it, after an untimed
     warm-up call of `warmup_steps` steps (0: none). The app's dense video is the `BASELINE` job, cached this way."""
-    row = cached_rows(cache_dir).get(video_hash(job, device, dtype))
+    key = video_hash(job, device, dtype)
+    row = cached_rows(cache_dir, hashes={key}).get(key)
     if row is not None:
         return np.load(os.path.join(cache_dir, row["file"])), row, True
     if warmup_steps > 0:
