@@ -237,7 +237,7 @@ def block_sparse_attention(
 
 
 def _dispatch(q, k, v, mask: BlockMask, scale: float, backend: str, extra_k=None, extra_v=None,
-                     extra_key_valid=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+              extra_key_valid=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_sparse_attention` of arguments it has checked: the dispatch."""
     mask = _on_device(mask, q.device)
     if mask.per_head_order:
@@ -267,7 +267,7 @@ def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, e
     q_in = gather(q, q_order)
     k_in, v_in = gather(k, k_order), gather(v, k_order)
     result, lse = _dispatch(q_in, k_in, v_in, mask.in_blocked_order(), scale, backend, extra_k, extra_v,
-                                   extra_key_valid)
+                            extra_key_valid)
     inverse = inverse_order(q_order).expand(batch, heads, -1)  # (B, H, S)
     lse = lse.gather(2, inverse)
     return write_into(out, gather(result, inverse)), lse
