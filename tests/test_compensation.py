@@ -120,6 +120,20 @@ def test_reference_compensation_matches_explicit_dense_computation(batch, seq_le
     assert (out - plain).abs().max() > 1e-3  # the dropped blocks do contribute
 
 
+def test_compensation_on_token_boxes_covers_dropped_blocks_only():
+    # A kept block masked inside keeps its masked-out tokens out; only the blocks the mask drops are pooled.
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.patterns.neighborhood import neighborhood
+
+    mask = neighborhood(VideoLayout(2, 8, 8), window=(1, 3, 3), tile=(1, 4, 4), exact=True)
+    assert mask.has_token_boxes
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _qkv(1, 128, 2, 16, g)
+    out, _ = kernels.block_sparse_attention(q, k, v, mask, backend="reference", compensate=True)
+    expected = dense_compensated(q, k, v, mask, mask.to_block_dense(), 16 ** -0.5)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
 def test_compensation_with_every_block_kept_changes_nothing():
     g = torch.Generator().manual_seed(0)
     q, k, v = (x.float() for x in _qkv(2, 50, 2, 16, g))
@@ -213,3 +227,105 @@ def test_interpreted_triton_pooled_pass_matches_reference():
         assert row["lse"] <= (2e-4 if half else 1e-5), row
         assert row["changed"] > 1e-2, row  # the pooled pass ran and merged
         assert row["full_identical"], row  # every block kept: bit-identical
+
+
+# ---- the recall guard ------------------------------------------------------------------------------------------
+
+
+def test_guard_never_lowers_density_and_keeps_orders_and_boxes():
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.patterns import build_mask, make_config
+    from dit_sparse.patterns.recall import guard_recall
+
+    g = torch.Generator().manual_seed(3)
+    masks = [_random_mask(72, 16, (1, 1), g)[0], _random_mask(80, 16, (2, 2), g, permute="per_head", batch=2,
+                                                                  heads=2)[0]]
+    layout = VideoLayout(2, 8, 8)  # an exact window masks tokens inside kept blocks
+    masks.append(build_mask(layout, make_config("neighborhood", window=(1, 3, 3), tile=(1, 4, 4), exact=True)))
+    for mask in masks:
+        q, k = (torch.randn(2, 2, mask.seq_len, 16, generator=g) * 3 for _ in range(2))  # (B, H, S, D)
+        for target in (0.5, 0.9, 1.0):
+            new, added, touched = guard_recall(mask, q, k, target)
+            before, after = mask.to_block_dense().expand(2, 2, -1, -1), new.to_block_dense()
+            assert bool((after | ~before).all())  # nothing removed
+            assert float(added) == pytest.approx(new.density - mask.density) and float(added) >= 0
+            assert float(touched) == float(bool((after & ~before).any()))
+            assert new.per_head_order == mask.per_head_order and new.has_token_boxes == mask.has_token_boxes
+            if mask.has_token_boxes:  # the blocks the mask kept stay masked inside as they were
+                kept_partial = mask.to_block_partial().expand(2, 2, -1, -1)
+                assert torch.equal(new.to_block_partial() & before, kept_partial & before)
+                torch.testing.assert_close(new.to_dense() | ~mask.to_dense(), torch.ones_like(new.to_dense()))
+
+
+@pytest.mark.parametrize("seq_len, target", [(96, 0.9), (88, 0.75), (88, 1.0)])
+def test_guard_reaches_its_recall_where_the_pooled_map_is_exact(seq_len, target):
+    # Tiles of identical tokens: within a block every q (and every k) is the same, so the pooled map is the exact
+    # attention mass per block (the ragged tail included, through its log-count bias).
+    from dit_sparse.patterns.estimate import block_attention_mass
+    from dit_sparse.patterns.recall import guard_recall
+
+    g = torch.Generator().manual_seed(seq_len)
+    block, n = 16, math.ceil(seq_len / 16)
+    tile = torch.arange(seq_len) // block
+    q, k = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)[:, :, tile] * 2 for _ in range(2))
+    mask, _ = _random_mask(seq_len, block, (1, 2), g, density=0.2)
+    new, _, _ = guard_recall(mask, q, k, target)
+    sizes = torch.full((n,), float(block), dtype=torch.float64)
+    sizes[-1] = seq_len - (n - 1) * block
+    mass = block_attention_mass(q, k, block, block).double() / sizes[:, None]  # (1, 2, n, n), rows sum to 1
+    exact_recall = (mass * new.to_block_dense()).sum(-1)
+    assert bool((exact_recall >= target - 1e-5).all()), exact_recall.min()
+    # The fewest blocks: dropping the weakest block the guard added leaves the row short of the target.
+    added = new.to_block_dense() & ~mask.to_block_dense()
+    weakest = torch.where(added, mass, float("inf")).min(-1).values
+    short_rows = added.any(-1)
+    assert bool((exact_recall - weakest < target + 1e-5)[short_rows].all())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(compensate=1), "compensate must be a bool.*got 1"),
+    (dict(min_recall=0.0), r"min_recall must be in \(0, 1\], got 0.0"),
+    (dict(min_recall=1.5), r"min_recall must be in \(0, 1\], got 1.5"),
+    (dict(min_recall=True), r"min_recall must be in \(0, 1\], got True"),
+])
+def test_bad_compensate_and_min_recall_raise_naming_the_value(options, message):
+    from dit_sparse.patterns import make_config
+
+    for method in ("radial", "draft"):
+        with pytest.raises(ValueError, match=message):
+            make_config(method, **options)
+
+
+# ---- end to end on the tiny random pipeline ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
+
+    return build_tiny_wan_pipeline(seed=0)
+
+
+def _latents(pipe, method, **options):
+    import dit_sparse
+
+    dit_sparse.sparsify(pipe, method, dense_steps=0, dense_layers=0, **options)
+    try:
+        latents = pipe(prompt="a red fish swims over the sea", num_frames=17, height=96, width=96,
+                       num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+        return latents, dit_sparse.sparsity_stats(pipe)
+    finally:
+        dit_sparse.unsparsify(pipe)
+
+
+@pytest.mark.parametrize("method", ["radial", "draft"])
+def test_compensation_and_guard_run_end_to_end_and_change_the_output(tiny_pipe, method):
+    options = dict(density=0.25, tile=(1, 4, 4)) if method == "draft" else dict(block_size=16)
+    plain, plain_stats = _latents(tiny_pipe, method, **options)
+    compensated, stats = _latents(tiny_pipe, method, compensate=True, **options)
+    assert not torch.equal(compensated, plain) and torch.isfinite(compensated).all()
+    assert stats["density"] == pytest.approx(plain_stats["density"])  # compensation adds no kept block
+    guarded, guard_stats = _latents(tiny_pipe, method, min_recall=0.9, **options)
+    assert not torch.equal(guarded, plain) and torch.isfinite(guarded).all()
+    assert guard_stats["guard_calls"] > 0 and guard_stats["guard_added_density"] > 0
+    assert guard_stats["density"] == pytest.approx(plain_stats["density"] + guard_stats["guard_added_density"])
