@@ -262,10 +262,10 @@ def _dispatch(q, k, v, mask: BlockMask, scale: float, backend: str, extra_k=None
 
 def _compensate(result, lse, q, k, v, mask: BlockMask, scale: float, name: str):
     """The pooled pass of `compensate=True` after backend `name`'s main pass, for every backend alike: our Triton
-    kernel wherever it runs (any CUDA GPU; on a CPU only when the call itself ran on triton, under the interpreter),
-    the reference's PyTorch pass elsewhere. Both merge into (result, lse) by log-sum-exp, in place."""
+    kernel wherever it runs (any CUDA GPU; on a CPU only under the interpreter) after any backend but the reference,
+    whose own PyTorch pass stays the oracle. Both merge into (result, lse) by log-sum-exp, in place."""
     triton_runs = REGISTRY["triton"].unavailable_reason(q.device, q.dtype, q.shape[-1]) is None
-    if triton_runs and (q.device.type == "cuda" or name == "triton"):
+    if triton_runs and name != "reference":
         from . import triton_pooled
 
         return triton_pooled.compensate_attention(result, lse, q, k, v, mask, scale)
