@@ -224,12 +224,13 @@ def block_sparse_attention(
     ((B, S, H, D), q's dtype, any strides, e.g. a slice of the joint sequence's output), receives the result.
     Every argument is checked here, before anything runs; the backends trust it.
 
-    `compensate=True` (SVG-EAR; DraftAttention): for each query block, every key block the mask drops still
-    contributes through one pooled key (the block's mean key over its real tokens, its score raised by log of that
-    token count) and the block's mean value, inside the same softmax as the kept and extra keys. Blocks are pooled in
-    the mask's blocked order (its permutation, or each head's order); a kept block masked inside (token boxes)
-    counts as kept, its masked-out tokens stay out. On every backend: the backend's pass, then one pooled pass
-    merged by log-sum-exp (`triton_pooled` on a GPU, `reference.compensate_attention` elsewhere).
+    `compensate=True` (SVG-EAR, arXiv:2603.08982; DraftAttention, arXiv:2505.14708): for each query block, every
+    key block the mask drops still contributes through one pooled key (the block's mean key over its real tokens,
+    its score raised by log of that token count) and the block's mean value, inside the same softmax as the kept and
+    extra keys. Blocks are pooled in the mask's blocked order (its permutation, or each head's order); a kept block
+    masked inside (token boxes) counts as kept, its masked-out tokens stay out. On every backend: the backend's pass,
+    then one pooled pass merged by log-sum-exp (`triton_pooled` on a GPU, `reference.compensate_attention` for the
+    reference backend and elsewhere).
     """
     if not isinstance(compensate, bool):
         raise ValueError(f"compensate must be a bool (True or False), got {compensate!r}")

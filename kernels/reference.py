@@ -249,12 +249,12 @@ def compensate_attention(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, 
                          mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add to a block-sparse result (out (B, S, H, D), lse (B, H, S), natural order) each query block's dropped key
     blocks, each through one pooled key (block-mean key, score + log(real token count)) and its mean value, inside
-    the same softmax: SVG-EAR (Sparse VideoGen's error-aware routing; centroid compensation) and DraftAttention's
-    pooled map. The merge is by log-sum-exp, so a row that drops nothing keeps its output exactly; a row that keeps
-    nothing gets attention over the pooled keys (+ the joint keys the first pass saw). Kept blocks masked inside
-    (token boxes) count as kept: their masked-out tokens stay out. `out` is written in place; returns (out, lse).
-    The reference's pooled pass: chunked over query blocks, fp32, any device."""
-    batch, seq_len, heads, _ = q.shape
+    the same softmax: SVG-EAR's centroid compensation (Zhou et al. 2026, arXiv:2603.08982) and DraftAttention's
+    pooled map (Shen et al. 2025, arXiv:2505.14708). The merge is by log-sum-exp, so a row that drops nothing keeps
+    its output exactly; a row that keeps nothing gets attention over the pooled keys (+ the joint keys the first pass
+    saw). Kept blocks masked inside (token boxes) count as kept: their masked-out tokens stay out. `out` is written
+    in place; returns (out, lse). The reference's pooled pass: chunked over query blocks, fp32, any device."""
+    seq_len = q.shape[1]
     perm = mask.permutation
     k_pool, v_pool, log_counts = pooled_keys(k, v, mask)
     kh, vh = k_pool.transpose(1, 2), v_pool.transpose(1, 2)  # (B, H, n_kv, D)

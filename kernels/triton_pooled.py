@@ -1,6 +1,7 @@
 """The pooled pass of compensated block-sparse attention, in Triton: one launch after any backend's main pass.
 
-SVG-EAR (Sparse VideoGen's error-aware routing) and DraftAttention let the key blocks a mask drops still contribute:
+SVG-EAR (Zhou et al. 2026, arXiv:2603.08982: centroid compensation) and DraftAttention (Shen et al. 2025,
+arXiv:2505.14708: the pooled map) let the key blocks a mask drops still contribute:
 each through one pooled key (the block's mean key, its score raised by log of its real token count) and the block's
 mean value, inside the same softmax as the kept keys. A program owns `BLOCK_M` query rows of one (batch, head), all
 in one query block; it runs an online softmax (exp2, fp32 accumulation) over the pooled keys of the blocks that query
