@@ -238,7 +238,9 @@ def test_guard_never_lowers_density_and_keeps_orders_and_boxes():
     from dit_sparse.patterns.recall import guard_recall
 
     g = torch.Generator().manual_seed(3)
-    masks = [_random_mask(72, 16, (1, 1), g)[0], _random_mask(80, 16, (2, 2), g, permute="per_head", batch=2,
+    empty_row = torch.rand(5, 5, generator=g) < 0.3
+    empty_row[0] = False  # a query block that keeps nothing
+    masks = [BlockMask.from_block_dense(empty_row, 72, 16), _random_mask(80, 16, (2, 2), g, permute="per_head", batch=2,
                                                                   heads=2)[0]]
     layout = VideoLayout(2, 8, 8)  # an exact window masks tokens inside kept blocks
     masks.append(build_mask(layout, make_config("neighborhood", window=(1, 3, 3), tile=(1, 4, 4), exact=True)))
@@ -250,6 +252,7 @@ def test_guard_never_lowers_density_and_keeps_orders_and_boxes():
             assert bool((after | ~before).all())  # nothing removed
             assert float(added) == pytest.approx(new.density - mask.density) and float(added) >= 0
             assert float(touched) == float(bool((after & ~before).any()))
+            assert new.rows_all_kept and bool((new.kv_block_counts > 0).all())
             assert new.per_head_order == mask.per_head_order and new.has_token_boxes == mask.has_token_boxes
             if mask.has_token_boxes:  # the blocks the mask kept stay masked inside as they were
                 kept_partial = mask.to_block_partial().expand(2, 2, -1, -1)

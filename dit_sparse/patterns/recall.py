@@ -36,8 +36,10 @@ def guard_recall(mask: BlockMask, q: torch.Tensor, k: torch.Tensor, min_recall: 
                  scale: float | None = None) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
     """`mask` with blocks added until every query block's kept blocks hold `min_recall` of its pooled attention
     (`pooled_block_map`); q, k (B, H, S, D), the video tokens of the call. Returns (the new per-batch, per-head mask
-    (B, H, ...), with `mask`'s orders and in-block masking; the density it added, a 0-dim fp64 tensor; whether it
-    added any block, a 0-dim fp64 tensor, 0 or 1): device tensors, no host sync."""
+    (B, H, ...), with `mask`'s orders and in-block masking, every row keeping a block (`rows_all_kept`: a row that
+    kept none held 0 of its mass, so it got one); the density it added, a 0-dim fp64 tensor; whether it added any
+    block, a 0-dim fp64 tensor, 0 or 1): device tensors, no host sync. Its index lists span every key block, so
+    their shape is the same at every call (no kernel recompiles for a new width)."""
     if not isinstance(min_recall, (int, float)) or isinstance(min_recall, bool) or not 0 < min_recall <= 1:
         raise ValueError(f"min_recall must be in (0, 1], got {min_recall!r}")
     weights = pooled_block_map(q, k, mask, scale)  # (B, H, n_q, n_kv)
@@ -57,6 +59,6 @@ def guard_recall(mask: BlockMask, q: torch.Tensor, k: torch.Tensor, min_recall: 
         partial = (mask.to_block_partial().expand(batch, heads, -1, -1).gather(-1, columns) & valid).contiguous()
     new = BlockMask(torch.where(valid, columns, 0).int().contiguous(), counts.contiguous(), mask.seq_len,
                     mask.q_block_size, mask.kv_block_size, mask.permutation, partial, mask.token_boxes,
-                    mask.kv_permutation, rows_all_kept=mask.rows_all_kept)
+                    mask.kv_permutation, rows_all_kept=True)  # a row that kept nothing held 0 < min_recall
     added = new.kept_fraction - mask.kept_fraction
     return new, added, add.any().double()
