@@ -65,6 +65,8 @@ def sparse_attention(
     `kernels.block_sparse_attention` documents the rule); the joint keys and the joint rows are unaffected.
     """
     scale = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale)
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be a bool (True or False), got {compensate!r}")
     if layout is None or layout.joint_len == 0:
         if _full_mask_on_cpu(q, mask, backend):
             # A full mask is dense attention: torch's fused SDPA computes it 2-3x faster than the reference kernel's

@@ -170,9 +170,13 @@ def test_compensation_with_every_block_dropped_is_attention_over_pooled_keys(tex
 
 
 def test_compensate_must_be_a_bool():
+    from dit_sparse.attention import sparse_attention
+
     q = torch.zeros(1, 16, 1, 16)
     with pytest.raises(ValueError, match="compensate must be a bool.*'yes'"):
         kernels.block_sparse_attention(q, q, q, BlockMask.full(16, 16), compensate="yes")
+    with pytest.raises(ValueError, match="compensate must be a bool.*got 1"):
+        sparse_attention(q, q, q, BlockMask.full(16, 16), compensate=1)
 
 
 _INTERPRET_SCRIPT = textwrap.dedent(
