@@ -13,7 +13,7 @@ import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
 
-from .backend import Backend, fp8_pv, write_into
+from .backend import Backend, fp8_pv, qk_format, write_into
 
 #: Mirrors of `triton_quantize`'s constants (that module needs triton; this one must import without it).
 FP8_MAX, INT8_MAX, P_SCALE, EXTRA_BLOCK, TINY = 448.0, 127.0, 256.0, 128, 1e-30
@@ -97,14 +97,14 @@ def _round_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.trunc(x + 0.5 * torch.sign(x))
 
 
-def _fake_quantize_blocks(x: torch.Tensor, block: int, precision: str) -> torch.Tensor:
-    """x (B, S, H, D) fp32 in the blocked order, one scale per `block` tokens per (batch, head): amax / 448 (e4m3)
-    or amax / 127 (int8); returns the dequantized values (B, S, H, D) fp32."""
+def _fake_quantize_blocks(x: torch.Tensor, block: int, qk: str) -> torch.Tensor:
+    """x (B, S, H, D) fp32 in the blocked order, one scale per `block` tokens per (batch, head): amax / 448
+    (`qk` "e4m3") or amax / 127 ("int8"); returns the dequantized values (B, S, H, D) fp32."""
     batch, seq, heads, dim = x.shape
     blocks = -(-seq // block)
     padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
     amax = padded.abs().amax(dim=(2, 4), keepdim=True).clamp_min(TINY)  # (B, n, 1, H, 1)
-    if precision == "int8":
+    if qk == "int8":
         scale = amax / INT8_MAX
         quantized = _round_int8(padded / scale)
     else:
@@ -113,41 +113,46 @@ def _fake_quantize_blocks(x: torch.Tensor, block: int, precision: str) -> torch.
     return (quantized * scale).view(batch, blocks * block, heads, dim)[:, :seq]
 
 
-def quantize_emulated(q, k, v, mask: BlockMask, precision: str, pv: str, extra_k=None, extra_v=None) -> tuple:
+def quantize_emulated(q, k, v, mask: BlockMask, precision: str, pv: str, qk: str, extra_k=None,
+                      extra_v=None) -> tuple:
     """The Triton pre-pass (`triton_quantize.quantize`) in fp32: returns dequantized (q, k, v, extra_k, extra_v) in
-    the original token order (fp32; extra None when not given) and the P rounding of the PV product.
+    the original token order (fp32; extra None when not given; V less its channel mean `v_mean` (B, 1, H, D) for
+    fp8 PV, zeros otherwise: the caller adds it to the output's non-empty rows) and the P rounding of the PV
+    product.
 
     K (and the extra keys) minus K's per-(batch, head) mean over the tokens; one scale per query block (Q) and key
-    block (K) of the mask's blocked order, per `EXTRA_BLOCK` extra keys; V per channel in e4m3 (fp8 PV), else
-    rounded to bf16 (fp8 with bf16 PV) or fp16 (int8)."""
+    block (K) of the mask's blocked order, per `EXTRA_BLOCK` extra keys, in `qk` ("int8" or "e4m3"); V per channel
+    in e4m3 (fp8 PV), else rounded to bf16 (fp8 with bf16 PV) or fp16 (int8)."""
     q, k, v = q.float(), k.float(), v.float()
     k_mean = k.mean(1, keepdim=True)  # (B, 1, H, D)
     k = k - k_mean
     perm = mask.permutation.to(q.device) if mask.permutation is not None else None
     if perm is not None:
         q, k = q.index_select(1, perm), k.index_select(1, perm)
-    q = _fake_quantize_blocks(q, mask.q_block_size, precision)
-    k = _fake_quantize_blocks(k, mask.kv_block_size, precision)
+    q = _fake_quantize_blocks(q, mask.q_block_size, qk)
+    k = _fake_quantize_blocks(k, mask.kv_block_size, qk)
     if perm is not None:
         inverse = inverse_order(perm)
         q, k = q.index_select(1, inverse), k.index_select(1, inverse)
     if extra_k is not None:
-        extra_k = _fake_quantize_blocks(extra_k.float() - k_mean, EXTRA_BLOCK, precision)
+        extra_k = _fake_quantize_blocks(extra_k.float() - k_mean, EXTRA_BLOCK, qk)
         extra_v = extra_v.float()
+    v_mean = torch.zeros_like(k_mean)
     if precision == "fp8" and pv == "fp8":
-        v_max = v.abs().amax(1, keepdim=True)  # (B, 1, H, D)
+        v_mean = v.mean(1, keepdim=True)  # (B, 1, H, D)
+        deviation = (v - v_mean).abs().amax(1, keepdim=True)
         if extra_v is not None:
-            v_max = torch.maximum(v_max, extra_v.abs().amax(1, keepdim=True))
-        v_scale = v_max.clamp_min(TINY) / FP8_MAX
-        v = _round_fp8(v / v_scale) * v_scale
-        extra_v = None if extra_v is None else _round_fp8(extra_v / v_scale) * v_scale
+            deviation = torch.maximum(deviation, (extra_v - v_mean).abs().amax(1, keepdim=True))
+        v_scale = deviation.clamp_min(TINY) / FP8_MAX
+        v = _round_fp8((v - v_mean) / v_scale) * v_scale
+        extra_v = None if extra_v is None else _round_fp8((extra_v - v_mean) / v_scale) * v_scale
         p_round = lambda p: _round_fp8(p * P_SCALE) / P_SCALE  # noqa: E731
     else:
         low = torch.float16 if precision == "int8" else torch.bfloat16
         v = v.to(low).float()
         extra_v = None if extra_v is None else extra_v.to(low).float()
         p_round = lambda p: p.to(low).float()  # noqa: E731
-    return q, k, v, extra_k, extra_v, p_round
+    return q, k, v, extra_k, extra_v, v_mean, p_round
 
 
 def block_sparse_attention(
@@ -269,10 +274,12 @@ def extend_attention(
 def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out, precision="bf16"):
     if precision != "bf16":  # the emulation: the same attention on the fake-quantized inputs, P rounded
         dtype = q.dtype
-        q, k, v, extra_k, extra_v, p_round = quantize_emulated(q, k, v, mask, precision, fp8_pv(), extra_k, extra_v)
+        q, k, v, extra_k, extra_v, v_mean, p_round = quantize_emulated(q, k, v, mask, precision, fp8_pv(),
+                                                                qk_format(precision), extra_k, extra_v)
         result, lse = block_sparse_attention(q, k, v, mask, scale, p_round)
         if extra_k is not None:
             result, lse = extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale, p_round)
+        result = result + torch.where(torch.isinf(lse).transpose(1, 2)[..., None], 0.0, v_mean)
         return write_into(out, result.to(dtype)), lse
     result, lse = block_sparse_attention(q, k, v, mask, scale)
     if extra_k is not None:

@@ -32,7 +32,7 @@ from triton.runtime.errors import OutOfResources
 from dit_sparse.blockmask import BlockMask
 
 from . import triton_quantize
-from .backend import fp8_pv, interpreting
+from .backend import fp8_pv, interpreting, qk_format
 
 LOG2E = 1.4426950408889634
 
@@ -307,9 +307,12 @@ def _block_sparse_fwd(
     # Epilogue: rows that saw no key keep l = 0 (or l = 1 with m = -inf after a start state): zeros, lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    if PV_FP8:  # the accumulator is in units of V's channel scales / 256 (P was scaled by 256)
-        acc = acc * (tl.load(V_SCALE + pid_bh * HEAD_DIM + offs_d) * (1.0 / 256.0))[None, :]
-    out = acc / l_safe[:, None]
+    if PV_FP8:  # the accumulator is in units of V's channel scales / 256 (P was scaled by 256), V less its mean
+        v_stats = V_SCALE + pid_bh * 2 * HEAD_DIM  # (2, D): scales, means
+        acc = acc * (tl.load(v_stats + offs_d) * (1.0 / 256.0))[None, :]
+        out = acc / l_safe[:, None] + tl.where(empty[:, None], 0.0, tl.load(v_stats + HEAD_DIM + offs_d)[None, :])
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = (
         O + split * stride_osplit + b * stride_ob + h * stride_oh
@@ -446,7 +449,7 @@ def _permutation_int32(mask: BlockMask) -> torch.Tensor:
                        lambda: mask.permutation.to(device=mask.device, dtype=torch.int32).contiguous())
 
 
-def _quant_args(q, quantized: dict | None, precision: str, pv: str) -> dict:
+def _quant_args(q, quantized: dict | None, precision: str, pv: str, qk: str = "") -> dict:
     """The quantized pass's scales and switches (`triton_quantize.quantize`'s result), or unused ones for bf16."""
     if quantized is None:
         return dict(Q_SCALE=q, K_SCALE=q, KX_SCALE=q, V_SCALE=q, n_q_scales=0, n_kv_scales=0, n_x_scales=0)
@@ -456,7 +459,7 @@ def _quant_args(q, quantized: dict | None, precision: str, pv: str) -> dict:
         KX_SCALE=extra_scale if extra_scale is not None else quantized["q_scale"],
         n_q_scales=quantized["q_scale"].shape[-1], n_kv_scales=quantized["k_scale"].shape[-1],
         n_x_scales=extra_scale.shape[-1] if extra_scale is not None else 0,
-        QUANT=1 if precision == "int8" else 2, PV_FP8=precision == "fp8" and pv == "fp8",
+        QUANT=1 if qk == "int8" else 2, PV_FP8=precision == "fp8" and pv == "fp8",
         X_BLOCK=triton_quantize.EXTRA_BLOCK, INTERPRETED=q.device.type == "cpu",
     )
 
@@ -471,7 +474,7 @@ def _base_args(q, k, v, out, lse, scale):
         qk_scale=scale * LOG2E,
         HEAD_DIM=q.shape[-1],
         DOT_PRECISION=_dot_precision(q.dtype),
-        **_quant_args(q, None, "bf16", ""),
+        **_quant_args(q, None, "bf16", "", ""),
     )
 
 
@@ -599,9 +602,10 @@ def block_sparse_attention(
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     perm = _permutation_int32(mask) if mask.permutation is not None else None
     pv = fp8_pv() if precision == "fp8" else ""
+    qk = qk_format(precision) if precision != "bf16" else ""
     quantized = None
     if precision != "bf16":
-        quantized = triton_quantize.quantize(q, k, v, perm, mask.q_block_size, mask.kv_block_size, precision, pv,
+        quantized = triton_quantize.quantize(q, k, v, perm, mask.q_block_size, mask.kv_block_size, precision, pv, qk,
                                              extra_k, extra_v)
         q_in, k, v = quantized["q"], quantized["k"], quantized["v"]
         if extra_k is not None:
@@ -618,11 +622,11 @@ def block_sparse_attention(
         seq_q=seq_len,
     )
     if quantized is not None:
-        args.update(_quant_args(q, quantized, precision, pv))
+        args.update(_quant_args(q, quantized, precision, pv, qk))
     key = ("sparse", head_dim, q.dtype, mask.q_block_size, mask.kv_block_size, args["EVEN_K"], perm is not None,
            extra_k is not None, extra_key_valid is not None)
     if quantized is not None:
-        key += (precision, pv)
+        key += (precision, pv, qk)
     if args["HAS_BOXES"]:
         key += ("boxes", args["AXES"], args["HAS_STEP"])
     configs = _candidate_configs(mask.q_block_size, mask.kv_block_size, head_dim, q.device)

@@ -8,8 +8,9 @@ Acceleration", ICLR 2025; "SageAttention2", ICML 2025):
   quantization error) are gone. The joint text keys are smoothed by the same mean, so a row's scores stay comparable.
 - Q and K get one scale per block of tokens (the mask's query block for Q, its key block for K, `EXTRA_BLOCK` tokens
   for the text keys): `amax / 448` for e4m3 ("fp8"), `amax / 127` for int8 (rounded half away from zero).
-- V: "fp8" with FP8 PV: e4m3 with one scale per (batch, head, channel) over every token (video and text), stored
-  transposed (B, H, D, S), the token axis contiguous, as Hopper's FP8 MMA wants its second operand; "fp8" with bf16
+- V: "fp8" with FP8 PV: smoothed by its per-(batch, head) channel mean (SageAttention2's V smoothing: the mean is
+  added back to each normalised output row, exact since a row's weights sum to one) and e4m3 with one scale per
+  (batch, head, channel) over every token (video and text), stored transposed (B, H, D, S), the token axis contiguous, as Hopper's FP8 MMA wants its second operand; "fp8" with bf16
   PV: bf16; "int8": fp16 (SageAttention 1's FP16 PV).
 
 The per-channel statistics (K's mean, V's channel maxima) need every token before any block can be quantized: they
@@ -73,12 +74,13 @@ def _quantize_rows(X, MEAN, XO, SCALE, rows_in, rows_out, row_ok, stride_xs, str
 
 @triton.jit
 def _convert_values(V, V_SCALE, VO, rows_in, rows_out, row_ok, stride_vs, stride_vd, offs_d, stride_os, stride_od,
-                    V_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Rows of V: divided by their channel's scale and rounded to e4m3, or cast to VO's dtype."""
+                    HEAD_DIM: tl.constexpr, V_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Rows of V: minus their channel's mean, divided by its scale and rounded to e4m3 (V_STATS (2, D): scales then
+    means), or cast to VO's dtype."""
     v = tl.load(V + rows_in[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=row_ok[:, None], other=0.0)
     v = v.to(tl.float32)
     if V_FP8:
-        v = v / tl.load(V_SCALE + offs_d)[None, :]
+        v = (v - tl.load(V_SCALE + HEAD_DIM + offs_d)[None, :]) / tl.load(V_SCALE + offs_d)[None, :]
         if INTERPRETED:
             v = round_to_bits(v, 3)
     elif INTERPRETED and VO.dtype.element_ty == tl.bfloat16:
@@ -117,7 +119,7 @@ def _quantize_fwd(
     h = (pid_bh % heads).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     mean = K_MEAN + pid_bh * HEAD_DIM  # (B, H, D) fp32, contiguous
-    v_scale = V_SCALE + pid_bh * HEAD_DIM
+    v_scale = V_SCALE + pid_bh * 2 * HEAD_DIM  # (B, H, 2, D): channel scales, channel means
     out_rows = pid_bh.to(tl.int64) * seq_len  # QO, KO: (B, H, S, D) contiguous; VO (B, H, S, D) or (B, H, D, S)
 
     if pid < n_q_blocks:
@@ -135,7 +137,7 @@ def _quantize_fwd(
                        K_SCALE + pid_bh * n_kv_blocks + pid, rows, blocked, ok, stride_ks, stride_kd, offs_d,
                        HEAD_DIM, True, INT8, INTERPRETED)
         _convert_values(V + b * stride_vb + h * stride_vh, v_scale, VO + out_rows * HEAD_DIM, rows, blocked, ok,
-                        stride_vs, stride_vd, offs_d, stride_vo_s, stride_vo_d, V_FP8, INTERPRETED)
+                        stride_vs, stride_vd, offs_d, stride_vo_s, stride_vo_d, HEAD_DIM, V_FP8, INTERPRETED)
     if HAS_EXTRA:
         if pid < n_x_blocks:
             rows = pid * X_BLOCK + tl.arange(0, X_BLOCK)
@@ -145,7 +147,8 @@ def _quantize_fwd(
                            KX_SCALE + pid_bh * n_x_blocks + pid, rows, rows, ok, stride_kxs, stride_kxd, offs_d,
                            HEAD_DIM, True, INT8, INTERPRETED)
             _convert_values(VX + b * stride_vxb + h * stride_vxh, v_scale, VXO + x_rows * HEAD_DIM, rows, rows, ok,
-                            stride_vxs, stride_vxd, offs_d, stride_vxo_s, stride_vxo_d, V_FP8, INTERPRETED)
+                            stride_vxs, stride_vxd, offs_d, stride_vxo_s, stride_vxo_d, HEAD_DIM, V_FP8,
+                            INTERPRETED)
 
 
 def _values(shape_bhsd: tuple, dtype: torch.dtype, device, transposed: bool):
@@ -159,28 +162,33 @@ def _values(shape_bhsd: tuple, dtype: torch.dtype, device, transposed: bool):
     return buffer.permute(0, 2, 1, 3), (dim, 1)
 
 
-def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, pv: str,
+def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, pv: str, qk: str,
              extra_k=None, extra_v=None) -> dict:
     """q, k, v (B, S, H, D) (and extra_k/extra_v (B, T, H, D)) in the blocked order of `permutation` ((S,) int32 or
-    None), quantized for `precision` ("fp8" or "int8") with the PV operands of `pv` ("fp8" or "bf16", fp8 only).
+    None), quantized for `precision` ("fp8" or "int8") with the PV operands of `pv` ("fp8" or "bf16", fp8 only)
+    and the QK operands of `qk` ("int8" or "e4m3", fp8 only: `backend.qk_format`).
 
     Returns a dict of (B, S, H, D)-shaped views `q`, `k`, `v`, `extra_k`, `extra_v` (row r: token r of the blocked
     order) and fp32 scales `q_scale` (B, H, n_q_blocks), `k_scale` (B, H, n_kv_blocks), `extra_scale`
-    (B, H, n_text_blocks), `v_scale` (B, H, D) (ones unless V is e4m3)."""
+    (B, H, n_text_blocks), `v_scale` (B, H, 2, D): V's channel scales and means (ones and zeros unless V is e4m3)."""
     batch, seq_len, heads, head_dim = q.shape
     device = q.device
-    int8 = precision == "int8"
+    int8 = qk == "int8"
     v_fp8 = precision == "fp8" and pv == "fp8"
     qk_dtype = torch.int8 if int8 else torch.float8_e4m3fn
-    v_dtype = torch.float8_e4m3fn if v_fp8 else (torch.float16 if int8 else torch.bfloat16)
+    v_dtype = torch.float8_e4m3fn if v_fp8 else (torch.float16 if precision == "int8" else torch.bfloat16)
     k_mean = k.float().mean(1).contiguous()  # (B, H, D)
+    v_scale = torch.empty(batch, heads, 2, head_dim, dtype=torch.float32, device=device)
     if v_fp8:
-        v_max = v.abs().amax(1)  # (B, H, D)
+        v_mean = v.float().mean(1)  # (B, H, D)
+        low, high = torch.aminmax(v, dim=1)
         if extra_v is not None:
-            v_max = torch.maximum(v_max, extra_v.abs().amax(1))
-        v_scale = (v_max.float().clamp_min(TINY) / FP8_MAX).contiguous()
+            low_x, high_x = torch.aminmax(extra_v, dim=1)
+            low, high = torch.minimum(low, low_x), torch.maximum(high, high_x)
+        v_scale[:, :, 0] = torch.maximum(high.float() - v_mean, v_mean - low.float()).clamp_min(TINY) / FP8_MAX
+        v_scale[:, :, 1] = v_mean
     else:
-        v_scale = torch.ones(batch, heads, head_dim, dtype=torch.float32, device=device)
+        v_scale[:, :, 0], v_scale[:, :, 1] = 1.0, 0.0
     n_q, n_kv = triton.cdiv(seq_len, q_block), triton.cdiv(seq_len, kv_block)
     q_out = torch.empty(batch, heads, seq_len, head_dim, dtype=qk_dtype, device=device)
     k_out = torch.empty_like(q_out)
