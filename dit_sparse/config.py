@@ -15,6 +15,8 @@ from dit_sparse import kernels
 
 #: Allowed values of every method's `backend`: "auto" plus the kernel registry's names.
 BACKENDS = ("auto",) + kernels.BACKENDS
+#: Allowed values of every method's `precision`: the kernels' ("bf16", "fp8", "int8").
+PRECISIONS = kernels.PRECISIONS
 
 
 def choice(default: str, choices: tuple[str, ...]):
@@ -94,6 +96,8 @@ class MethodConfig:
     - `dense_steps`: the first N denoising steps run dense (the official Radial Attention runs 12 of 50 dense).
     - `dense_layers`: the first M transformer blocks run dense (the official Radial Attention keeps 1).
     - `backend`: kernel backend, one of `BACKENDS`; `"auto"` picks the fastest one available.
+    - `precision`: the sparse attention's arithmetic, one of `PRECISIONS`: "bf16" (the inputs' own dtype), "fp8" or
+      "int8" (SageAttention's quantization, `dit_sparse.kernels`); the dense steps and layers stay unquantized.
 
     A field with a fixed set of allowed values lists them in its metadata, `metadata["choices"]` (the app offers them).
     """
@@ -102,6 +106,7 @@ class MethodConfig:
     dense_steps: int = 0
     dense_layers: int = 0
     backend: str = choice("auto", BACKENDS)
+    precision: str = choice("bf16", PRECISIONS)
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -109,6 +114,8 @@ class MethodConfig:
         check_int(owner, "dense_layers", self.dense_layers, 0)
         if self.backend not in BACKENDS:
             raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{owner}.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def options(self) -> dict:
         """The config as plain keyword arguments (for manifests and `make_config`)."""

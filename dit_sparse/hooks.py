@@ -252,7 +252,7 @@ def _site_attention(site: _Site, query, key, value, attn_mask, scale) -> torch.T
         mask = mask_for_heads(mask, heads[0], local_heads, local_heads * shard.world)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
     out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale,
-                           backend=plan.backend).transpose(1, 2)  # (B, H, S, D)
+                           backend=plan.backend, precision=plan.precision).transpose(1, 2)  # (B, H, S, D)
     return out if orders is None else out[:, :, orders[1]]
 
 

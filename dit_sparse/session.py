@@ -49,6 +49,7 @@ class ForwardPlan:
     - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
       for patterns that need q and k or the layer (taken in the call).
+    - `precision`: the sparse calls' arithmetic (`MethodConfig.precision`).
     """
 
     layout: VideoLayout
@@ -58,6 +59,7 @@ class ForwardPlan:
     backend: str
     mask: BlockMask | None = None
     density: float = 1.0
+    precision: str = "bf16"
 
     def is_dense(self, layer: int) -> bool:
         return self.sparse_from is None or layer < self.sparse_from
@@ -207,7 +209,8 @@ class SparseSession:
             if sparse_from is not None and is_static(self.config):
                 mask, density = self.mask_for(layout, device)
             self.plans[key] = ForwardPlan(
-                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density
+                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density,
+                precision=self.config.precision,
             )
         return self.plans[key]
 

@@ -9,7 +9,8 @@ its record in `triton_backend.py`), `reference` (plain PyTorch, any device: the 
 fp32); "fp8" and "int8" quantize q, k, v as SageAttention does (`triton_quantize.py`) and run on the first backend
 that takes them (`triton` on a GPU with the tensor cores: fp8 needs compute capability 8.9+, int8 8.0+). `auto` never
 picks a low precision by itself, and never the reference's emulation of one: on a CPU that is asked for by name
-(`backend="reference"`). The low precisions take head_dim `LOW_PRECISION_HEAD_DIMS` on every backend.
+(`backend="reference"`). The Triton kernel's low precisions take head_dim `LOW_PRECISION_HEAD_DIMS`; the
+reference's emulation any.
 
 `auto` takes the first backend that can run the call (device, dtype, head_dim, block sizes); the environment variable
 `DIT_SPARSE_BACKEND` replaces `auto` with a named backend. Asking for a backend that cannot run raises a ValueError
@@ -125,9 +126,6 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None
     naming what is missing."""
     check_backend_name(backend)
     check_precision_name(precision)
-    if precision != "bf16" and q.shape[-1] not in LOW_PRECISION_HEAD_DIMS:
-        raise ValueError(f"precision {precision!r} takes head_dim {LOW_PRECISION_HEAD_DIMS}, got "
-                         f"head_dim={q.shape[-1]} (on {q.device})")
     requested = backend
     if backend == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
