@@ -125,14 +125,18 @@ def _quantize_fwd(
     if pid < n_q_blocks:
         blocked = pid * Q_BLOCK + tl.arange(0, Q_TILE)  # Q_TILE: Q_BLOCK up to a power of two
         ok = (tl.arange(0, Q_TILE) < Q_BLOCK) & (blocked < seq_len)
-        rows = tl.load(PERM + blocked, mask=ok, other=0) if PERMUTED else blocked
+        rows = blocked
+        if PERMUTED:
+            rows = tl.load(PERM + blocked, mask=ok, other=0)
         _quantize_rows(Q + b * stride_qb + h * stride_qh, mean, QO + out_rows * HEAD_DIM,
                        Q_SCALE + pid_bh * n_q_blocks + pid, rows, blocked, ok, stride_qs, stride_qd, offs_d,
                        HEAD_DIM, False, INT8, INTERPRETED)
     if pid < n_kv_blocks:
         blocked = pid * KV_BLOCK + tl.arange(0, KV_TILE)
         ok = (tl.arange(0, KV_TILE) < KV_BLOCK) & (blocked < seq_len)
-        rows = tl.load(PERM + blocked, mask=ok, other=0) if PERMUTED else blocked
+        rows = blocked
+        if PERMUTED:
+            rows = tl.load(PERM + blocked, mask=ok, other=0)
         _quantize_rows(K + b * stride_kb + h * stride_kh, mean, KO + out_rows * HEAD_DIM,
                        K_SCALE + pid_bh * n_kv_blocks + pid, rows, blocked, ok, stride_ks, stride_kd, offs_d,
                        HEAD_DIM, True, INT8, INTERPRETED)
@@ -177,10 +181,10 @@ def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, 
     v_fp8 = precision == "fp8" and pv == "fp8"
     qk_dtype = torch.int8 if int8 else torch.float8_e4m3fn
     v_dtype = torch.float8_e4m3fn if v_fp8 else (torch.float16 if precision == "int8" else torch.bfloat16)
-    k_mean = k.float().mean(1).contiguous()  # (B, H, D)
+    k_mean = k.mean(1, dtype=torch.float32).contiguous()  # (B, H, D)
     v_scale = torch.empty(batch, heads, 2, head_dim, dtype=torch.float32, device=device)
     if v_fp8:
-        v_mean = v.float().mean(1)  # (B, H, D)
+        v_mean = v.mean(1, dtype=torch.float32)  # (B, H, D)
         low, high = torch.aminmax(v, dim=1)
         if extra_v is not None:
             low_x, high_x = torch.aminmax(extra_v, dim=1)

@@ -49,7 +49,7 @@ def _random_case(rng: torch.Generator, index: int):
         return options[int(torch.randint(len(options), (1,), generator=rng))]
 
     head_dim = pick((64, 128))
-    q_block, kv_block = pick(((128, 128), (64, 64), (128, 64)))
+    q_block = kv_block = 128  # one block size: each kernel variant compiles once (the bf16 tests vary it)
     batch, heads = pick((1, 1, 2)), pick((1, 2, 3))
     frames, height = pick((1, 2, 3)), pick((4, 8, 16))
     width = int(torch.randint(3, 40, (1,), generator=rng))
