@@ -117,8 +117,8 @@ def quantize_emulated(q, k, v, mask: BlockMask, precision: str, pv: str, qk: str
                       extra_v=None) -> tuple:
     """The Triton pre-pass (`triton_quantize.quantize`) in fp32: returns dequantized (q, k, v, extra_k, extra_v) in
     the original token order (fp32; extra None when not given; V less its channel mean `v_mean` (B, 1, H, D) for
-    fp8 PV, zeros otherwise: the caller adds it to the output's non-empty rows) and the P rounding of the PV
-    product.
+    fp8 PV, zeros otherwise: the caller adds it to the output's non-empty rows), the P rounding of the PV
+    product, and K's mean `k_mean` (B, 1, H, D) (the caller adds q . k_mean x scale to the lse).
 
     K (and the extra keys) minus K's per-(batch, head) mean over the tokens; one scale per query block (Q) and key
     block (K) of the mask's blocked order, per `EXTRA_BLOCK` extra keys, in `qk` ("int8" or "e4m3"); V per channel
@@ -152,7 +152,7 @@ def quantize_emulated(q, k, v, mask: BlockMask, precision: str, pv: str, qk: str
         v = v.to(low).float()
         extra_v = None if extra_v is None else extra_v.to(low).float()
         p_round = lambda p: p.to(low).float()  # noqa: E731
-    return q, k, v, extra_k, extra_v, v_mean, p_round
+    return q, k, v, extra_k, extra_v, v_mean, p_round, k_mean
 
 
 def block_sparse_attention(
@@ -273,13 +273,14 @@ def extend_attention(
 
 def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out, precision="bf16"):
     if precision != "bf16":  # the emulation: the same attention on the fake-quantized inputs, P rounded
-        dtype = q.dtype
-        q, k, v, extra_k, extra_v, v_mean, p_round = quantize_emulated(q, k, v, mask, precision, fp8_pv(),
+        dtype, q_in = q.dtype, q
+        q, k, v, extra_k, extra_v, v_mean, p_round, k_mean = quantize_emulated(q, k, v, mask, precision, fp8_pv(),
                                                                 qk_format(precision), extra_k, extra_v)
         result, lse = block_sparse_attention(q, k, v, mask, scale, p_round)
         if extra_k is not None:
             result, lse = extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale, p_round)
         result = result + torch.where(torch.isinf(lse).transpose(1, 2)[..., None], 0.0, v_mean)
+        lse = lse + scale * (q_in.float() * k_mean).sum(-1).transpose(1, 2)  # the unsmoothed scores' lse
         return write_into(out, result.to(dtype)), lse
     result, lse = block_sparse_attention(q, k, v, mask, scale)
     if extra_k is not None:

@@ -18,6 +18,12 @@ q/k/v are (B, S, H, D) with any strides; the output is written in the same (B, S
 (B, H, S) in fp32. With a token permutation (`PERMUTED`), query row r and key j of the blocked order are read from
 original positions perm[r] and perm[j] and the output row is written back to perm[r]: the permutation costs no
 extra pass. Rows with no kept block and no valid extra key get a zero output and lse = -inf.
+
+Low precision (`QUANT`, a compile-time switch: the bf16 path's code is unchanged): q, k, v and the extra keys come
+quantized from one pre-pass (`triton_quantize.py`, SageAttention's schemes) in the blocked order, so the key loads
+skip the permutation; each tile's scores are dequantized by one scalar (softmax scale x q block scale x k block
+scale), P goes to e4m3 (FP8 PV) or to V's dtype, and with FP8 PV the epilogue applies V's channel scales and adds back
+its channel means. The lse adds back q . mean(K) (from the pre-pass), so it is the unsmoothed scores' log-sum-exp.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from triton.runtime.errors import OutOfResources
 from dit_sparse.blockmask import BlockMask
 
 from . import triton_quantize
+from .triton_quantize import round_to_bits
 from .backend import fp8_pv, interpreting, qk_format
 
 LOG2E = 1.4426950408889634
@@ -84,10 +91,13 @@ def _softmax_step_lowbit(acc, l_i, m_i, q, k, v, tile_scale, pair_ok, MASKED: tl
     if PV_FP8:
         p = p * 256.0
         if INTERPRETED:
-            p = triton_quantize.round_to_bits(p, 3)
+            p = round_to_bits(p, 3)
         acc = tl.dot(p.to(v.dtype), v, acc)
-    elif INTERPRETED and v.dtype == tl.bfloat16:
-        acc = tl.dot(triton_quantize.round_to_bits(p, 7), v.to(tl.float32), acc)
+    elif INTERPRETED:
+        if v.dtype == tl.bfloat16:
+            acc = tl.dot(round_to_bits(p, 7), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -145,7 +155,7 @@ def _block_sparse_fwd(
     stride_vxb, stride_vxs, stride_vxh, stride_vxd,
     stride_mb, stride_ms,
     seq_q, seq_x, split_len, heads, qk_scale,
-    Q_SCALE, K_SCALE, KX_SCALE, V_SCALE, n_q_scales, n_kv_scales, n_x_scales,
+    Q_SCALE, K_SCALE, KX_SCALE, V_SCALE, Q_DOT_MEAN, n_q_scales, n_kv_scales, n_x_scales,
     HEAD_DIM: tl.constexpr,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
@@ -220,8 +230,9 @@ def _block_sparse_fwd(
             kv_start = kv_block * KV_BLOCK
             for sub in tl.static_range(KV_BLOCK // BLOCK_N):
                 cols = kv_start + sub * BLOCK_N + offs_n
-                if PERMUTED and not QUANT:
-                    cols = tl.load(PERM + cols)
+                if PERMUTED:
+                    if not QUANT:  # quantized keys come in the blocked order
+                        cols = tl.load(PERM + cols)
                 k = _load_rows(k_base, cols, cols, stride_ks, stride_kd, offs_d, False)
                 v = _load_rows(v_base, cols, cols, stride_vs, stride_vd, offs_d, False)
                 if QUANT:
@@ -250,8 +261,9 @@ def _block_sparse_fwd(
                     blocked = kv_start + sub * BLOCK_N + offs_n
                     col_ok = blocked < seq_q
                     cols = blocked
-                    if PERMUTED and not QUANT:
-                        cols = tl.load(PERM + blocked, mask=col_ok, other=0)
+                    if PERMUTED:
+                        if not QUANT:  # quantized keys come in the blocked order
+                            cols = tl.load(PERM + blocked, mask=col_ok, other=0)
                     k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
                     v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
                     in_box = _in_boxes(K_COORD, blocked, col_ok, lo_0, hi_0, lo_1, hi_1, lo_2, hi_2,
@@ -271,8 +283,9 @@ def _block_sparse_fwd(
                 for sub in tl.static_range(KV_BLOCK // BLOCK_N):
                     cols = kv_start + sub * BLOCK_N + offs_n
                     col_ok = cols < seq_q
-                    if PERMUTED and not QUANT:
-                        cols = tl.load(PERM + cols, mask=col_ok, other=0)
+                    if PERMUTED:
+                        if not QUANT:  # quantized keys come in the blocked order
+                            cols = tl.load(PERM + cols, mask=col_ok, other=0)
                     k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
                     v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
                     if QUANT:
@@ -314,6 +327,9 @@ def _block_sparse_fwd(
     else:
         out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if QUANT:  # the scores were of K less its mean: add back q . mean(K) x scale, the true log-sum-exp
+        q_dot_mean = tl.load(Q_DOT_MEAN + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
+        lse = lse + q_dot_mean * (qk_scale * 0.6931471805599453)
     o_ptrs = (
         O + split * stride_osplit + b * stride_ob + h * stride_oh
         + q_rows[:, None] * stride_os + offs_d[None, :] * stride_od
@@ -452,10 +468,12 @@ def _permutation_int32(mask: BlockMask) -> torch.Tensor:
 def _quant_args(q, quantized: dict | None, precision: str, pv: str, qk: str = "") -> dict:
     """The quantized pass's scales and switches (`triton_quantize.quantize`'s result), or unused ones for bf16."""
     if quantized is None:
-        return dict(Q_SCALE=q, K_SCALE=q, KX_SCALE=q, V_SCALE=q, n_q_scales=0, n_kv_scales=0, n_x_scales=0)
+        return dict(Q_SCALE=q, K_SCALE=q, KX_SCALE=q, V_SCALE=q, Q_DOT_MEAN=q, n_q_scales=0, n_kv_scales=0,
+                    n_x_scales=0)
     extra_scale = quantized["extra_scale"]
     return dict(
         Q_SCALE=quantized["q_scale"], K_SCALE=quantized["k_scale"], V_SCALE=quantized["v_scale"],
+        Q_DOT_MEAN=quantized["q_dot_mean"],
         KX_SCALE=extra_scale if extra_scale is not None else quantized["q_scale"],
         n_q_scales=quantized["q_scale"].shape[-1], n_kv_scales=quantized["k_scale"].shape[-1],
         n_x_scales=extra_scale.shape[-1] if extra_scale is not None else 0,

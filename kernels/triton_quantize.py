@@ -51,9 +51,11 @@ def round_to_bits(x, MANTISSA: tl.constexpr):
 @triton.jit
 def _quantize_rows(X, MEAN, XO, SCALE, rows_in, rows_out, row_ok, stride_xs, stride_xd, offs_d, stride_os,
                    SMOOTH: tl.constexpr, INT8: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One block of rows: optional mean subtracted, one scale for the block, rounded to e4m3 or int8."""
+    """One block of rows: optional mean subtracted, one scale for the block, rounded to e4m3 or int8. Returns the
+    rows as loaded, fp32."""
     x = tl.load(X + rows_in[:, None] * stride_xs + offs_d[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
     x = x.to(tl.float32)
+    loaded = x
     if SMOOTH:
         x = x - tl.load(MEAN + offs_d)[None, :]
         x = tl.where(row_ok[:, None], x, 0.0)
@@ -70,6 +72,7 @@ def _quantize_rows(X, MEAN, XO, SCALE, rows_in, rows_out, row_ok, stride_xs, str
         y = y.to(XO.dtype.element_ty)
     tl.store(XO + rows_out[:, None] * stride_os + offs_d[None, :], y, mask=row_ok[:, None])
     tl.store(SCALE, scale)
+    return loaded
 
 
 @triton.jit
@@ -83,8 +86,9 @@ def _convert_values(V, V_SCALE, VO, rows_in, rows_out, row_ok, stride_vs, stride
         v = (v - tl.load(V_SCALE + HEAD_DIM + offs_d)[None, :]) / tl.load(V_SCALE + offs_d)[None, :]
         if INTERPRETED:
             v = round_to_bits(v, 3)
-    elif INTERPRETED and VO.dtype.element_ty == tl.bfloat16:
-        v = round_to_bits(v, 7)
+    elif INTERPRETED:
+        if VO.dtype.element_ty == tl.bfloat16:
+            v = round_to_bits(v, 7)
     tl.store(VO + rows_out[:, None] * stride_os + offs_d[None, :] * stride_od, v.to(VO.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -92,7 +96,7 @@ def _convert_values(V, V_SCALE, VO, rows_in, rows_out, row_ok, stride_vs, stride
 @triton.jit(do_not_specialize=["seq_len", "seq_x"])
 def _quantize_fwd(
     Q, K, V, KX, VX, K_MEAN, V_SCALE, PERM,
-    QO, KO, VO, KXO, VXO, Q_SCALE, K_SCALE, KX_SCALE,
+    QO, KO, VO, KXO, VXO, Q_SCALE, K_SCALE, KX_SCALE, Q_DOT_MEAN,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -128,9 +132,11 @@ def _quantize_fwd(
         rows = blocked
         if PERMUTED:
             rows = tl.load(PERM + blocked, mask=ok, other=0)
-        _quantize_rows(Q + b * stride_qb + h * stride_qh, mean, QO + out_rows * HEAD_DIM,
-                       Q_SCALE + pid_bh * n_q_blocks + pid, rows, blocked, ok, stride_qs, stride_qd, offs_d,
-                       HEAD_DIM, False, INT8, INTERPRETED)
+        q = _quantize_rows(Q + b * stride_qb + h * stride_qh, mean, QO + out_rows * HEAD_DIM,
+                           Q_SCALE + pid_bh * n_q_blocks + pid, rows, blocked, ok, stride_qs, stride_qd, offs_d,
+                           HEAD_DIM, False, INT8, INTERPRETED)
+        # q . mean(K) per row: what smoothing K took from each row's scores, for the true log-sum-exp
+        tl.store(Q_DOT_MEAN + out_rows + blocked, tl.sum(q * tl.load(mean + offs_d)[None, :], 1), mask=ok)
     if pid < n_kv_blocks:
         blocked = pid * KV_BLOCK + tl.arange(0, KV_TILE)
         ok = (tl.arange(0, KV_TILE) < KV_BLOCK) & (blocked < seq_len)
@@ -174,7 +180,8 @@ def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, 
 
     Returns a dict of (B, S, H, D)-shaped views `q`, `k`, `v`, `extra_k`, `extra_v` (row r: token r of the blocked
     order) and fp32 scales `q_scale` (B, H, n_q_blocks), `k_scale` (B, H, n_kv_blocks), `extra_scale`
-    (B, H, n_text_blocks), `v_scale` (B, H, 2, D): V's channel scales and means (ones and zeros unless V is e4m3)."""
+    (B, H, n_text_blocks), `v_scale` (B, H, 2, D): V's channel scales and means (ones and zeros unless V is e4m3),
+    `q_dot_mean` (B, H, S): q . mean(K) of each row of the blocked order (unquantized q)."""
     batch, seq_len, heads, head_dim = q.shape
     device = q.device
     int8 = qk == "int8"
@@ -198,6 +205,7 @@ def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, 
     k_out = torch.empty_like(q_out)
     v_out, (vo_s, vo_d) = _values((batch, heads, seq_len, head_dim), v_dtype, device, transposed=v_fp8)
     q_scale = torch.empty(batch, heads, n_q, dtype=torch.float32, device=device)
+    q_dot_mean = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=device)  # blocked order
     k_scale = torch.empty(batch, heads, n_kv, dtype=torch.float32, device=device)
     seq_x = extra_k.shape[1] if extra_k is not None else 0
     n_x = triton.cdiv(seq_x, EXTRA_BLOCK)
@@ -213,7 +221,7 @@ def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, 
     grid = (max(n_q, n_kv, n_x), batch * heads)
     _quantize_fwd[grid](
         q, k, v, kx_in, vx_in, k_mean, v_scale, permutation if permutation is not None else q_scale,
-        q_out, k_out, v_out, kx_out, vx_out, q_scale, k_scale, x_scale,
+        q_out, k_out, v_out, kx_out, vx_out, q_scale, k_scale, x_scale, q_dot_mean,
         *q.stride(), *k.stride(), *v.stride(), *kx_in.stride(), *vx_in.stride(),
         vo_s, vo_d, vxo_s, vxo_d,
         seq_len, seq_x, heads, n_q, n_kv, n_x,
@@ -224,7 +232,7 @@ def quantize(q, k, v, permutation, q_block: int, kv_block: int, precision: str, 
         **({} if device.type == "cpu" else dict(num_warps=8)),
     )
     result = dict(q=q_out.transpose(1, 2), k=k_out.transpose(1, 2), v=v_out, q_scale=q_scale, k_scale=k_scale,
-                  v_scale=v_scale, extra_k=None, extra_v=None, extra_scale=None)
+                  v_scale=v_scale, q_dot_mean=q_dot_mean, extra_k=None, extra_v=None, extra_scale=None)
     if extra_k is not None:
         result.update(extra_k=kx_out.transpose(1, 2), extra_v=vx_out, extra_scale=x_scale)
     return result
