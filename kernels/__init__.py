@@ -95,6 +95,33 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         raise ValueError(f"backend {backend!r} cannot run on {device} here: {reason}")
 
 
+def check_precision(precision, backend: str, device: torch.device | str) -> None:
+    """Raise ValueError unless `backend` ("auto" or a name) can run `precision` on `device` here (its hardware; the
+    head_dim is the call's, checked then), naming the device and what is allowed: `sparsify`'s early check."""
+    check_precision_name(precision)
+    check_backend_name(backend)
+    if precision == "bf16":
+        return
+    device = torch.device(device)
+
+    def reason(record: Backend, value: str) -> str | None:
+        return record.unavailable_reason(device, precision=value)
+
+    if backend != "auto":
+        why = reason(REGISTRY[backend], precision)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run precision {precision!r} on {device} here: {why}")
+        return
+    candidates = [r for r in REGISTRY.values() if not r.emulates_low_precision
+                  and not (r.auto_skips_cpu is not None and device.type == "cpu")]
+    if not any(reason(r, precision) is None for r in candidates):
+        takes = tuple(p for p in PRECISIONS if p == "bf16" or any(reason(r, p) is None for r in candidates))
+        why = "; ".join(f"{r.name}: {reason(r, precision)}" for r in candidates) or "no GPU backend here"
+        emulation = [r.name for r in REGISTRY.values() if r.emulates_low_precision]
+        raise ValueError(f"precision {precision!r} cannot run on {device} with backend='auto' (it takes precision "
+                         f"{takes} there; the emulation is asked for by name: backend={emulation[0]!r}): {why}")
+
+
 def describe_backends() -> str:
     """The registry as a Markdown table (backend, where, dtypes, head dims, in-block masking, what), `auto`'s order."""
     def names(values):
@@ -368,5 +395,6 @@ def _dispatch_dense(q, k, v, key_valid, scale: float, backend: str, out=None) ->
 
 
 __all__ = ["BACKENDS", "LOW_PRECISION_HEAD_DIMS", "PRECISIONS", "REGISTRY", "Backend", "available_backends",
-           "block_sparse_attention", "check_backend", "check_backend_name", "check_mask", "check_precision_name", "check_qkv", "check_scale", "dense_attention", "describe_backends",
+           "block_sparse_attention", "check_backend", "check_backend_name", "check_mask", "check_precision",
+           "check_precision_name", "check_qkv", "check_scale", "dense_attention", "describe_backends",
            "resolve_backend", "unavailable_reason"]

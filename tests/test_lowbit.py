@@ -290,6 +290,23 @@ def test_describe_backends_lists_the_precisions():
 # ---- through a pipeline ----------------------------------------------------------------------------------------
 
 
+def test_sparsify_refuses_a_low_precision_auto_cannot_run_before_changing_anything(monkeypatch):
+    from dit_sparse.hooks import hooked_modules
+    from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pipe = build_tiny_wan_pipeline(seed=0)
+    with pytest.raises(ValueError, match=r"precision 'fp8' cannot run on cpu with backend='auto' \(it takes precision "
+                                         r"\('bf16',\) there; the emulation is asked for by name: "
+                                         r"backend='reference'\)"):
+        dit_sparse.sparsify(pipe, "radial", block_size=16, precision="fp8")
+    assert hooked_modules(pipe.transformer) == []
+    kernels.check_precision("int8", "reference", "cpu")  # the emulation, named: fine
+    with pytest.raises(ValueError, match="backend 'fa4' cannot run precision 'int8' on cpu"):
+        kernels.check_precision("int8", "fa4", "cpu")
+
+
+
 def test_sparsify_runs_a_tiny_pipeline_in_fp8_with_the_emulation():
     from dit_sparse.pipelines.tiny.random_tiny import build_tiny_wan_pipeline
 
