@@ -4,6 +4,7 @@ FA4 called directly on the same block mask, and FlexAttention (torch.compile'd) 
     python benchmarks/attention.py --out benchmarks/results            # the whole table (GPU, about 5 minutes)
     python benchmarks/attention.py --shapes wan13 --densities 0.25     # one row
     python benchmarks/attention.py --shapes wan13 hunyuan --densities 0.25 --no-flex --costs   # + compensation
+    python benchmarks/attention.py --precision --quick --out benchmarks/results   # issue 30: bf16/fp8/int8 + accuracy
 
 Shapes (bf16, batch 1): Wan2.1-1.3B 480p 81f (12 heads, 32,760 tokens, D 128), Wan2.1-14B 720p 81f (40 heads,
 75,600), HunyuanVideo 720p 129f (24 heads, 118,800 + 256 text suffix with padding), CogVideoX-5B 720x480 49f
@@ -454,6 +455,237 @@ def report_tail(result: dict) -> list[str]:
     return lines
 
 
+# ---- issue 30: precisions ------------------------------------------------------------------------------------
+
+#: (column, precision, DIT_SPARSE_FP8_PV, DIT_SPARSE_FP8_QK, backend): our low-precision variants beside bf16.
+PRECISION_VARIANTS = (
+    ("auto bf16", "bf16", None, None, "auto"),
+    ("triton bf16", "bf16", None, None, "triton"),
+    ("fp8 int8-QK fp8-PV", "fp8", "fp8", "int8", "auto"),
+    ("fp8 int8-QK bf16-PV", "fp8", "bf16", "int8", "auto"),
+    ("fp8 e4m3-QK fp8-PV", "fp8", "fp8", "e4m3", "auto"),
+    ("fp8 e4m3-QK bf16-PV", "fp8", "bf16", "e4m3", "auto"),
+    ("int8 fp16-PV", "int8", None, None, "auto"),
+)
+#: `--quick`: the defaults of each precision and fp8's PV alternative.
+QUICK_VARIANTS = ("auto bf16", "triton bf16", "fp8 int8-QK fp8-PV", "fp8 int8-QK bf16-PV", "fp8 e4m3-QK fp8-PV",
+                  "int8 fp16-PV")
+PRECISION_SHAPES = ("wan13", "wan14", "hunyuan")
+
+
+class _switches:
+    """DIT_SPARSE_FP8_PV / DIT_SPARSE_FP8_QK set for one variant, restored after."""
+
+    def __init__(self, pv, qk):
+        self.values = {"DIT_SPARSE_FP8_PV": pv, "DIT_SPARSE_FP8_QK": qk}
+
+    def __enter__(self):
+        import os
+
+        self.saved = {key: os.environ.get(key) for key in self.values}
+        for key, value in self.values.items():
+            if value is not None:
+                os.environ[key] = value
+
+    def __exit__(self, *exc):
+        import os
+
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def sage_dense(q, k, v):
+    """SageAttention's dense kernel (`pip install sageattention`, the Triton release), (B, S, H, D) in."""
+    from sageattention import sageattn
+
+    return lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def realistic_inputs(layout, heads: int, head_dim: int, device, dtype=torch.bfloat16):
+    """q, k, v with a DiT's statistics for the accuracy table: K with a large per-channel offset (what smoothing
+    removes), V with a per-channel offset, scores of std about 1.5 (seed 1)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    shape = (1, layout.seq_len, heads, head_dim)
+    q = torch.randn(shape, device=device, generator=g) * 1.2
+    k = torch.randn(shape, device=device, generator=g) * 1.2 + 4 * torch.randn(1, 1, heads, head_dim, device=device,
+                                                                                 generator=g)
+    v = torch.randn(shape, device=device, generator=g) + torch.randn(1, 1, heads, head_dim, device=device, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _cosine_rel_l2(out, expected):
+    a, b = out.float().flatten(), expected.float().flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0)), float((a - b).norm() / b.norm())
+
+
+def run_precision_shape(name: str, densities, variants, args, rows: list, accuracy: list, notes: list):
+    """Issue 30's table for one shape: cuDNN / FA4 / SageAttention dense, then each of our `variants` on the random
+    masks, the radial mask and the full mask; the accuracy of the low precisions against the reference (fp32
+    accumulation of the bf16 inputs) on the 0.25-density and radial masks, for plain and DiT-like inputs."""
+    from dit_sparse.attention import sparse_attention
+    from dit_sparse.blockmask import BlockMask
+    from dit_sparse.kernels import triton_block_sparse, triton_quantize
+    from dit_sparse.layout import VideoLayout
+
+    label, heads, head_dim, (frames, height, width), text_len, text_position, valid_text, variant = \
+        {**SHAPES, **SMOKE_SHAPES}[name]
+    layout = VideoLayout(frames, height, width, text_len, text_position)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, v, padding = random_inputs(layout, heads, head_dim, valid_text, device)
+    video_len, errors = layout.video_len, []
+    ms_cudnn = _try(lambda: bench_ms(cudnn_dense(q, k, v)), errors, f"{name} cudnn")
+    ms_fa4_dense = _try(lambda: bench_ms(fa4_dense(q, k, v)), errors, f"{name} fa4 dense") if args.fa4 else None
+    ms_sage = None
+    if importlib.util.find_spec("sageattention") is None:
+        notes.append(f"{name}: SageAttention column skipped: the `sageattention` package is not importable")
+    else:
+        ms_sage = _try(lambda: bench_ms(sage_dense(q, k, v)), errors, f"{name} sageattention dense")
+    print(f"[{name}] dense: cudnn {ms_cudnn} ms, fa4 {ms_fa4_dense} ms, sageattention {ms_sage} ms", flush=True)
+
+    masks = [(f"random {d}", load_pattern("random_blocks")(layout, density=d, block_size=128)) for d in densities]
+    radial = load_pattern("radial")
+    if radial is not None:
+        m = _try(lambda: radial(layout, block_size=128, decay_factor=1.0, variant=variant), errors, f"{name} radial")
+        if m is not None:
+            masks.append(("radial", m))
+    masks.append(("full", BlockMask.full(video_len, 128)))
+    for mask_name, mask in masks:
+        mask = mask.to(device)
+        density = mask.density
+        flops = 4 * heads * video_len * video_len * head_dim * density
+        times = {}
+        for column, precision, pv, qk, backend in variants:
+            with _switches(pv, qk):
+                def call(backend=backend, precision=precision):
+                    return sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend=backend,
+                                            precision=precision)
+
+                ms = _try(lambda: bench_ms(call), errors, f"{name} {mask_name} {column}")
+                ms_prepass = None
+                if ms is not None and precision != "bf16" and device.type == "cuda":
+                    perm = None if mask.permutation is None else mask.permutation.int()
+                    video = layout.video_slice
+                    ms_prepass = _try(lambda: bench_ms(lambda: triton_quantize.quantize(
+                        q[:, video], k[:, video], v[:, video], perm, mask.q_block_size, mask.kv_block_size, precision,
+                        pv or "fp8", qk if precision == "fp8" else "int8")), errors, f"{name} {column} pre-pass")
+            if ms is None:
+                continue
+            times[column] = ms
+            rows.append(dict(shape=name, label=label, heads=heads, head_dim=head_dim, seq_video=video_len,
+                             text_len=text_len, mask=mask_name, density=round(density, 4), variant=column,
+                             precision=precision, fp8_pv=pv, fp8_qk=qk, backend=backend, ms=ms,
+                             ms_prepass=ms_prepass, tflops=flops / ms / 1e9, ms_cudnn=ms_cudnn,
+                             ms_fa4_dense=ms_fa4_dense, ms_sage_dense=ms_sage,
+                             vs_auto_bf16=(times["auto bf16"] / ms) if "auto bf16" in times else None,
+                             vs_triton_bf16=(times["triton bf16"] / ms) if "triton bf16" in times else None,
+                             vs_cudnn=(ms_cudnn / ms) if ms_cudnn else None,
+                             vs_sage_dense=(ms_sage / ms) if ms_sage else None))
+            print(f"[{name}] {mask_name:11s} d={density:.3f} {column:22s} {ms:8.3f} ms (pre-pass {ms_prepass}) "
+                  f"x{rows[-1]['vs_auto_bf16'] or 0:.2f} vs auto bf16", flush=True)
+        if mask_name not in (f"random {densities[len(densities) // 2]}", "radial") or args.no_accuracy:
+            continue
+        for inputs_name, (qa, ka, va) in (("randn", (q, k, v)), ("dit-like", realistic_inputs(layout, heads, head_dim,
+                                                                                                  device))):
+            expected = sparse_attention(qa, ka, va, mask, layout, text_padding_mask=padding, backend="reference")
+            for column, precision, pv, qk, backend in variants:
+                if precision == "bf16":
+                    continue
+                with _switches(pv, qk):
+                    out = _try(lambda: sparse_attention(qa, ka, va, mask, layout, text_padding_mask=padding,
+                                                        backend=backend, precision=precision), errors,
+                               f"{name} accuracy {column}")
+                if out is None:
+                    continue
+                cosine, rel = _cosine_rel_l2(out, expected)
+                accuracy.append(dict(shape=name, label=label, mask=mask_name, density=round(density, 4),
+                                     inputs=inputs_name, variant=column, cosine=cosine, rel_l2=rel,
+                                     within_bounds=cosine >= 0.999 and rel <= 0.03))
+                print(f"[{name}] accuracy {mask_name} {inputs_name:8s} {column:22s} cosine {cosine:.6f} "
+                      f"rel L2 {rel:.4f}", flush=True)
+            del expected
+    notes.extend(errors)
+    notes.append(f"triton configs: {triton_block_sparse.chosen_configs()}")
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def precision_markdown(result: dict) -> str:
+    lines = [f"# Attention by precision (issue 30), {result['gpu']}, {result['date']}", "",
+             f"`{result['command']}`; torch {result['torch']}, triton {result['triton']}, sageattention "
+             f"{result['sageattention']}. bf16 inputs, batch 1, through `sparse_attention` (text and padding "
+             "included). `vs auto bf16`: our bf16 `auto` path on the same mask over this row; the pre-pass is "
+             "included in `ms` and shown alone.", "",
+             "| shape | mask | density | variant | ms | pre-pass ms | TFLOP/s | vs auto bf16 | vs triton bf16 | "
+             "vs cuDNN dense | vs Sage dense | cuDNN ms | FA4 dense ms | Sage dense ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['shape']} | {r['mask']} | {_fmt(r['density'], 3)} | {r['variant']} | {_fmt(r['ms'])} | "
+                     f"{_fmt(r.get('ms_prepass'), 3)} | {_fmt(r.get('tflops'), 0)} | {_fmt(r.get('vs_auto_bf16'))} | "
+                     f"{_fmt(r.get('vs_triton_bf16'))} | {_fmt(r.get('vs_cudnn'))} | {_fmt(r.get('vs_sage_dense'))} | "
+                     f"{_fmt(r.get('ms_cudnn'))} | {_fmt(r.get('ms_fa4_dense'))} | {_fmt(r.get('ms_sage_dense'))} |")
+    return "\n".join(lines + report_tail(result)) + "\n"
+
+
+def accuracy_markdown(result: dict) -> str:
+    lines = [f"# Low-precision accuracy (issue 30), {result['gpu']}, {result['date']}", "",
+             f"`{result['command']}`. Each low-precision variant against the reference backend (the same bf16 inputs "
+             "and mask, fp32 accumulation); bounds: cosine >= 0.999, relative L2 <= 3%. `randn`: q, k, v N(0, 1); "
+             "`dit-like`: K and V with per-channel offsets, scores of std about 1.5.", "",
+             "| shape | mask | density | inputs | variant | cosine | rel L2 | within bounds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["accuracy"]:
+        lines.append(f"| {r['shape']} | {r['mask']} | {_fmt(r['density'], 3)} | {r['inputs']} | {r['variant']} | "
+                     f"{r['cosine']:.6f} | {r['rel_l2']:.4f} | {'yes' if r['within_bounds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_precision(args, argv, how: str) -> int:
+    """`--precision`: issue 30's speed table and accuracy table, written after every shape."""
+    import triton
+
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        args.fa4 = False
+    try:
+        sage_version = importlib.metadata.version("sageattention")
+    except Exception as error:
+        sage_version = f"unavailable ({type(error).__name__})"
+    variants = [v for v in PRECISION_VARIANTS if not args.quick or v[0] in QUICK_VARIANTS]
+    shapes = [s for s in args.shapes if s in PRECISION_SHAPES or s in SMOKE_SHAPES] or list(PRECISION_SHAPES)
+    if args.smoke:
+        variants = [("reference bf16", "bf16", None, None, "reference"),
+                    ("reference fp8", "fp8", "fp8", "int8", "reference")]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = gpu.replace("NVIDIA ", "").replace(" ", "-").lower()
+    result = dict(command="python benchmarks/attention.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  gpu=gpu, date=date, torch=torch.__version__, triton=triton.__version__, sageattention=sage_version,
+                  capability=list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+                  imported_from=how, rows=[], accuracy=[], notes=[])
+    start = time.time()
+    for name in shapes:
+        if time.time() - start > args.time_budget:
+            result["notes"].append(f"{name}: skipped, the run passed its time budget of {args.time_budget} s")
+            continue
+        run_precision_shape(name, args.densities, variants, args, result["rows"], result["accuracy"],
+                            result["notes"])
+        result["seconds"] = round(time.time() - start, 1)
+        (out / f"attention-precision-{tag}-{date}.json").write_text(json.dumps(result, indent=1))
+        (out / f"attention-precision-{tag}-{date}.md").write_text(precision_markdown(result))
+        (out / f"lowbit-accuracy-{tag}-{date}.json").write_text(json.dumps(
+            {key: result[key] for key in ("command", "gpu", "date", "torch", "triton", "accuracy")}, indent=1))
+        (out / f"lowbit-accuracy-{tag}-{date}.md").write_text(accuracy_markdown(result))
+    print(precision_markdown(result))
+    print(accuracy_markdown(result))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(SMOKE_SHAPES))
@@ -467,9 +699,20 @@ def main(argv=None) -> int:
     parser.add_argument("--costs", action="store_true",
                         help="add rows for the cost of compensation and of the recall guard (min_recall)")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later shapes are skipped")
+    parser.add_argument("--precision", action="store_true",
+                        help="issue 30's tables instead: bf16 / fp8 / int8 columns and the accuracy of each")
+    parser.add_argument("--quick", action="store_true", help="with --precision: the main variants only")
+    parser.add_argument("--no-accuracy", action="store_true", help="with --precision: speed only")
     args = parser.parse_args(argv)
     how = ensure_importable()
     print(f"dit_sparse from: {how}", flush=True)
+    if args.precision:
+        if args.smoke:
+            args.shapes, args.fa4 = list(SMOKE_SHAPES), False
+        elif not torch.cuda.is_available():
+            print("no CUDA GPU: nothing to benchmark (--smoke runs the script's logic on CPU)")
+            return 1
+        return main_precision(args, argv, how)
     if args.smoke:
         args.shapes, args.backends, args.fa4, args.flex = list(SMOKE_SHAPES), ["reference"], False, False
     elif not torch.cuda.is_available():

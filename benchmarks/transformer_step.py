@@ -4,6 +4,8 @@ makes them) at the real configs with random weights, bf16, eager and torch.compi
     python benchmarks/transformer_step.py                                   # every model (GPU; long)
     python benchmarks/transformer_step.py --models wan13 --modes eager      # one model, one mode (fits 10 minutes)
     python benchmarks/transformer_step.py --smoke                           # CPU run of this script's logic
+    python benchmarks/transformer_step.py --models hunyuan wan14 --modes eager regional --methods radial \
+        --precisions bf16 fp8                                               # issue 30's fp8 rows
 
 Each model and mode can run as its own command (rows merge into the day's file): a compiled row compiles the whole
 transformer once per method (minutes at these sizes), so on machines with a per-command time limit split compiled
@@ -372,7 +374,10 @@ def run_model(name: str, spec: ModelSpec, args, device, dtype, rows: list, notes
         if method in adapter.unsupported_methods:
             notes.append(f"{spec.label}: {method} skipped ({adapter.unsupported_methods[method]})")
             continue
-        methods.append((method, method, args.method_options.get(method, {})))
+        options = args.method_options.get(method, {})
+        for precision in getattr(args, "precisions", ["bf16"]):  # a low precision: its own row, "<method> fp8"
+            label = method if precision == "bf16" else f"{method} {precision}"
+            methods.append((label, method, options if precision == "bf16" else {**options, "precision": precision}))
 
     baseline: dict[str, float] = {}  # mode -> ms of the diffusers step
     skipped: dict[str, float] = {}  # mode -> ms of the skip-attention step
@@ -585,6 +590,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp one)")
     parser.add_argument("--smoke", action="store_true", help="CPU run of the script's logic on tiny models")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later models are skipped")
+    parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=("bf16", "fp8", "int8"),
+                        help="the sparse methods' precisions (issue 30): each beyond bf16 adds a '<method> <precision>' "
+                             "row, e.g. --methods radial --precisions bf16 fp8")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows the day's file already has (same model, mode, method and options) instead "
                              "of running them again; their times are the baselines of the new rows. Rows are saved "

@@ -99,6 +99,7 @@ def sparsify(pipe: Any, method: str | MethodConfig | None = None, *, profile=Non
         device = _weights_device(transformer)
         if device is not None:
             kernels.check_backend(config.backend, device)
+            kernels.check_precision(config.precision, config.backend, device)
         plan.append((transformer, adapter, sites, config))
     pipeline = _pipeline_ref(pipe)
     unsparsify(pipe)

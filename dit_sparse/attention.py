@@ -29,11 +29,12 @@ def _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale) -> f
     return kernels.check_scale(scale, q.shape[-1])
 
 
-def _full_mask_on_cpu(q: torch.Tensor, mask: BlockMask, backend: str) -> bool:
+def _full_mask_on_cpu(q: torch.Tensor, mask: BlockMask, backend: str, precision: str = "bf16") -> bool:
     """Whether this call is dense attention on the CPU's reference path: every block kept, in token order, no
     in-block masking. (Reading the counts is free on a CPU; the device check comes first, so CUDA never syncs.)"""
     return (
         q.device.type == "cpu"
+        and precision == "bf16"
         and mask.permutation is None
         and mask.kv_permutation is None
         and mask.kv_block_partial is None
@@ -53,6 +54,7 @@ def sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     compensate: bool = False,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Block-sparse self-attention of a video DiT; q, k, v (B, S, H, D) as diffusers passes them.
 
@@ -63,17 +65,23 @@ def sparse_attention(
     with no kept key block and no joint token gets zeros. Output: (B, S, H, D), q's dtype. `compensate=True`: each
     video query block's dropped key blocks still contribute through their pooled keys (SVG-EAR; DraftAttention;
     `kernels.block_sparse_attention` documents the rule); the joint keys and the joint rows are unaffected.
+    `precision` ("bf16", "fp8", "int8": `kernels.PRECISIONS`) is the video rows' arithmetic, the joint keys they see
+    included (quantized with them); the joint text queries stay in the inputs' precision (`kernels.dense_attention`).
     """
     scale = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale)
     if not isinstance(compensate, bool):
         raise ValueError(f"compensate must be a bool (True or False), got {compensate!r}")
+    kernels.check_precision_name(precision)
+    if precision != "bf16":  # its device and head_dim rules, before anything runs
+        kernels.resolve_backend(backend, q, None, precision)
     if layout is None or layout.joint_len == 0:
-        if _full_mask_on_cpu(q, mask, backend):
+        if _full_mask_on_cpu(q, mask, backend, precision):
             # A full mask is dense attention: torch's fused SDPA computes it 2-3x faster than the reference kernel's
             # block loop (the `dense` method on a CPU, the demo's baseline), equal to fp32 rounding.
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
-        return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend, compensate=compensate)[0]
+        return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend, compensate=compensate,
+                                              precision=precision)[0]
 
     # Video rows: kept blocks plus every valid joint key (text, then extra), in one pass (the joint keys continue the
     # kernel's online softmax). Joint rows: dense over every valid key. Each writes its slice of one output; no
@@ -90,11 +98,13 @@ def sparse_attention(
     kernels.block_sparse_attention(
         q[:, video], k[:, video], v[:, video], mask, scale=scale, backend=backend,
         extra_k=joint_k, extra_v=joint_v, extra_key_valid=joint_valid, out=out[:, video], compensate=compensate,
+        precision=precision,
     )
     key_valid = None
     if text_padding_mask is not None:
         key_valid = torch.ones(q.shape[0], layout.seq_len, dtype=torch.bool, device=q.device)
         key_valid[:, layout.text_slice] = text_padding_mask
     for part in joint:
-        kernels.dense_attention(q[:, part], k, v, key_valid=key_valid, scale=scale, backend=backend, out=out[:, part])
+        kernels.dense_attention(q[:, part], k, v, key_valid=key_valid, scale=scale, backend=backend, out=out[:, part],
+                                precision=precision)
     return out

@@ -70,6 +70,7 @@ def _add_render_arguments(render: argparse.ArgumentParser) -> None:
     render.add_argument("--dense-layers", type=int, default=None, help="first N transformer blocks dense")
     render.add_argument("--backend", default=None, help="kernel backend: auto, fa4, triton or reference")
     render.add_argument("--block-size", type=int, default=None, help="tokens per attention block")
+    render.add_argument("--precision", default=None, help="sparse attention arithmetic: bf16, fp8 or int8")
     render.add_argument(
         "--frames", type=int, default=engine.DEFAULT_FRAMES, help=f"4k+1 (default {engine.DEFAULT_FRAMES})"
     )

@@ -15,6 +15,8 @@ from dit_sparse import kernels
 
 #: Allowed values of every method's `backend`: "auto" plus the kernel registry's names.
 BACKENDS = ("auto",) + kernels.BACKENDS
+#: Allowed values of every method's `precision`: the kernels' ("bf16", "fp8", "int8").
+PRECISIONS = kernels.PRECISIONS
 
 
 def choice(default: str, choices: tuple[str, ...]):
@@ -99,6 +101,8 @@ class MethodConfig:
       `kernels.block_sparse_attention` documents the rule.
     - `min_recall`: None, or the recall guard: per call, blocks are added to each query block whose kept blocks hold
       less than this share of its estimated (pooled) attention mass (`dit_sparse.patterns.recall`).
+    - `precision`: the sparse attention's arithmetic, one of `PRECISIONS`: "bf16" (the inputs' own dtype), "fp8" or
+      "int8" (SageAttention's quantization, `dit_sparse.kernels`); the dense steps and layers stay unquantized.
 
     A field with a fixed set of allowed values lists them in its metadata, `metadata["choices"]` (the app offers them).
     """
@@ -109,6 +113,7 @@ class MethodConfig:
     backend: str = choice("auto", BACKENDS)
     compensate: bool = False
     min_recall: float | None = None
+    precision: str = choice("bf16", PRECISIONS)
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -120,6 +125,8 @@ class MethodConfig:
             raise ValueError(f"{owner}.compensate must be a bool (True or False), got {self.compensate!r}")
         if self.min_recall is not None:
             check_fraction(owner, "min_recall", self.min_recall)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{owner}.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def options(self) -> dict:
         """The config as plain keyword arguments (for manifests and `make_config`)."""

@@ -255,7 +255,8 @@ def _site_attention(site: _Site, query, key, value, attn_mask, scale) -> torch.T
         mask = session.guard(mask, query[:, :, video], key[:, :, video], scale)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
     out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale,
-                           backend=plan.backend, compensate=plan.compensate).transpose(1, 2)  # (B, H, S, D)
+                           backend=plan.backend, compensate=plan.compensate,
+                           precision=plan.precision).transpose(1, 2)  # (B, H, S, D)
     return out if orders is None else out[:, :, orders[1]]
 
 

@@ -51,6 +51,7 @@ class ForwardPlan:
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
       for patterns that need q and k or the layer (taken in the call).
     - `compensate`, `min_recall`: the config's, for every sparse call (the pooled pass; the recall guard).
+    - `precision`: the sparse calls' arithmetic (`MethodConfig.precision`).
     """
 
     layout: VideoLayout
@@ -62,6 +63,7 @@ class ForwardPlan:
     density: float = 1.0
     compensate: bool = False
     min_recall: float | None = None
+    precision: str = "bf16"
 
     def is_dense(self, layer: int) -> bool:
         return self.sparse_from is None or layer < self.sparse_from
@@ -215,6 +217,7 @@ class SparseSession:
             self.plans[key] = ForwardPlan(
                 layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density,
                 compensate=self.config.compensate, min_recall=self.config.min_recall,
+                precision=self.config.precision,
             )
         return self.plans[key]
 

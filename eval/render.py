@@ -306,8 +306,8 @@ def command_line_options(args: argparse.Namespace) -> dict:
         if not sep or not name.strip():
             raise ValueError(f"--option must be KEY=VALUE, got {text!r}")
         pairs.append((name.strip(), parse_option_value(value)))
-    for name in ("dense_steps", "dense_layers", "backend", "block_size"):
-        if getattr(args, name) is not None:
+    for name in ("dense_steps", "dense_layers", "backend", "block_size", "precision"):
+        if getattr(args, name, None) is not None:
             pairs.append((name, getattr(args, name)))
     options = {}
     for name, value in pairs:

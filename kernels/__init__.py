@@ -5,6 +5,13 @@ takes, its calls), fastest first: `fa4` (FlashAttention-4, `fa4.py`), `triton` (
 its record in `triton_backend.py`), `reference` (plain PyTorch, any device: the oracle, `reference.py`).
 `describe_backends()` gives the table for the docs.
 
+`precision=` ("bf16", "fp8", "int8", `PRECISIONS`): "bf16" is the inputs' own dtype, no quantization (fp32 stays
+fp32); "fp8" and "int8" quantize q, k, v as SageAttention does (`triton_quantize.py`) and run on the first backend
+that takes them (`triton` on a GPU with the tensor cores: fp8 needs compute capability 8.9+, int8 8.0+). `auto` never
+picks a low precision by itself, and never the reference's emulation of one: on a CPU that is asked for by name
+(`backend="reference"`). The Triton kernel's low precisions take head_dim `LOW_PRECISION_HEAD_DIMS`; the
+reference's emulation any.
+
 `auto` takes the first backend that can run the call (device, dtype, head_dim, block sizes); the environment variable
 `DIT_SPARSE_BACKEND` replaces `auto` with a named backend. Asking for a backend that cannot run raises a ValueError
 that says what is missing. The choice is logged once per (backend, device, reason) on the "dit_sparse" logger.
@@ -26,6 +33,7 @@ from dit_sparse.blockmask import BlockMask, inverse_order
 
 from . import fa4, reference, triton_backend
 from .backend import Backend, write_into
+from .triton_backend import LOW_PRECISION_HEAD_DIMS
 
 #: The backend records, fastest first: the order `backend="auto"` tries. A new backend is one module and one line.
 REGISTRY: dict[str, Backend] = {record.name: record for record in (fa4.BACKEND, triton_backend.BACKEND,
@@ -33,6 +41,8 @@ REGISTRY: dict[str, Backend] = {record.name: record for record in (fa4.BACKEND, 
 #: Backend names in order of preference for `backend="auto"`.
 BACKENDS = tuple(REGISTRY)
 ENV_VAR = "DIT_SPARSE_BACKEND"
+#: `precision=` values: "bf16" (the inputs' own dtype, today's path), "fp8" (e4m3), "int8" (INT8 QK, fp16 PV).
+PRECISIONS = ("bf16", "fp8", "int8")
 
 logger = logging.getLogger("dit_sparse")
 
@@ -43,6 +53,12 @@ def _record(backend: str) -> Backend:
     if record is None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     return record
+
+
+def check_precision_name(precision) -> None:
+    """Raise ValueError unless `precision` is one of `PRECISIONS`."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def check_backend_name(backend) -> None:
@@ -79,16 +95,50 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         raise ValueError(f"backend {backend!r} cannot run on {device} here: {reason}")
 
 
+def check_precision(precision, backend: str, device: torch.device | str) -> None:
+    """Raise ValueError unless `backend` ("auto" or a name) can run `precision` on `device` here (its hardware; the
+    head_dim is the call's, checked then), naming the device and what is allowed: `sparsify`'s early check."""
+    check_precision_name(precision)
+    check_backend_name(backend)
+    if precision == "bf16":
+        return
+    device = torch.device(device)
+
+    def reason(record: Backend, value: str) -> str | None:
+        return record.unavailable_reason(device, precision=value)
+
+    if backend != "auto":
+        why = reason(REGISTRY[backend], precision)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run precision {precision!r} on {device} here: {why}")
+        return
+    candidates = [r for r in REGISTRY.values() if not r.emulates_low_precision
+                  and not (r.auto_skips_cpu is not None and device.type == "cpu")]
+    if not any(reason(r, precision) is None for r in candidates):
+        takes = tuple(p for p in PRECISIONS if p == "bf16" or any(reason(r, p) is None for r in candidates))
+        why = "; ".join(f"{r.name}: {reason(r, precision)}" for r in candidates) or "no GPU backend here"
+        emulation = [r.name for r in REGISTRY.values() if r.emulates_low_precision]
+        raise ValueError(f"precision {precision!r} cannot run on {device} with backend='auto' (it takes precision "
+                         f"{takes} there; the emulation is asked for by name: backend={emulation[0]!r}): {why}")
+
+
 def describe_backends() -> str:
     """The registry as a Markdown table (backend, where, dtypes, head dims, in-block masking, what), `auto`'s order."""
     def names(values):
         return "any" if values is None else "/".join(str(v).replace("torch.", "") for v in values)
 
-    rows = ["| backend | where | dtypes | head_dim | tokens masked inside blocks | what |", "|---|---|---|---|---|---|"]
+    def precisions(record):
+        low = [p for p in record.precisions if p != "bf16"]
+        if not low:
+            return "bf16"
+        return "bf16; " + "/".join(low) + (" (emulated, when named)" if record.emulates_low_precision else "")
+
+    rows = ["| backend | where | dtypes | head_dim | tokens masked inside blocks | precisions | what |",
+            "|---|---|---|---|---|---|---|"]
     for record in REGISTRY.values():
         dtypes = "any floating" if record.dtypes is None else names(record.dtypes)
         rows.append(f"| `{record.name}` | {record.where} | {dtypes} | {names(record.head_dims)} | "
-                    f"{'yes' if record.token_boxes else 'no'} | {record.summary} |")
+                    f"{'yes' if record.token_boxes else 'no'} | {precisions(record)} | {record.summary} |")
     return "\n".join(rows)
 
 
@@ -97,10 +147,12 @@ def _log_choice(backend: str, device: str, detail: str) -> None:
     logger.info("dit_sparse attention backend: %s on %s%s", backend, device, detail)
 
 
-def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None, precision: str = "bf16") -> str:
     """The backend that will run this call: `backend` itself (checked), or for "auto" the env override or the
-    fastest available one. Raises ValueError naming what is missing."""
+    fastest available one (for a low `precision`: the first that takes it, never an emulation). Raises ValueError
+    naming what is missing."""
     check_backend_name(backend)
+    check_precision_name(precision)
     requested = backend
     if backend == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
@@ -109,7 +161,7 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None
                 raise ValueError(f"{ENV_VAR}={override!r} is not a backend; choose one of {('auto',) + BACKENDS}")
             backend, requested = override, f"{ENV_VAR}={override}"
     if backend != "auto":
-        reason = unavailable_reason(backend, q.device, q.dtype, q.shape[-1], mask)
+        reason = REGISTRY[backend].unavailable_reason(q.device, q.dtype, q.shape[-1], mask, precision)
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot run here: {reason}")
         _log_choice(backend, str(q.device), f" (requested {requested})")
@@ -119,11 +171,21 @@ def resolve_backend(backend: str, q: torch.Tensor, mask: BlockMask | None = None
         if record.auto_skips_cpu is not None and q.device.type == "cpu":
             skipped.append(f"{record.name}: {record.auto_skips_cpu}")
             continue
-        reason = record.unavailable_reason(q.device, q.dtype, q.shape[-1], mask)
+        if precision != "bf16" and record.emulates_low_precision:
+            skipped.append(f"{record.name}: emulates precision {precision!r} only when named (backend="
+                           f"{record.name!r})")
+            continue
+        reason = record.unavailable_reason(q.device, q.dtype, q.shape[-1], mask, precision)
         if reason is None:
             _log_choice(record.name, str(q.device), f" (auto; skipped: {'; '.join(skipped)})" if skipped else " (auto)")
             return record.name
         skipped.append(reason)
+    if precision != "bf16":
+        takes = tuple(p for p in PRECISIONS if p == "bf16" or any(
+            not r.emulates_low_precision and not (r.auto_skips_cpu is not None and q.device.type == "cpu")
+            and r.unavailable_reason(q.device, q.dtype, q.shape[-1], mask, p) is None for r in REGISTRY.values()))
+        raise ValueError(f"precision {precision!r} cannot run on {q.device} with backend='auto' (it takes "
+                         f"precision {takes} there): {'; '.join(skipped)}")
     raise AssertionError("the reference backend is always available")  # pragma: no cover
 
 
@@ -215,6 +277,7 @@ def block_sparse_attention(
     extra_key_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     compensate: bool = False,
+    precision: str = "bf16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the kept key blocks of `mask` (plus every valid extra key); q, k, v (B, S, H, D), S == seq_len.
 
@@ -222,6 +285,7 @@ def block_sparse_attention(
     (B, T) bool marks the real ones (False: padding, exactly zero weight). Returns (out (B, S, H, D) in q's dtype,
     lse (B, H, S) fp32). A query with no kept key and no valid extra key gets zeros and lse -inf. `out`, when given
     ((B, S, H, D), q's dtype, any strides, e.g. a slice of the joint sequence's output), receives the result.
+    `precision` ("bf16", "fp8", "int8"; see the module's docstring) quantizes q, k, v and the extra keys alike.
     Every argument is checked here, before anything runs; the backends trust it.
 
     `compensate=True` (SVG-EAR, arXiv:2603.08982; DraftAttention, arXiv:2505.14708): for each query block, every
@@ -244,18 +308,26 @@ def block_sparse_attention(
     _check_out(out, q)
     scale = check_scale(scale, head_dim)
     check_backend_name(backend)
-    return _dispatch(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out, compensate)
+    check_precision_name(precision)
+    if precision != "bf16":  # the precision's rules (device, head_dim) before anything runs
+        resolve_backend(backend, q, None, precision)
+    return _dispatch(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out, compensate, precision)
 
 
 def _dispatch(q, k, v, mask: BlockMask, scale: float, backend: str, extra_k=None, extra_v=None,
-              extra_key_valid=None, out=None, compensate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              extra_key_valid=None, out=None, compensate: bool = False,
+              precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
     """`block_sparse_attention` of arguments it has checked: the dispatch."""
     mask = _on_device(mask, q.device)
     if mask.per_head_order:
         return _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out,
-                                         compensate)
-    name = resolve_backend(backend, q, mask)
-    result, lse = REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
+                                         compensate, precision)
+    name = resolve_backend(backend, q, mask, precision)
+    if precision != "bf16":
+        result, lse = REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out,
+                                               precision=precision)
+    else:
+        result, lse = REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
     if compensate:
         result, lse = _compensate(result, lse, q, k, v, mask, scale, name)
     return result, lse
@@ -281,7 +353,7 @@ def _on_device(mask: BlockMask, device: torch.device) -> BlockMask:
 
 
 def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out,
-                              compensate=False):
+                              compensate=False, precision="bf16"):
     """A mask with per-head token orders (or keys ordered apart from queries): gather q (and k, v) of each batch
     entry and head into its blocked order, run any backend on the un-permuted blocks, scatter the rows back. The
     extra keys (joint text) are per row, so they need no reordering; compensation pools the blocks of that blocked
@@ -296,7 +368,7 @@ def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, e
     q_in = gather(q, q_order)
     k_in, v_in = gather(k, k_order), gather(v, k_order)
     result, lse = _dispatch(q_in, k_in, v_in, mask.in_blocked_order(), scale, backend, extra_k, extra_v,
-                            extra_key_valid, compensate=compensate)
+                            extra_key_valid, compensate=compensate, precision=precision)
     inverse = inverse_order(q_order).expand(batch, heads, -1)  # (B, H, S)
     lse = lse.gather(2, inverse)
     return write_into(out, gather(result, inverse)), lse
@@ -311,9 +383,14 @@ def dense_attention(
     scale: float | None = None,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    precision: str = "bf16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of q (B, Sq, H, D) over k/v (B, Sk, H, D) with optional key padding `key_valid` (B, Sk) bool,
     memory-bounded on every backend (no Sq x Sk tensor). Used for the joint text queries. Returns (out, lse).
+
+    `precision` is checked as `block_sparse_attention` checks it (so a call that the video rows cannot run fails
+    here too), but these rows run in the inputs' own precision: the joint text queries are a few hundred rows of
+    tens of thousands, and their dense pass is memory-bound, so quantizing them would gain nothing measurable.
 
     A backend with no dense pass of its own (fa4: no key-padding mask without a mask_mod) runs this on the first
     backend `auto` takes that has one (on a GPU, our Triton kernel). Every argument is checked here.
@@ -323,6 +400,9 @@ def dense_attention(
     _check_out(out, q)
     scale = check_scale(scale, q.shape[-1])
     check_backend_name(backend)
+    check_precision_name(precision)
+    if precision != "bf16":
+        resolve_backend(backend, q, None, precision)
     return _dispatch_dense(q, k, v, key_valid, scale, backend, out)
 
 
@@ -343,6 +423,7 @@ def _dispatch_dense(q, k, v, key_valid, scale: float, backend: str, out=None) ->
     return record.dense_attention(q, k, v, key_valid, scale, out)
 
 
-__all__ = ["BACKENDS", "REGISTRY", "Backend", "available_backends", "block_sparse_attention", "check_backend",
-           "check_backend_name", "check_mask", "check_qkv", "check_scale", "dense_attention", "describe_backends",
+__all__ = ["BACKENDS", "LOW_PRECISION_HEAD_DIMS", "PRECISIONS", "REGISTRY", "Backend", "available_backends",
+           "block_sparse_attention", "check_backend", "check_backend_name", "check_mask", "check_precision",
+           "check_precision_name", "check_qkv", "check_scale", "dense_attention", "describe_backends",
            "resolve_backend", "unavailable_reason"]

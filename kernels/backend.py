@@ -33,6 +33,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: The internal switch for precision="fp8": its PV product in e4m3 ("fp8", per-channel V scales) or in bf16
+#: ("bf16"). The Triton kernel and the reference's emulation both read it; benchmarks/attention.py measures both.
+FP8_PV_ENV = "DIT_SPARSE_FP8_PV"
+FP8_PV_CHOICES = ("fp8", "bf16")
+
+
+def fp8_pv() -> str:
+    """The PV operands of precision="fp8": `DIT_SPARSE_FP8_PV` ("fp8", the default, or "bf16")."""
+    value = os.environ.get(FP8_PV_ENV, "fp8").strip() or "fp8"
+    if value not in FP8_PV_CHOICES:
+        raise ValueError(f"{FP8_PV_ENV} must be one of {FP8_PV_CHOICES}, got {value!r}")
+    return value
+
+
+#: The second switch of precision="fp8": its QK product on int8 per-block scales ("int8", the default:
+#: SageAttention2's Hopper kernel, qk_int8_pv_fp8; int8 and e4m3 MMAs run at the same rate on Hopper) or on e4m3
+#: ("e4m3": 3 mantissa bits, about 4-8% relative L2 error on random inputs, over the 3% the accuracy tests allow).
+FP8_QK_ENV = "DIT_SPARSE_FP8_QK"
+FP8_QK_CHOICES = ("int8", "e4m3")
+
+
+def fp8_qk() -> str:
+    """The QK operands of precision="fp8": `DIT_SPARSE_FP8_QK` ("int8", the default, or "e4m3")."""
+    value = os.environ.get(FP8_QK_ENV, "int8").strip() or "int8"
+    if value not in FP8_QK_CHOICES:
+        raise ValueError(f"{FP8_QK_ENV} must be one of {FP8_QK_CHOICES}, got {value!r}")
+    return value
+
+
+def qk_format(precision: str) -> str:
+    """The QK operands' format of a low `precision`: "int8" or "e4m3"."""
+    return "int8" if precision == "int8" else fp8_qk()
+
+
 def write_into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     """`result`, copied into `out` when one is given (a backend's `out=` contract)."""
     if out is None:
@@ -56,6 +90,11 @@ class Backend:
     - `dense_attention(q, k, v, key_valid, scale, out) -> (out, lse)`: dense attention with key padding (the text
       queries), or None when the backend has none: its text queries run on the first backend `auto` takes that has.
     - `auto_skips_cpu`: why `auto` never takes it on a CPU though it can run there (None: auto may).
+    - `precisions`: the `precision=` values it takes (`kernels.PRECISIONS`; "bf16": the inputs' own dtype, no
+      quantization); `precision_reason(precision, device, head_dim) -> str | None`: why it cannot run a low
+      precision on this device or head_dim (None: it can); `emulates_low_precision`: its low precisions are a
+      fake-quantized emulation (the reference: the oracle of the quantized kernels), taken only when named, never
+      by `auto`.
     """
 
     name: str
@@ -69,6 +108,9 @@ class Backend:
     dense_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     mask_reason: Callable[[BlockMask, int | None, torch.device], str | None] | None = None
     auto_skips_cpu: str | None = None
+    precisions: tuple[str, ...] = ("bf16",)
+    precision_reason: Callable[[str, torch.device, int | None], str | None] | None = None
+    emulates_low_precision: bool = False
 
     def unavailable_reason(
         self,
@@ -76,8 +118,12 @@ class Backend:
         dtype: torch.dtype | None = None,
         head_dim: int | None = None,
         mask: BlockMask | None = None,
+        precision: str = "bf16",
     ) -> str | None:
-        """Why this backend cannot run a call on `device` with this dtype, head_dim and mask; None when it can."""
+        """Why this backend cannot run a call on `device` with this dtype, head_dim, mask and precision; None when it
+        can."""
+        if precision not in self.precisions:
+            return f"the {self.name} backend takes precisions {self.precisions}, got {precision!r}"
         if mask is not None and mask.token_boxes is not None and not self.token_boxes:
             return (f"the {self.name} backend runs whole blocks only, and this mask masks tokens inside blocks "
                     "(token_boxes, e.g. an exact neighborhood window): use triton or reference")
@@ -88,6 +134,10 @@ class Backend:
             return f"the {self.name} backend takes dtypes {self.dtypes}, got {dtype}"
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
             return f"the {self.name} backend supports head_dim {self.head_dims}, got {head_dim}"
+        if precision != "bf16" and self.precision_reason is not None:
+            reason = self.precision_reason(precision, device, head_dim)
+            if reason is not None:
+                return reason
         if mask is not None and self.mask_reason is not None:
             return self.mask_reason(mask, head_dim, device)
         return None

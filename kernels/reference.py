@@ -13,7 +13,10 @@ import torch
 
 from dit_sparse.blockmask import BlockMask, inverse_order
 
-from .backend import Backend, write_into
+from .backend import Backend, fp8_pv, qk_format, write_into
+
+#: Mirrors of `triton_quantize`'s constants (that module needs triton; this one must import without it).
+FP8_MAX, INT8_MAX, P_SCALE, EXTRA_BLOCK, TINY = 448.0, 127.0, 256.0, 128, 1e-30
 
 
 def _cpu_flash_op():
@@ -31,12 +34,15 @@ CPU_FLASH = _cpu_flash_op()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float,
-            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype | None = None, p_round=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q (B, H, r, D) over k, v (B, H, n, D), only over the keys `allowed` (bool,
     broadcastable to (B, H, r, n); None: all) keeps, accumulated in fp32. Returns (out (B, H, r, D) in `out_dtype`
     (None: q's; the fused kernel rounds to q's first), lse (B, H, r) fp32); a row with no allowed key gets zeros and
-    -inf."""
+    -inf. `p_round` (the low precisions' emulation): the rounding of the un-normalised probabilities exp(s - max)
+    before the PV product, the sum still of the exact ones, as the Triton kernel does."""
     out_dtype = q.dtype if out_dtype is None else out_dtype
+    if p_round is not None:
+        return _attend_rounded(q, k, v, allowed, scale, out_dtype, p_round)
     # fp32 only: on fp16/bf16 the kernel rounds the scores to the input's precision (lse off by ~4e-5)
     fused = q.device.type == "cpu" and CPU_FLASH is not None and q.dtype == torch.float32
     if fused and k.shape[2] == 0:  # no key at all
@@ -63,8 +69,94 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     return torch.matmul(weights, v.float()).to(out_dtype), lse
 
 
+def _attend_rounded(q, k, v, allowed, scale: float, out_dtype: torch.dtype, p_round) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_attend` with P rounded by `p_round` before the PV product (fp32 otherwise)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, r, n)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1),
+                                                                                      float("-inf"))
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    p = torch.exp(scores - row_max)  # (B, H, r, n), masked pairs 0
+    total = p.sum(-1)  # (B, H, r)
+    safe = total.masked_fill(total == 0, 1.0)
+    out = torch.matmul(p_round(p), v.float()) / safe[..., None]
+    lse = torch.where(total == 0, float("-inf"), row_max[..., 0] + torch.log(safe))
+    return out.to(out_dtype), lse
+
+
+# ---- the low precisions' emulation (fake quantization in fp32) --------------------------------------------------
+
+
+def _round_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).float()
+
+
+def _round_int8(x: torch.Tensor) -> torch.Tensor:
+    """Rounded half away from zero, as the Triton pre-pass does (to int8's range: |x| <= 127 here)."""
+    return torch.trunc(x + 0.5 * torch.sign(x))
+
+
+def _fake_quantize_blocks(x: torch.Tensor, block: int, qk: str) -> torch.Tensor:
+    """x (B, S, H, D) fp32 in the blocked order, one scale per `block` tokens per (batch, head): amax / 448
+    (`qk` "e4m3") or amax / 127 ("int8"); returns the dequantized values (B, S, H, D) fp32."""
+    batch, seq, heads, dim = x.shape
+    blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
+    amax = padded.abs().amax(dim=(2, 4), keepdim=True).clamp_min(TINY)  # (B, n, 1, H, 1)
+    if qk == "int8":
+        scale = amax / INT8_MAX
+        quantized = _round_int8(padded / scale)
+    else:
+        scale = amax / FP8_MAX
+        quantized = _round_fp8(padded / scale)
+    return (quantized * scale).view(batch, blocks * block, heads, dim)[:, :seq]
+
+
+def quantize_emulated(q, k, v, mask: BlockMask, precision: str, pv: str, qk: str, extra_k=None,
+                      extra_v=None) -> tuple:
+    """The Triton pre-pass (`triton_quantize.quantize`) in fp32: returns dequantized (q, k, v, extra_k, extra_v) in
+    the original token order (fp32; extra None when not given; V less its channel mean `v_mean` (B, 1, H, D) for
+    fp8 PV, zeros otherwise: the caller adds it to the output's non-empty rows), the P rounding of the PV
+    product, and K's mean `k_mean` (B, 1, H, D) (the caller adds q . k_mean x scale to the lse).
+
+    K (and the extra keys) minus K's per-(batch, head) mean over the tokens; one scale per query block (Q) and key
+    block (K) of the mask's blocked order, per `EXTRA_BLOCK` extra keys, in `qk` ("int8" or "e4m3"); V per channel
+    in e4m3 (fp8 PV), else rounded to bf16 (fp8 with bf16 PV) or fp16 (int8)."""
+    q, k, v = q.float(), k.float(), v.float()
+    k_mean = k.mean(1, keepdim=True)  # (B, 1, H, D)
+    k = k - k_mean
+    perm = mask.permutation.to(q.device) if mask.permutation is not None else None
+    if perm is not None:
+        q, k = q.index_select(1, perm), k.index_select(1, perm)
+    q = _fake_quantize_blocks(q, mask.q_block_size, qk)
+    k = _fake_quantize_blocks(k, mask.kv_block_size, qk)
+    if perm is not None:
+        inverse = inverse_order(perm)
+        q, k = q.index_select(1, inverse), k.index_select(1, inverse)
+    if extra_k is not None:
+        extra_k = _fake_quantize_blocks(extra_k.float() - k_mean, EXTRA_BLOCK, qk)
+        extra_v = extra_v.float()
+    v_mean = torch.zeros_like(k_mean)
+    if precision == "fp8" and pv == "fp8":
+        v_mean = v.mean(1, keepdim=True)  # (B, 1, H, D)
+        deviation = (v - v_mean).abs().amax(1, keepdim=True)
+        if extra_v is not None:
+            deviation = torch.maximum(deviation, (extra_v - v_mean).abs().amax(1, keepdim=True))
+        v_scale = deviation.clamp_min(TINY) / FP8_MAX
+        v = _round_fp8((v - v_mean) / v_scale) * v_scale
+        extra_v = None if extra_v is None else _round_fp8((extra_v - v_mean) / v_scale) * v_scale
+        p_round = lambda p: _round_fp8(p * P_SCALE) / P_SCALE  # noqa: E731
+    else:
+        low = torch.float16 if precision == "int8" else torch.bfloat16
+        v = v.to(low).float()
+        extra_v = None if extra_v is None else extra_v.to(low).float()
+        p_round = lambda p: p.to(low).float()  # noqa: E731
+    return q, k, v, extra_k, extra_v, v_mean, p_round, k_mean
+
+
 def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float, p_round=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the kept key blocks of `mask`, accumulated in fp32.
 
@@ -109,7 +201,7 @@ def block_sparse_attention(
             slot_partial = partial[:, :, block, :width].repeat_interleave(kbs, dim=-1)  # (B, H, keys)
             in_box = boxes.allows(torch.arange(rows.start, rows.stop, device=q.device), tokens)  # (B, H, rows, keys)
             allowed = allowed & (~slot_partial[:, :, None, :] | in_box)
-        out[:, :, rows], lse[:, :, rows] = _attend(qh[:, :, rows], k_kept, v_kept, allowed, scale)
+        out[:, :, rows], lse[:, :, rows] = _attend(qh[:, :, rows], k_kept, v_kept, allowed, scale, p_round=p_round)
     out = out.transpose(1, 2)  # (B, S, H, D)
     if mask.permutation is not None:
         inverse = inverse_order(mask.permutation.to(q.device))
@@ -117,11 +209,12 @@ def block_sparse_attention(
     return out, lse
 
 
-def _attention_chunk(q, k, v, key_valid, scale):
+def _attention_chunk(q, k, v, key_valid, scale, p_round=None):
     """Attention of a query chunk q (B, c, H, D) over all keys k, v (B, Sk, H, D) but those `key_valid` (B, Sk)
     marks False: (out (B, c, H, D) fp32, lse (B, H, c) fp32)."""
     allowed = None if key_valid is None else key_valid[:, None, None, :]
-    out, lse = _attend(*(x.transpose(1, 2) for x in (q, k, v)), allowed, scale, out_dtype=torch.float32)
+    out, lse = _attend(*(x.transpose(1, 2) for x in (q, k, v)), allowed, scale, out_dtype=torch.float32,
+                       p_round=p_round)
     return out.transpose(1, 2), lse
 
 
@@ -158,6 +251,7 @@ def extend_attention(
     extra_v: torch.Tensor,
     extra_key_valid: torch.Tensor | None,
     scale: float,
+    p_round=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine an attention result (out0 (B, S, H, D), lse0 (B, H, S)) with attention over extra keys, by the
     log-sum-exps: the exact attention over the union of the two disjoint key sets. Chunked over queries."""
@@ -167,7 +261,7 @@ def extend_attention(
     step = _chunk_rows(q, extra_k.shape[1])
     for start in range(0, seq_len, step):
         rows = slice(start, min(seq_len, start + step))
-        extra_out, extra_lse = _attention_chunk(q[:, rows], extra_k, extra_v, extra_key_valid, scale)
+        extra_out, extra_lse = _attention_chunk(q[:, rows], extra_k, extra_v, extra_key_valid, scale, p_round)
         first_lse = lse0[:, :, rows]
         total = torch.logaddexp(first_lse, extra_lse)  # (B, H, c); -inf only when both are
         weight_first = torch.exp(first_lse - total).nan_to_num_(0.0).transpose(1, 2)[..., None]  # (B, c, H, 1)
@@ -177,7 +271,17 @@ def extend_attention(
     return out, lse
 
 
-def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
+def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out, precision="bf16"):
+    if precision != "bf16":  # the emulation: the same attention on the fake-quantized inputs, P rounded
+        dtype, q_in = q.dtype, q
+        q, k, v, extra_k, extra_v, v_mean, p_round, k_mean = quantize_emulated(q, k, v, mask, precision, fp8_pv(),
+                                                                qk_format(precision), extra_k, extra_v)
+        result, lse = block_sparse_attention(q, k, v, mask, scale, p_round)
+        if extra_k is not None:
+            result, lse = extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale, p_round)
+        result = result + torch.where(torch.isinf(lse).transpose(1, 2)[..., None], 0.0, v_mean)
+        lse = lse + scale * (q_in.float() * k_mean).sum(-1).transpose(1, 2)  # the unsmoothed scores' lse
+        return write_into(out, result.to(dtype)), lse
     result, lse = block_sparse_attention(q, k, v, mask, scale)
     if extra_k is not None:
         result, lse = extend_attention(result, lse, q, extra_k, extra_v, extra_key_valid, scale)
@@ -199,6 +303,8 @@ BACKEND = Backend(
     token_boxes=True,
     attention=_attention,
     dense_attention=_dense_attention,
+    precisions=("bf16", "fp8", "int8"),
+    emulates_low_precision=True,
 )
 
 

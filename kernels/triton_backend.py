@@ -17,6 +17,12 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: the smallest query or key block the kernel tiles (its smallest BLOCK_M / BLOCK_N).
 MIN_BLOCK_SIZE = 16
+#: what `precision=` takes here, and the compute capability each low precision's MMA needs (e4m3 dot: Ada/Hopper
+#: 8.9+; int8 dot: Ampere 8.0+).
+PRECISIONS = ("bf16", "fp8", "int8")
+MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0)}
+#: head dims of the quantized kernel (`triton_quantize.py`): the int8 and e4m3 MMAs want a K dim of 32+.
+LOW_PRECISION_HEAD_DIMS = (64, 128)
 
 
 def _device_reason(device: torch.device) -> str | None:
@@ -37,11 +43,25 @@ def _mask_reason(mask: BlockMask, head_dim: int | None, device: torch.device) ->
     return None
 
 
-def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out):
+def _precision_reason(precision: str, device: torch.device, head_dim: int | None) -> str | None:
+    if head_dim is not None and head_dim not in LOW_PRECISION_HEAD_DIMS:
+        return f"precision {precision!r} takes head_dim {LOW_PRECISION_HEAD_DIMS}, got head_dim={head_dim}"
+    if device.type == "cuda" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY[precision]:
+            major, minor = MIN_CAPABILITY[precision]
+            return (f"precision {precision!r} needs {'FP8' if precision == 'fp8' else 'INT8'} tensor cores (compute "
+                    f"capability >= {major}.{minor}); {device} ({torch.cuda.get_device_name(device)}) is "
+                    f"{capability[0]}.{capability[1]}")
+    return None
+
+
+def _attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out, precision="bf16"):
     from . import triton_block_sparse
 
     return triton_block_sparse.block_sparse_attention(
-        q, k, v, mask, scale, extra_k=extra_k, extra_v=extra_v, extra_key_valid=extra_key_valid, out=out
+        q, k, v, mask, scale, extra_k=extra_k, extra_v=extra_v, extra_key_valid=extra_key_valid, out=out,
+        precision=precision,
     )
 
 
@@ -64,4 +84,6 @@ BACKEND = Backend(
     dense_attention=_dense_attention,
     mask_reason=_mask_reason,
     auto_skips_cpu="the CPU interpreter is for tests only",
+    precisions=PRECISIONS,
+    precision_reason=_precision_reason,
 )

@@ -18,6 +18,12 @@ q/k/v are (B, S, H, D) with any strides; the output is written in the same (B, S
 (B, H, S) in fp32. With a token permutation (`PERMUTED`), query row r and key j of the blocked order are read from
 original positions perm[r] and perm[j] and the output row is written back to perm[r]: the permutation costs no
 extra pass. Rows with no kept block and no valid extra key get a zero output and lse = -inf.
+
+Low precision (`QUANT`, a compile-time switch: the bf16 path's code is unchanged): q, k, v and the extra keys come
+quantized from one pre-pass (`triton_quantize.py`, SageAttention's schemes) in the blocked order, so the key loads
+skip the permutation; each tile's scores are dequantized by one scalar (softmax scale x q block scale x k block
+scale), P goes to e4m3 (FP8 PV) or to V's dtype, and with FP8 PV the epilogue applies V's channel scales and adds back
+its channel means. The lse adds back q . mean(K) (from the pre-pass), so it is the unsmoothed scores' log-sum-exp.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from triton.runtime.errors import OutOfResources
 
 from dit_sparse.blockmask import BlockMask
 
-from .backend import interpreting
+from . import triton_quantize
+from .triton_quantize import round_to_bits
+from .backend import fp8_pv, interpreting, qk_format
 
 LOG2E = 1.4426950408889634
 
@@ -54,6 +62,44 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pair_ok, MASKED: tl.constexp
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_step_lowbit(acc, l_i, m_i, q, k, v, tile_scale, pair_ok, MASKED: tl.constexpr, QK_INT8: tl.constexpr,
+                         PV_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
+    """`_softmax_step` on quantized tiles (`triton_quantize.py`): q, k int8 or e4m3 with the tile's dequantization
+    folded into `tile_scale` (softmax scale x log2(e) x q block scale x k block scale); v e4m3 (P scaled by 256
+    and rounded to e4m3, the accumulator in units of v's channel scales / 256) or bf16/fp16 (P in v's dtype).
+    INTERPRETED (TRITON_INTERPRET=1): P rounded by `round_to_bits` first, and a bf16 PV product in fp32 of the
+    bf16-rounded values (the interpreter's bf16 dot is broken)."""
+    if QK_INT8:
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(pair_ok, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)
+    if MASKED:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * tile_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        p = p * 256.0
+        if INTERPRETED:
+            p = round_to_bits(p, 3)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    elif INTERPRETED:
+        if v.dtype == tl.bfloat16:
+            acc = tl.dot(round_to_bits(p, 7), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -109,6 +155,7 @@ def _block_sparse_fwd(
     stride_vxb, stride_vxs, stride_vxh, stride_vxd,
     stride_mb, stride_ms,
     seq_q, seq_x, split_len, heads, qk_scale,
+    Q_SCALE, K_SCALE, KX_SCALE, V_SCALE, Q_DOT_MEAN, n_q_scales, n_kv_scales, n_x_scales,
     HEAD_DIM: tl.constexpr,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
@@ -124,6 +171,10 @@ def _block_sparse_fwd(
     HAS_EXTRA: tl.constexpr,
     HAS_X_VALID: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr = 0,
+    PV_FP8: tl.constexpr = False,
+    X_BLOCK: tl.constexpr = 128,
+    INTERPRETED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -140,7 +191,13 @@ def _block_sparse_fwd(
     else:
         q_rows = offs_m
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_ok, stride_qs, stride_qd, offs_d, True)
+    if QUANT:
+        # Quantized inputs (QUANT 1: int8, 2: e4m3) come in the blocked order: row r at r; scales per block.
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, row_ok, stride_qs, stride_qd, offs_d, True)
+        q_scale = tl.load(Q_SCALE + pid_bh * n_q_scales + (pid_m * BLOCK_M) // Q_BLOCK) * qk_scale
+        k_scales = K_SCALE + pid_bh * n_kv_scales
+    else:
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, row_ok, stride_qs, stride_qd, offs_d, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of scaled scores, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m)
@@ -169,14 +226,21 @@ def _block_sparse_fwd(
             tail_kept = (count > 0) & (last == (seq_q - 1) // KV_BLOCK)
             n_unmasked = count - tail_kept.to(tl.int32)
         for i in range(0, n_unmasked):
-            kv_start = tl.load(idx_base + i * stride_ik) * KV_BLOCK
+            kv_block = tl.load(idx_base + i * stride_ik)
+            kv_start = kv_block * KV_BLOCK
             for sub in tl.static_range(KV_BLOCK // BLOCK_N):
                 cols = kv_start + sub * BLOCK_N + offs_n
                 if PERMUTED:
-                    cols = tl.load(PERM + cols)
+                    if not QUANT:  # quantized keys come in the blocked order
+                        cols = tl.load(PERM + cols)
                 k = _load_rows(k_base, cols, cols, stride_ks, stride_kd, offs_d, False)
                 v = _load_rows(v_base, cols, cols, stride_vs, stride_vd, offs_d, False)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, cols, False, DOT_PRECISION)
+                if QUANT:
+                    acc, l_i, m_i = _softmax_step_lowbit(acc, l_i, m_i, q, k, v,
+                                                         q_scale * tl.load(k_scales + kv_block), cols, False,
+                                                         QUANT == 1, PV_FP8, INTERPRETED)
+                else:
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, cols, False, DOT_PRECISION)
         if HAS_BOXES:
             # Each query's box, loaded once: (BLOCK_M,) per axis, unused axes repeat axis 0.
             lo_0 = tl.load(Q_LO + offs_m * AXES, mask=row_ok, other=0)
@@ -190,32 +254,47 @@ def _block_sparse_fwd(
                 hi_2 = tl.load(Q_HI + offs_m * AXES + 2, mask=row_ok, other=0)
             part_base = PARTIAL + b * stride_pb + h * stride_ph + q_block * stride_pq
             for i in range(n_unmasked, count):
-                kv_start = tl.load(idx_base + i * stride_ik) * KV_BLOCK
+                kv_block = tl.load(idx_base + i * stride_ik)
+                kv_start = kv_block * KV_BLOCK
                 whole = tl.load(part_base + i * stride_pk) == 0  # the tail block, kept whole
                 for sub in tl.static_range(KV_BLOCK // BLOCK_N):
                     blocked = kv_start + sub * BLOCK_N + offs_n
                     col_ok = blocked < seq_q
                     cols = blocked
                     if PERMUTED:
-                        cols = tl.load(PERM + blocked, mask=col_ok, other=0)
+                        if not QUANT:  # quantized keys come in the blocked order
+                            cols = tl.load(PERM + blocked, mask=col_ok, other=0)
                     k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
                     v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
                     in_box = _in_boxes(K_COORD, blocked, col_ok, lo_0, hi_0, lo_1, hi_1, lo_2, hi_2,
                                        step_0, step_1, step_2, AXES, HAS_STEP)
                     pair_ok = col_ok[None, :] & (in_box | whole)
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pair_ok, True, DOT_PRECISION)
+                    if QUANT:
+                        acc, l_i, m_i = _softmax_step_lowbit(acc, l_i, m_i, q, k, v,
+                                                             q_scale * tl.load(k_scales + kv_block), pair_ok, True,
+                                                             QUANT == 1, PV_FP8, INTERPRETED)
+                    else:
+                        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pair_ok, True,
+                                                      DOT_PRECISION)
         elif not EVEN_K:
             if n_unmasked < count:
-                kv_start = tl.load(idx_base + n_unmasked * stride_ik) * KV_BLOCK
+                kv_block = tl.load(idx_base + n_unmasked * stride_ik)
+                kv_start = kv_block * KV_BLOCK
                 for sub in tl.static_range(KV_BLOCK // BLOCK_N):
                     cols = kv_start + sub * BLOCK_N + offs_n
                     col_ok = cols < seq_q
                     if PERMUTED:
-                        cols = tl.load(PERM + cols, mask=col_ok, other=0)
+                        if not QUANT:  # quantized keys come in the blocked order
+                            cols = tl.load(PERM + cols, mask=col_ok, other=0)
                     k = _load_rows(k_base, cols, col_ok, stride_ks, stride_kd, offs_d, True)
                     v = _load_rows(v_base, cols, col_ok, stride_vs, stride_vd, offs_d, True)
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True,
-                                                  DOT_PRECISION)
+                    if QUANT:
+                        acc, l_i, m_i = _softmax_step_lowbit(acc, l_i, m_i, q, k, v,
+                                                             q_scale * tl.load(k_scales + kv_block),
+                                                             col_ok[None, :], True, QUANT == 1, PV_FP8, INTERPRETED)
+                    else:
+                        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True,
+                                                      DOT_PRECISION)
 
     if HAS_EXTRA:
         kx_base = KX + b * stride_kxb + h * stride_kxh
@@ -230,13 +309,27 @@ def _block_sparse_fwd(
             if HAS_X_VALID:
                 valid = tl.load(X_VALID + b * stride_mb + cols * stride_ms, mask=col_ok, other=0)
                 col_ok = col_ok & (valid != 0)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True, DOT_PRECISION)
+            if QUANT:
+                x_scale = q_scale * tl.load(KX_SCALE + pid_bh * n_x_scales + n0 // X_BLOCK)
+                acc, l_i, m_i = _softmax_step_lowbit(acc, l_i, m_i, q, k, v, x_scale, col_ok[None, :], True,
+                                                     QUANT == 1, PV_FP8, INTERPRETED)
+            else:
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok[None, :], True,
+                                              DOT_PRECISION)
 
     # Epilogue: rows that saw no key keep l = 0 (or l = 1 with m = -inf after a start state): zeros, lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if PV_FP8:  # the accumulator is in units of V's channel scales / 256 (P was scaled by 256), V less its mean
+        v_stats = V_SCALE + pid_bh * 2 * HEAD_DIM  # (2, D): scales, means
+        acc = acc * (tl.load(v_stats + offs_d) * (1.0 / 256.0))[None, :]
+        out = acc / l_safe[:, None] + tl.where(empty[:, None], 0.0, tl.load(v_stats + HEAD_DIM + offs_d)[None, :])
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if QUANT:  # the scores were of K less its mean: add back q . mean(K) x scale, the true log-sum-exp
+        q_dot_mean = tl.load(Q_DOT_MEAN + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
+        lse = lse + q_dot_mean * (qk_scale * 0.6931471805599453)
     o_ptrs = (
         O + split * stride_osplit + b * stride_ob + h * stride_oh
         + q_rows[:, None] * stride_os + offs_d[None, :] * stride_od
@@ -372,6 +465,23 @@ def _permutation_int32(mask: BlockMask) -> torch.Tensor:
                        lambda: mask.permutation.to(device=mask.device, dtype=torch.int32).contiguous())
 
 
+def _quant_args(q, quantized: dict | None, precision: str, pv: str, qk: str = "") -> dict:
+    """The quantized pass's scales and switches (`triton_quantize.quantize`'s result), or unused ones for bf16."""
+    if quantized is None:
+        return dict(Q_SCALE=q, K_SCALE=q, KX_SCALE=q, V_SCALE=q, Q_DOT_MEAN=q, n_q_scales=0, n_kv_scales=0,
+                    n_x_scales=0)
+    extra_scale = quantized["extra_scale"]
+    return dict(
+        Q_SCALE=quantized["q_scale"], K_SCALE=quantized["k_scale"], V_SCALE=quantized["v_scale"],
+        Q_DOT_MEAN=quantized["q_dot_mean"],
+        KX_SCALE=extra_scale if extra_scale is not None else quantized["q_scale"],
+        n_q_scales=quantized["q_scale"].shape[-1], n_kv_scales=quantized["k_scale"].shape[-1],
+        n_x_scales=extra_scale.shape[-1] if extra_scale is not None else 0,
+        QUANT=1 if qk == "int8" else 2, PV_FP8=precision == "fp8" and pv == "fp8",
+        X_BLOCK=triton_quantize.EXTRA_BLOCK, INTERPRETED=q.device.type == "cpu",
+    )
+
+
 def _base_args(q, k, v, out, lse, scale):
     return dict(
         Q=q, K=k, V=v, O=out, LSE=lse,
@@ -382,6 +492,7 @@ def _base_args(q, k, v, out, lse, scale):
         qk_scale=scale * LOG2E,
         HEAD_DIM=q.shape[-1],
         DOT_PRECISION=_dot_precision(q.dtype),
+        **_quant_args(q, None, "bf16", "", ""),
     )
 
 
@@ -491,6 +602,7 @@ def block_sparse_attention(
     extra_v: torch.Tensor | None = None,
     extra_key_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    precision: str = "bf16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the kept key blocks of `mask` (plus, optionally, every valid extra key) in one launch.
 
@@ -498,14 +610,28 @@ def block_sparse_attention(
     extra_k/extra_v (B, T, H, D), e.g. the joint text keys, extra_key_valid (B, T) bool (False: padding, zero weight). Returns
     out (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (-inf for rows with no kept key: their output is zero).
     `out`, when given, is written in place (any strides, e.g. a slice of the joint sequence's output).
+    `precision` "fp8" / "int8" (head_dim 64 or 128, checked at the public edge): one pre-pass
+    (`triton_quantize.quantize`) quantizes q, k, v and the extra keys in the blocked order, then this kernel runs on
+    them with the same masks, permutation (fused into the output store) and extra keys.
     """
     _check_int32_span(q, k, v)
     batch, seq_len, heads, head_dim = q.shape
     out = _output(out, q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     perm = _permutation_int32(mask) if mask.permutation is not None else None
+    pv = fp8_pv() if precision == "fp8" else ""
+    qk = qk_format(precision) if precision != "bf16" else ""
+    quantized = None
+    if precision != "bf16":
+        quantized = triton_quantize.quantize(q, k, v, perm, mask.q_block_size, mask.kv_block_size, precision, pv, qk,
+                                             extra_k, extra_v)
+        q_in, k, v = quantized["q"], quantized["k"], quantized["v"]
+        if extra_k is not None:
+            extra_k, extra_v = quantized["extra_k"], quantized["extra_v"]
+    else:
+        q_in = q
     args = dict(
-        **_base_args(q, k, v, out, lse, scale),
+        **_base_args(q_in, k, v, out, lse, scale),
         **_output_args(out, lse, split_dims=False),
         **_sparse_args(mask, seq_len),
         **_init_args(q, None, None),
@@ -513,8 +639,12 @@ def block_sparse_attention(
         PERM=perm if perm is not None else q, PERMUTED=perm is not None,
         seq_q=seq_len,
     )
+    if quantized is not None:
+        args.update(_quant_args(q, quantized, precision, pv, qk))
     key = ("sparse", head_dim, q.dtype, mask.q_block_size, mask.kv_block_size, args["EVEN_K"], perm is not None,
            extra_k is not None, extra_key_valid is not None)
+    if quantized is not None:
+        key += (precision, pv, qk)
     if args["HAS_BOXES"]:
         key += ("boxes", args["AXES"], args["HAS_STEP"])
     configs = _candidate_configs(mask.q_block_size, mask.kv_block_size, head_dim, q.device)

@@ -177,6 +177,7 @@ def test_method_options_are_built_from_every_config_field():
         for field in dataclasses.fields(config_cls):
             assert method in fields[field.name].methods
     assert fields["backend"].kind == "choice" and fields["backend"].choices == ("auto", "fa4", "triton", "reference")
+    assert fields["precision"].kind == "choice" and fields["precision"].choices == ("bf16", "fp8", "int8")
     assert (fields["variant"].kind, fields["exact"].kind, fields["density"].kind) == ("choice", "bool", "float")
     assert (fields["block_size"].kind, fields["window"].kind, fields["top_p"].kind) == ("int", "text", "text")
     assert ui.default_value("neighborhood", fields["window"]) == "7,24,48"

@@ -106,8 +106,8 @@ def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_
             "model": TINY_RANDOM_LABEL,
         }  # fmt: skip
         assert row["options"] == {
-            "dense_steps": 0, "dense_layers": 0, "backend": "auto", "block_size": 16, "decay_factor": 1.0,
-            "variant": "wan", "compensate": False, "min_recall": None,
+            "dense_steps": 0, "dense_layers": 0, "backend": "auto", "precision": "bf16", "block_size": 16,
+            "decay_factor": 1.0, "variant": "wan", "compensate": False, "min_recall": None,
         }  # fmt: skip
         assert 0 < row["density"] <= 1 and row["seconds"] > 0
 
@@ -174,8 +174,8 @@ def test_jsonl_lines_override_the_command_line_settings(tmp_path):
     assert read_video(tmp_path / "out" / cat["file"]).shape == (13, 64, 96, 3)
     assert (dog["method"], dog["steps"], dog["guidance"], dog["seed"]) == ("random", 1, 1.0, 0)
     assert dog["options"] == {
-        "dense_steps": 0, "dense_layers": 0, "backend": "auto", "density": 0.5, "block_size": 16, "seed": 0,
-        "compensate": False, "min_recall": None,
+        "dense_steps": 0, "dense_layers": 0, "backend": "auto", "precision": "bf16", "density": 0.5,
+        "block_size": 16, "seed": 0, "compensate": False, "min_recall": None,
     }  # fmt: skip
 
 
