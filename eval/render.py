@@ -1,7 +1,7 @@
 """The render engine: what `dit-sparse render` and `demo` run, and what `eval` and the app build on.
 
 - Jobs: `RenderJob` (everything that decides one video, the manifest key), `make_job` (a checked job), the prompts
-  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`).
+  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`, from `dit_sparse.options`).
 - Manifests: a `manifest.jsonl` row per finished video; resumable (a video whose settings are already in the
   manifest and whose mp4 exists is skipped) and atomic (an mp4 appears only complete, and its row only after it).
 - Several processes (`accelerate launch -m dit_sparse.cli render ...`, or `render --num-processes N`, which launches
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dit_sparse.files import write_atomic
+from dit_sparse.options import parse_option_value  # noqa: F401  (the one option parser, re-exported here)
 from dit_sparse.patterns import make_config
 from dit_sparse.pipelines import models, tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
@@ -270,32 +271,6 @@ def _parse_jsonl_line(text: str, where: str) -> tuple[str, dict, str]:
         raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {['prompt', *OVERRIDE_FIELDS]}")
     overrides = {name: value for name, value in entry.items() if name != "prompt"}
     return entry["prompt"], overrides, where
-
-
-def parse_option_value(text: str):
-    """A method option's value as `render --option`, `eval --option` and the app's text boxes give it: a JSON object
-    or list as it reads (vdit's `pattern`), "a,b,c" as a tuple of such values (neighborhood's `window`, `tile`),
-    true/false, an int, a float, else the string itself."""
-    text = text.strip()
-    if text.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"option value {text!r} is not valid JSON: {exc.msg}") from exc
-    if "," in text:
-        return tuple(_parse_scalar(item.strip()) for item in text.strip("()[] ").split(","))
-    return _parse_scalar(text)
-
-
-def _parse_scalar(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
 
 
 def command_line_options(args: argparse.Namespace) -> dict:
