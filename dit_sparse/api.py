@@ -180,7 +180,8 @@ def optimize(
     options after colons, e.g. `"first_block:threshold=0.1"`, `"taylorseer:cache_interval=2"`, or a diffusers cache
     config such as `FirstBlockCacheConfig(threshold=0.1)`), torchao's dynamic FP8 linear layers (`fp8=True`, a GPU
     with FP8: compute capability >= 8.9) and torch.compile (`compile`: None, "regional" for
-    `compile_repeated_blocks(fullgraph=True)`, "full" for the whole transformer). Returns `pipe`.
+    `compile_repeated_blocks(fullgraph=True)`, "full" for the whole transformer; with a cache only "full": the
+    cache's decisions inside the blocks break a block's graph). Returns `pipe`.
 
     Every part is checked before anything changes (an unknown cache name or option, a cache the pipeline cannot run,
     a second cache, `fp8=True` without an FP8 GPU, an unknown compile mode: ValueError naming the value and what is
@@ -188,12 +189,13 @@ def optimize(
     unset options take the defaults in `dit_sparse.stack.CACHE_DEFAULTS` (chosen from the tiny model's quality sweep:
     docs/stack.md). Optimizing again first restores the earlier stack. `restore(pipe)` undoes all of it exactly.
     """
-    stack.check_compile(compile)
+    stack.check_compile(compile)  # the mode first; with the cache once that is planned
     if fp8 not in (True, False):
         raise ValueError(f"fp8={fp8!r}; allowed: True, False")
     transformers = transformers_of(pipe, require_adapter=True)
     adapters = [find_adapter(t) for t in transformers]
     cache_plan = stack.plan_cache(pipe, transformers, adapters[0].family, cache)
+    stack.check_compile(compile, cache_plan)
     if fp8:
         stack.check_fp8(transformers, [_weights_device(t) for t in transformers])
     if attention is not None:  # the method and its options, checked as sparsify checks them, before any change

@@ -213,9 +213,17 @@ def check_fp8(transformers: list, devices: list) -> None:
                              f" has {capability}: allowed fp8=False there")
 
 
-def check_compile(compile: str | None) -> None:
+def check_compile(compile: str | None, cache: CachePlan | None = None) -> None:
+    """ValueError for an unknown mode, and for regional compilation under a step cache: diffusers' and cache-dit's
+    cache decisions sit in the blocks (`torch.compiler.disable`d, data-dependent), so `compile_repeated_blocks(
+    fullgraph=True)` cannot trace a block, and without fullgraph each block recompiles; the whole-model compile
+    ("full") graph-breaks at those decisions and compiles the rest (tested against eager)."""
     if compile is not None and compile not in COMPILE_MODES:
         raise ValueError(f"compile={compile!r}; allowed: None, {', '.join(repr(m) for m in COMPILE_MODES)}")
+    if compile == "regional" and cache is not None:
+        raise ValueError(f"compile='regional' cannot work with cache {cache.name!r}: the cache's hooks decide inside "
+                         "each block, which a fullgraph block compile cannot trace; use compile='full' with a cache, "
+                         "or compile='regional' without one")
 
 
 @dataclass(eq=False)
@@ -313,13 +321,13 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=takes_fp8)
 
 
-def compile_transformer(transformer: torch.nn.Module, mode: str) -> None:
+def compile_transformer(transformer: torch.nn.Module, mode: str, backend: Any = "inductor") -> None:
     """Regional (`compile_repeated_blocks(fullgraph=True)`: one compiled block per block class) or whole-model
-    (`Module.compile()`) compilation, in place."""
+    (`Module.compile()`) compilation with torch.compile's `backend`, in place."""
     if mode == "regional":
-        transformer.compile_repeated_blocks(fullgraph=True)
+        transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
     else:
-        transformer.compile()
+        transformer.compile(backend=backend)
     _record(transformer).compile = mode
 
 
