@@ -255,3 +255,38 @@ def test_regional_compilation_under_a_cache_is_refused_naming_both(pipe):
     with pytest.raises(ValueError, match=r"compile='regional' cannot work with cache 'first_block'.*compile='full'"):
         dit_sparse.optimize(pipe, "radial", cache="first_block", compile="regional")
     assert _untouched(pipe)
+
+
+def test_render_takes_the_stack_flags_and_keeps_unstacked_file_names(tmp_path, monkeypatch):
+    import json
+
+    from dit_sparse import cli
+    from dit_sparse.eval import render
+    from dit_sparse.pipelines import tiny
+
+    monkeypatch.setattr(tiny, "MODEL_DIR", str(tmp_path / "no-model"))  # the random pipeline, as test_cli does
+    small = ["render", "--frames", "9", "--height", "64", "--width", "64", "--steps", "3", "--block-size", "16",
+             "--device", "cpu", "--prompt", "a red fox runs", "--output-dir", str(tmp_path / "out")]
+    assert cli.main(small) == 0
+    assert cli.main([*small, "--cache", "first_block:threshold=0.2"]) == 0
+    with open(tmp_path / "out" / render.MANIFEST_NAME, encoding="utf-8") as file:
+        plain, stacked = [json.loads(line) for line in file]
+    assert "stack" not in plain and stacked["stack"] == {"cache": "first_block:threshold=0.2"}
+    assert plain["file"] != stacked["file"]
+    job = render.make_job("a red fox runs", {**{k: plain[k] for k in render.OVERRIDE_FIELDS if k in plain}},
+                          plain["model"])
+    assert job.key_hash() == render.key_hash(plain)  # a manifest row from before stacks keeps its hash
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--cache", "nope"], "unknown cache 'nope'"),
+    (["--cache", "first_block:threshold"], "is not KEY=VALUE"),
+    (["--compile", "everything"], "--compile"),
+])
+def test_bad_stack_flags_exit_2_naming_the_value(tmp_path, capsys, flags, named):
+    from dit_sparse import cli
+
+    args = ["render", "--prompt", "x", "--device", "cpu", "--output-dir", str(tmp_path / "out"), *flags]
+    assert cli.main(args) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
