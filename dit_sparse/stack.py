@@ -40,11 +40,13 @@ FP8_MIN_CAPABILITY = (8, 9)
 STACK_ATTRIBUTE = "_dit_sparse_stack"
 
 #: Per cache, the settings `optimize` uses for options the user leaves unset, chosen from the tiny model's quality
-#: sweep (benchmarks/compose_quality.py, docs/stack.md): each keeps PSNR against dense >= 26 dB there while skipping a
-#: share of the work. A family may override them (`FAMILY_CACHE_DEFAULTS`).
+#: sweep (benchmarks/compose_quality.py; benchmarks/results/compose-quality-tiny-cpu-2026-12-07: 17 frames, 25
+#: steps, one prompt): the most skipping setting whose PSNR against dense stays >= 26 dB stacked with radial. mag,
+#: faster, pab, cache-dit: their authors' defaults (not yet swept; mag needs the model's own ratios). A family may
+#: override them (`FAMILY_CACHE_DEFAULTS`).
 CACHE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "first_block": {"threshold": 0.05},
-    "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 10, "max_order": 1},
+    "first_block": {"threshold": 0.1},  # 0.2 skipped 45% but fell to 16.6 dB; 0.1: 23% at 36.0 dB with radial
+    "taylorseer": {"cache_interval": 4, "disable_cache_before_step": 10, "max_order": 1},  # 44% at 37.8 dB
     "mag": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
     "faster": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681)},
     "pab": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)},
