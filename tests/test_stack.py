@@ -3,6 +3,7 @@ and torch.compile, on the tiny random Wan pipeline (real diffusers classes, buil
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, PyramidAttentionBroadcastConfig,
@@ -290,3 +291,30 @@ def test_bad_stack_flags_exit_2_naming_the_value(tmp_path, capsys, flags, named)
     assert cli.main(args) == 2
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not __import__("dit_sparse.pipelines.tiny", fromlist=["available"]).available(),
+                    reason="the trained tiny model is not in this checkout")
+def test_the_stack_on_the_trained_tiny_model_changes_the_video_a_little_and_restores_it_exactly():
+    from dit_sparse.pipelines import tiny
+    from dit_sparse.video import psnr
+
+    trained = tiny.load()
+    trained.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle moves right on a blue background", num_frames=9, height=96, width=96,
+                num_inference_steps=8, output_type="np")
+
+    def render():
+        return trained(**call, generator=torch.Generator().manual_seed(0)).frames[0]
+
+    dense = render()
+    dit_sparse.optimize(trained, "radial", cache="taylorseer:cache_interval=2:disable_cache_before_step=4",
+                        block_size=16, dense_steps=2)
+    try:
+        stacked = render()
+        stats = dit_sparse.sparsity_stats(trained)
+    finally:
+        dit_sparse.restore(trained)
+    assert np.isfinite(stacked).all() and stats["cache_skip_share"] > 0
+    assert 20 < psnr(dense, stacked) < float("inf")  # changed, and still the same video
+    assert np.array_equal(render(), dense)
