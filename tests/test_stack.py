@@ -318,3 +318,27 @@ def test_the_stack_on_the_trained_tiny_model_changes_the_video_a_little_and_rest
     assert np.isfinite(stacked).all() and stats["cache_skip_share"] > 0
     assert 20 < psnr(dense, stacked) < float("inf")  # changed, and still the same video
     assert np.array_equal(render(), dense)
+
+
+def test_eval_takes_the_stack_and_its_report_says_it(tmp_path, monkeypatch):
+    import json
+
+    from dit_sparse import cli
+    from dit_sparse.eval import runner
+    from dit_sparse.eval.report import reproduce_command
+
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red circle moves right on a blue background\n")
+    out = tmp_path / "report"
+    argv = ["eval", "--model", "tiny-random", "--frames", "9", "--height", "64", "--width", "64", "--steps", "4",
+            "--block-size", "16", "--device", "cpu", "--suite", str(prompts), "--output-dir", str(out),
+            "--methods", "radial", "--cache", "first_block:threshold=0.2"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in open(out / "videos" / runner.MANIFEST_NAME)]
+    assert {r["method"]: r.get("stack") for r in rows} == {"baseline": None,
+                                                           "radial": {"cache": "first_block:threshold=0.2"}}
+    assert "first_block:threshold=0.2" in (out / "report.md").read_text()
+    plan = runner.make_plan(suite=str(prompts), methods="radial", stack={"cache": "first_block:threshold=0.2"})
+    assert "--cache first_block:threshold=0.2" in reproduce_command(plan)
+    with pytest.raises(ValueError, match="unknown cache 'nope'"):
+        runner.make_plan(suite=str(prompts), methods="radial", stack={"cache": "nope"})
