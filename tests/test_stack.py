@@ -342,3 +342,22 @@ def test_eval_takes_the_stack_and_its_report_says_it(tmp_path, monkeypatch):
     assert "--cache first_block:threshold=0.2" in reproduce_command(plan)
     with pytest.raises(ValueError, match="unknown cache 'nope'"):
         runner.make_plan(suite=str(prompts), methods="radial", stack={"cache": "nope"})
+
+
+def test_the_benchmark_scripts_run_their_logic_on_a_cpu(tmp_path):
+    import json
+
+    from benchmarks import compose, compose_quality
+
+    assert compose.main(["--smoke", "--out", str(tmp_path), "--rows", "default", "first_block",
+                         "radial+taylorseer", "--repeats", "1"]) == 0
+    result = json.loads(next(tmp_path.glob("compose-cpu-*.json")).read_text())
+    rows = {row["stack"]: row for row in result["rows"]}
+    assert set(rows) == {"default", "first_block", "radial+taylorseer"}
+    assert rows["default"]["speedup_vs_default"] == 1.0 and rows["first_block"]["ms_cached_step"] > 0
+    taylorseer = rows["radial+taylorseer"]["schedule"]["fixed"]
+    assert (taylorseer["full_steps"], taylorseer["cached_steps"]) == (30, 20)  # interval 2 after 10 full steps
+    assert compose_quality.main(["--random", "--frames", "5", "--steps", "3", "--prompts", "1", "--caches",
+                                 "first_block", "--attention", "none", "--out", str(tmp_path)]) == 0
+    quality = json.loads(next(tmp_path.glob("compose-quality-random-cpu-*.json")).read_text())
+    assert [row["cache"] for row in quality["rows"]] == compose_quality.SWEEP["first_block"]
