@@ -2,7 +2,7 @@
 against each peer alone, at the real configs with random weights, bf16 (benchmarks/transformer_step.py's models and
 machinery).
 
-    python -m benchmarks.compose                                  # Wan2.1-1.3B, Wan2.1-14B, HunyuanVideo (H100: < 9 min)
+    python -m benchmarks.compose                      # Wan2.1-1.3B, Wan2.1-14B, HunyuanVideo (H100: < 9 min)
     python -m benchmarks.compose --models wan13 --rows default radial radial+taylorseer
     python -m benchmarks.compose --compile                        # + the compiled stacks (minutes more per model)
     python -m benchmarks.compose --smoke                          # CPU run of this script's logic

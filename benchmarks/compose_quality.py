@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"[{number}/{len(runs)}] {row}", flush=True)
     result = dict(
-        benchmark="compose_quality", command=" ".join(["python -m benchmarks.compose_quality", *(argv or sys.argv[1:])]),
+        benchmark="compose_quality",
+        command=" ".join(["python -m benchmarks.compose_quality", *(sys.argv[1:] if argv is None else argv)]),
         date=datetime.date.today().isoformat(), model=label, device=args.device, size=size, steps=steps,
         prompts=list(prompts), torch=torch.__version__, python=platform.python_version(),
         skipped=[f"{name}: package not installed" for name in skipped], rows=rows,
@@ -129,9 +130,11 @@ def _has(module: str) -> bool:
 def markdown(result: dict) -> str:
     lines = [f"# Stacked quality: {result['model']}, {result['device']}, {result['date']}", "",
              f"`{result['command']}`; {result['size']}, {result['steps']} steps, prompts {result['prompts']}.", "",
-             "| cache | attention | density | cache skip share | PSNR (dB) | SSIM | s |", "|---|---|---|---|---|---|---|"]
+             "| cache | attention | density | cache skip share | PSNR (dB) | SSIM | s |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['cache'] or '-'} | {r['attention'] or '-'} | {r['density'] if r['density'] is not None else '-'} "
+        density = r["density"] if r["density"] is not None else "-"
+        lines.append(f"| {r['cache'] or '-'} | {r['attention'] or '-'} | {density} "
                      f"| {r['cache_skip_share'] if r['cache_skip_share'] is not None else '-'} | {r['psnr_db']} "
                      f"| {r['ssim']} | {r['seconds']} |")
     lines += [f"Skipped: {s}" for s in result["skipped"]]

@@ -1,5 +1,6 @@
 """`sparsify` / `unsparsify`: wrap a diffusers pipeline's self-attention in one line, and restore it exactly;
-`optimize` / `restore`: the same with a step cache, FP8 linear layers and torch.compile stacked on it (`dit_sparse.stack`)."""
+`optimize` / `restore`: the same with a step cache, FP8 linear layers and torch.compile stacked on it
+(`dit_sparse.stack`)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ CACHE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Wan: TaylorSeer's default identifiers (`^blocks.*attn`, matched whole) name no Wan module (`blocks.N.attn1`), so
 #: it would cache nothing; Wan's self- and cross-attention and feed-forward outputs are named instead.
 FAMILY_CACHE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    family: {"taylorseer": {"cache_identifiers": [r"^blocks\.\d+\.attn1$", r"^blocks\.\d+\.attn2$", r"^blocks\.\d+\.ffn$"]}}
+    family: {"taylorseer": {"cache_identifiers": [r"^blocks\.\d+\.attn1$", r"^blocks\.\d+\.attn2$",
+                                                  r"^blocks\.\d+\.ffn$"]}}
     for family in ("wan", "wan_vace")
 }
 
@@ -211,7 +212,8 @@ def check_fp8(transformers: list, devices: list) -> None:
                              f"{device if device is not None else 'no CUDA device'}: allowed fp8=False there")
         capability = torch.cuda.get_device_capability(device)
         if capability < FP8_MIN_CAPABILITY:
-            raise ValueError(f"fp8=True needs compute capability >= {FP8_MIN_CAPABILITY}; {torch.cuda.get_device_name(device)}"
+            raise ValueError(f"fp8=True needs compute capability >= {FP8_MIN_CAPABILITY}; "
+                             f"{torch.cuda.get_device_name(device)}"
                              f" has {capability}: allowed fp8=False there")
 
 

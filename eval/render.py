@@ -1,7 +1,8 @@
 """The render engine: what `dit-sparse render` and `demo` run, and what `eval` and the app build on.
 
 - Jobs: `RenderJob` (everything that decides one video, the manifest key), `make_job` (a checked job), the prompts
-  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`, from `dit_sparse.options`).
+  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`, from
+  `dit_sparse.options`).
 - Manifests: a `manifest.jsonl` row per finished video; resumable (a video whose settings are already in the
   manifest and whose mp4 exists is skipped) and atomic (an mp4 appears only complete, and its row only after it).
 - Several processes (`accelerate launch -m dit_sparse.cli render ...`, or `render --num-processes N`, which launches

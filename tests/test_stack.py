@@ -81,7 +81,8 @@ def test_a_diffusers_cache_and_sparsify_compose_in_either_order(pipe, dense, cac
     assert not torch.allclose(cache_alone, dense, atol=1e-4)  # and the cache did
 
 
-@pytest.mark.parametrize("cache", ["first_block:threshold=0.2", "taylorseer:cache_interval=2:disable_cache_before_step=1",
+@pytest.mark.parametrize("cache", ["first_block:threshold=0.2",
+                                   "taylorseer:cache_interval=2:disable_cache_before_step=1",
                                    "pab", pytest.param("cache-dit:max_warmup_steps=2:residual_diff_threshold=0.2",
                                                        marks=pytest.mark.skipif(not HAS_CACHE_DIT,
                                                                                 reason="cache-dit is not installed"))])
