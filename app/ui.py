@@ -45,7 +45,7 @@ BLOCK_SIZE = render.DEMO_BLOCK_SIZE  # the app's default for every method with a
 EXAMPLES = 6  # example prompts: the first captions of the `tiny` suite (the tiny model's vocabulary)
 OPTION_PREFIX = "option_"  # API parameter names of the method options: option_<field> (a method may have a `seed`)
 GENERAL_INPUTS = ("prompt", "model", "method", "frames", "height", "width", "steps", "seed", "guidance", "layer",
-                  "head")  # fmt: skip
+                  "head", "cache")  # fmt: skip
 
 
 # ---- method options from the config dataclasses ----------------------------------------------------------------
@@ -173,7 +173,7 @@ class Renderer:
         model = models.check_model(None if model_name in (None, "") else model_name.strip())
         label, note = models.resolve_model_label(model)
         job = render.make_job(prompt, {**settings, "method": method, "options": options}, label)
-        dense_job = dataclasses.replace(job, method=runner.BASELINE, options={})
+        dense_job = dataclasses.replace(job, method=runner.BASELINE, options={}, stack={})
         with self._lock:
             if progress is not None:
                 progress(0, desc=f"loading {label}")
@@ -304,6 +304,9 @@ def build_app(
                     seed = gr.Number(value=render.DEFAULT_SEED, precision=0, label="seed", min_width=70, elem_id="seed")
                     guidance = gr.Number(value=render.DEFAULT_GUIDANCE, label="guidance", min_width=70,
                                          elem_id="guidance")
+                cache_box = gr.Textbox(label="step cache", value="", elem_id="cache", placeholder="none",
+                                       info="stacked on the method: first_block, taylorseer, pab, cache-dit; "
+                                            "options after colons (first_block:threshold=0.1)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("method options", open=True):
                     option_inputs = [_option_input(option, DEFAULT_METHOD) for option in options]
@@ -336,6 +339,7 @@ def build_app(
             given = {name.removeprefix(OPTION_PREFIX): value for name, value in values.items()
                      if name.startswith(OPTION_PREFIX)}  # fmt: skip
             settings = {name: values[name] for name in ("frames", "height", "width", "steps", "seed", "guidance")}
+            settings["stack"] = {"cache": (values["cache"] or "").strip() or None}
             try:
                 result = renderer.compare(values["prompt"], values["model"], values["method"], settings,
                                           option_values(values["method"], given), progress)  # fmt: skip
@@ -364,7 +368,7 @@ def build_app(
         method.change(show_method, inputs=[method], outputs=option_inputs, api_visibility="private")
         generate_button.click(
             generate,
-            inputs=[prompt, model_box, method, frames, height, width, steps, seed, guidance, layer, head,
+            inputs=[prompt, model_box, method, frames, height, width, steps, seed, guidance, layer, head, cache_box,
                     *option_inputs],
             outputs=[dense_video, sparse_video, dense_seconds, sparse_seconds, speedup, density, psnr, ssim, report,
                      mask_plot, mask_note, mask_state],

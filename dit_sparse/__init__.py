@@ -48,6 +48,8 @@ _unshadow_hugging_face_kernels()
 #: The public names and the module each comes from. They are imported on first use (PEP 562), so that importing a
 #: sub-module (`dit_sparse.cli`: `dit-sparse --help`) does not import torch and the model code.
 _PUBLIC = {
+    "optimize": "dit_sparse.api",
+    "restore": "dit_sparse.api",
     "sparsify": "dit_sparse.api",
     "sparsity_stats": "dit_sparse.api",
     "unsparsify": "dit_sparse.api",
@@ -114,6 +116,8 @@ __all__ = [
     "calibrate",
     "enable_context_parallel",
     "make_config",
+    "optimize",
+    "restore",
     "sparse_attention",
     "sparsify",
     "sparsity_stats",

@@ -1,4 +1,6 @@
-"""`sparsify` / `unsparsify`: wrap a diffusers pipeline's self-attention in one line, and restore it exactly."""
+"""`sparsify` / `unsparsify`: wrap a diffusers pipeline's self-attention in one line, and restore it exactly;
+`optimize` / `restore`: the same with a step cache, FP8 linear layers and torch.compile stacked on it
+(`dit_sparse.stack`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dit_sparse import hooks, kernels
+from dit_sparse import hooks, kernels, stack
 from dit_sparse.config import MethodConfig
 from dit_sparse.patterns import is_static, make_config
 from dit_sparse.pipelines.adapters import find_adapter, transformers_of
@@ -143,12 +145,17 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     (`min_recall`), `density` includes the blocks it added, and the stats add `guard_added_density` (the density it
     added, mean over the sparse calls) and `guard_calls` (how many calls it changed); both are summed on the device
     per call and read here once.
+    With a step cache from `optimize`: `cache`, `cache_skipped_blocks` (block computations the cache served: one per
+    transformer block per forward) and `cache_skip_share` (their share); `method` is None when only a cache is on.
     """
     sessions = []
+    cached = stack.cache_stats(transformers_of(pipe, require_adapter=False), reset=reset)
     for transformer in transformers_of(pipe, require_adapter=False):
         session = hooks.session_of(transformer)
         if session is not None and all(session is not seen for seen in sessions):
             sessions.append(session)
+    if not sessions and cached is not None:
+        return {"method": None, **cached}
     if not sessions:
         raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
     calls = sum(session.attention_calls for session in sessions)
@@ -166,4 +173,69 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     if reset:
         for session in sessions:
             session.reset_stats()
-    return stats
+    return stats if cached is None else {**stats, **cached}
+
+
+def optimize(
+    pipe: Any,
+    attention: str | MethodConfig | None = "radial",
+    *,
+    cache: Any = None,
+    fp8: bool = False,
+    compile: str | None = None,
+    **attention_options,
+) -> Any:
+    """Stack the accelerations on `pipe` (a diffusers pipeline, or a transformer for the caches that need no
+    pipeline): sparse attention (`attention`: a method name or config, with `attention_options`, as `sparsify`
+    takes them; None for none), a step cache (`cache`: None, a name from `dit_sparse.stack.CACHE_NAMES` with
+    options after colons, e.g. `"first_block:threshold=0.1"`, `"taylorseer:cache_interval=2"`, or a diffusers cache
+    config such as `FirstBlockCacheConfig(threshold=0.1)`), torchao's dynamic FP8 linear layers (`fp8=True`, a GPU
+    with FP8: compute capability >= 8.9) and torch.compile (`compile`: None, "regional" for
+    `compile_repeated_blocks(fullgraph=True)`, "full" for the whole transformer; with a cache only "full": the
+    cache's decisions inside the blocks break a block's graph). Returns `pipe`.
+
+    Every part is checked before anything changes (an unknown cache name or option, a cache the pipeline cannot run,
+    a second cache, `fp8=True` without an FP8 GPU, an unknown compile mode: ValueError naming the value and what is
+    allowed). Applied in this order: cache-dit, the diffusers cache, sparse attention, FP8, compilation; a cache's
+    unset options take the defaults in `dit_sparse.stack.CACHE_DEFAULTS` (chosen from the tiny model's quality sweep:
+    docs/stack.md). Optimizing again first restores the earlier stack. `restore(pipe)` undoes all of it exactly.
+    """
+    stack.check_compile(compile)  # the mode first; with the cache once that is planned
+    if fp8 not in (True, False):
+        raise ValueError(f"fp8={fp8!r}; allowed: True, False")
+    transformers = transformers_of(pipe, require_adapter=True)
+    adapters = [find_adapter(t) for t in transformers]
+    cache_plan = stack.plan_cache(pipe, transformers, adapters[0].family, cache)
+    stack.check_compile(compile, cache_plan)
+    if fp8:
+        stack.check_fp8(transformers, [_weights_device(t) for t in transformers])
+    if attention is not None:  # the method and its options, checked as sparsify checks them, before any change
+        make_config(attention, **attention_options)
+        for transformer, adapter in zip(transformers, adapters):
+            _check_attention_backend(transformer, adapter.attention_sites(transformer))
+            _config_for(transformer, adapter, attention, attention_options)
+    elif attention_options:
+        raise ValueError(f"attention options {sorted(attention_options)} given with attention=None")
+    restore(pipe)  # the earlier stack, if any
+    if cache_plan is not None:
+        stack.apply_cache(pipe, transformers, cache_plan)
+        for transformer, adapter in zip(transformers, adapters):
+            stack.count_attention_runs(transformer, [site.module for site in adapter.attention_sites(transformer)])
+    if attention is not None:
+        sparsify(pipe, attention, **attention_options)
+    for transformer in transformers:
+        if fp8:
+            stack.quantize_fp8(transformer)
+        if compile is not None:
+            stack.compile_transformer(transformer, compile)
+    return pipe
+
+
+def restore(pipe: Any) -> Any:
+    """Undo all that `optimize` (or `sparsify`) added to `pipe`: compilation, FP8 weights, sparse attention and the
+    cache it enabled, with the hook registries left empty dropped; the output is then bit-identical to a pipeline
+    never touched. A cache or compilation the user added outside `optimize` is left as it is."""
+    transformers = transformers_of(pipe, require_adapter=False)
+    unsparsify(pipe)
+    stack.undo(pipe, transformers)
+    return pipe

@@ -71,6 +71,7 @@ def _add_render_arguments(render: argparse.ArgumentParser) -> None:
     render.add_argument("--backend", default=None, help="kernel backend: auto, fa4, triton or reference")
     render.add_argument("--block-size", type=int, default=None, help="tokens per attention block")
     render.add_argument("--precision", default=None, help="sparse attention arithmetic: bf16, fp8 or int8")
+    add_stack_arguments(render)
     render.add_argument(
         "--frames", type=int, default=engine.DEFAULT_FRAMES, help=f"4k+1 (default {engine.DEFAULT_FRAMES})"
     )
@@ -93,6 +94,17 @@ def _add_render_arguments(render: argparse.ArgumentParser) -> None:
         help="render on N processes, one GPU each (launches `accelerate launch --num_processes N`; default 1)",
     )  # fmt: skip
     render.set_defaults(run=engine.run_render)
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache, --fp8, --compile: what `dit_sparse.optimize` stacks on the method (docs/stack.md)."""
+    parser.add_argument(
+        "--cache", default=None, metavar="NAME[:KEY=VALUE...]",
+        help="a step cache: first_block, taylorseer, mag, faster, pab or cache-dit, options after colons "
+             "(e.g. first_block:threshold=0.1)",
+    )  # fmt: skip
+    parser.add_argument("--fp8", action="store_true", help="torchao FP8 linear layers (a GPU with FP8)")
+    parser.add_argument("--compile", choices=("regional", "full"), default=None, help="torch.compile the transformer")
 
 
 def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:

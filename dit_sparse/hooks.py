@@ -175,12 +175,24 @@ def _intercepted_forward(module: torch.nn.Module, forward, args: tuple, kwargs: 
     interceptor = _AttentionInterceptor(site, plan)
     with interceptor:
         output = forward(*args, **kwargs)
-    if interceptor.calls == 0 and not (site.skips_attention is not None and site.skips_attention(kwargs)):
+    if interceptor.calls == 0 and not (site.skips_attention is not None and site.skips_attention(kwargs)) \
+            and not _served_by_cache(module):
         raise RuntimeError(
             f"{site.name}: no scaled_dot_product_attention call was seen; its attention backend "
             "bypasses torch SDPA. dit-sparse needs diffusers' native attention backend on sparsified modules."
         )
     return output
+
+
+#: diffusers' hooks that may serve an attention module's output from their cache, making no attention call.
+_CACHE_HOOKS = ("pyramid_attention_broadcast", "faster_cache_block", "taylorseer_cache")
+
+
+def _served_by_cache(module: torch.nn.Module) -> bool:
+    """Whether a diffusers step-cache hook sits on `module` (Pyramid Attention Broadcast, FasterCache, TaylorSeer):
+    a call it served from its cache made no SDPA call, and that is no sign of a non-native attention backend."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry is not None and any(name in registry.hooks for name in _CACHE_HOOKS)
 
 
 class _AttentionInterceptor(TorchFunctionMode):
@@ -345,6 +357,8 @@ def _intercepting_class(cls: type) -> type:
 
         def forward(self, *args, **kwargs):
             return _intercepted_forward(self, original, (self, *args), kwargs)
+
+        forward._dit_sparse_intercepting = True  # a leftover bound copy of it is dropped on restore (`stack`)
 
         _INTERCEPTING_CLASSES[cls] = type(
             cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__,

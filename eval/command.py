@@ -18,6 +18,9 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--methods", default=None, help="comma-separated methods (default: every method)")
     evaluate.add_argument("--suite", default="tiny", help="tiny, standard, vbench[:DIMENSION] or a .txt/.json file")
     evaluate.add_argument("--seeds", default="0", help="comma-separated noise seeds (default 0)")
+    from dit_sparse.cli import add_stack_arguments  # --cache, --fp8, --compile: one meaning in render and eval
+
+    add_stack_arguments(evaluate)
     model_size = (f"the tiny trained model's own: {render.DEFAULT_FRAMES} frames, {render.DEFAULT_HEIGHT} px, "
                   f"{tiny.DEFAULT_STEPS} steps; other models: {DEFAULT_FRAMES} frames, {DEFAULT_SIZE} px, "
                   f"{DEFAULT_STEPS} steps")
@@ -60,6 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         seeds=args.seeds, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
         guidance=args.guidance, fps=args.fps, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
         output_dir=args.output_dir, cache_dir=args.cache_dir, side_by_side_videos=args.side_by_side_videos,
+        stack=render.stack_from_args(args),
     )  # fmt: skip
     score_workers(1, args.score_workers)  # a bad value fails before anything renders
     render.check_output_dir(plan.output_dir)

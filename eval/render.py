@@ -1,7 +1,8 @@
 """The render engine: what `dit-sparse render` and `demo` run, and what `eval` and the app build on.
 
 - Jobs: `RenderJob` (everything that decides one video, the manifest key), `make_job` (a checked job), the prompts
-  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`).
+  files (`read_prompts_file`), the one option-value parser of every command (`parse_option_value`, from
+  `dit_sparse.options`).
 - Manifests: a `manifest.jsonl` row per finished video; resumable (a video whose settings are already in the
   manifest and whose mp4 exists is skipped) and atomic (an mp4 appears only complete, and its row only after it).
 - Several processes (`accelerate launch -m dit_sparse.cli render ...`, or `render --num-processes N`, which launches
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dit_sparse.files import write_atomic
+from dit_sparse.options import parse_option_value  # noqa: F401  (the one option parser, re-exported here)
 from dit_sparse.patterns import make_config
 from dit_sparse.pipelines import models, tiny
 from dit_sparse.video import psnr, read_video, to_uint8, write_mp4
@@ -175,9 +177,15 @@ class RenderJob:
     steps: int
     guidance: float
     model: str
+    #: What `dit_sparse.optimize` stacks on the method (`cache`, `fp8`, `compile`: only those set); empty: none, and
+    #: the key (so the hash and file name) is as before stacks existed.
+    stack: dict = dataclasses.field(default_factory=dict)
 
     def key(self) -> dict:
-        return dataclasses.asdict(self)
+        key = dataclasses.asdict(self)
+        if not key["stack"]:
+            del key["stack"]
+        return key
 
     def key_hash(self) -> str:
         return key_hash(self.key())
@@ -195,7 +203,9 @@ OVERRIDE_FIELDS = tuple(name for name in KEY_FIELDS if name not in ("prompt", "m
 
 def key_hash(fields: dict) -> str:
     """A short stable hash of a video's key fields (a job's, or a manifest row's)."""
-    key = {name: fields[name] for name in KEY_FIELDS}
+    key = {name: fields[name] for name in KEY_FIELDS if name != "stack"}
+    if fields.get("stack"):
+        key["stack"] = fields["stack"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -217,6 +227,7 @@ def make_job(prompt, settings: dict, model: str) -> RenderJob:
     if not isinstance(settings["method"], str):
         raise ValueError(f"method must be a method name, got {settings['method']!r}")
     config = make_config(settings["method"], **settings["options"])
+    stack = check_stack(settings.get("stack") or {})
     return RenderJob(
         prompt=prompt.strip(),
         seed=check_seed(settings["seed"]),
@@ -228,7 +239,29 @@ def make_job(prompt, settings: dict, model: str) -> RenderJob:
         steps=check_int("steps", settings["steps"], 1),
         guidance=float(guidance),
         model=model,
+        stack=stack,
     )
+
+
+def check_stack(stack: dict) -> dict:
+    """A job's stack (`cache`: a cache string, `fp8`: bool, `compile`: "regional" | "full") checked as far as it can
+    be without a pipeline (the cache name and option syntax, the compile mode); only the parts set are kept."""
+    from dit_sparse import stack as stacking
+
+    if not isinstance(stack, dict) or set(stack) - {"cache", "fp8", "compile"}:
+        raise ValueError(f"stack must be an object with keys among cache, fp8, compile, got {stack!r}")
+    if stack.get("cache") is not None:
+        stacking.parse_cache(stack["cache"])
+    stacking.check_compile(stack.get("compile"))
+    if stack.get("fp8") not in (None, True, False):
+        raise ValueError(f"fp8 must be true or false, got {stack['fp8']!r}")
+    return {name: value for name, value in stack.items() if value not in (None, False)}
+
+
+def stack_from_args(args: argparse.Namespace) -> dict:
+    """The stack of `--cache SPEC`, `--fp8` and `--compile MODE`."""
+    return check_stack({"cache": getattr(args, "cache", None), "fp8": getattr(args, "fp8", False),
+                        "compile": getattr(args, "compile", None)})
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------
@@ -272,32 +305,6 @@ def _parse_jsonl_line(text: str, where: str) -> tuple[str, dict, str]:
     return entry["prompt"], overrides, where
 
 
-def parse_option_value(text: str):
-    """A method option's value as `render --option`, `eval --option` and the app's text boxes give it: a JSON object
-    or list as it reads (vdit's `pattern`), "a,b,c" as a tuple of such values (neighborhood's `window`, `tile`),
-    true/false, an int, a float, else the string itself."""
-    text = text.strip()
-    if text.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"option value {text!r} is not valid JSON: {exc.msg}") from exc
-    if "," in text:
-        return tuple(_parse_scalar(item.strip()) for item in text.strip("()[] ").split(","))
-    return _parse_scalar(text)
-
-
-def _parse_scalar(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
 def command_line_options(args: argparse.Namespace) -> dict:
     """Method options from `--option KEY=VALUE` and the convenience flags; a key given twice is an error."""
     pairs = []
@@ -328,6 +335,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[RenderJob]:
         "width": args.width,
         "steps": args.steps,
         "guidance": args.guidance,
+        "stack": stack_from_args(args),
     }
     entries = [(prompt, {}, None) for prompt in args.prompt]
     if args.prompts is not None:
@@ -478,7 +486,10 @@ def render_video(pipe, job: RenderJob) -> tuple[np.ndarray, float | None]:
 
     import dit_sparse
 
-    dit_sparse.sparsify(pipe, job.method, **job.options)
+    if job.stack:
+        dit_sparse.optimize(pipe, job.method, **job.stack, **job.options)
+    else:
+        dit_sparse.sparsify(pipe, job.method, **job.options)
     try:
         dit_sparse.sparsity_stats(pipe, reset=True)
         output = pipe(
@@ -493,7 +504,7 @@ def render_video(pipe, job: RenderJob) -> tuple[np.ndarray, float | None]:
         )
         density = dit_sparse.sparsity_stats(pipe)["density"]
     finally:
-        dit_sparse.unsparsify(pipe)
+        dit_sparse.restore(pipe)  # unsparsify, and whatever the stack added
     return output.frames[0], density
 
 

@@ -103,6 +103,7 @@ def describe_run(plan: EvalPlan, notes: list[str]) -> dict:
         "model_note": model_note,
         "suite": {"name": plan.suite.name, "source": plan.suite.source, "prompts": len(plan.suite.prompts)},
         "methods": {m.name: m.options for m in plan.methods},
+        **({"stack": plan.stack} if plan.stack else {}),
         "settings": {
             "seeds": list(plan.seeds), "frames": plan.frames, "height": plan.height, "width": plan.width,
             "steps": plan.steps, "guidance": plan.guidance, "fps": plan.fps, "dtype": plan.dtype,
@@ -139,6 +140,10 @@ def reproduce_command(plan: EvalPlan) -> str:
              "--device", plan.device, "--dtype", plan.dtype, "--warmup-steps", plan.warmup_steps]  # fmt: skip
     if not plan.side_by_side_videos:
         words.append("--no-videos")
+    if plan.stack.get("cache"):
+        words += ["--cache", plan.stack["cache"]]
+    words += ["--fp8"] * bool(plan.stack.get("fp8")) + (["--compile", plan.stack["compile"]]
+                                                       if plan.stack.get("compile") else [])
     for spec in plan.methods:
         defaults = make_config(spec.name).options()
         for key, value in spec.options.items():
@@ -398,6 +403,8 @@ def render_markdown(run, means, results, plan: EvalPlan, files: dict) -> str:
     lines += ["## Methods", ""]
     for spec in plan.methods:
         lines += [f"### {spec.name}", "", f"Options: `{json.dumps(spec.options, sort_keys=True)}`", ""]
+        if plan.stack:
+            lines += [f"Stacked on it (`optimize`): `{json.dumps(plan.stack, sort_keys=True)}`", ""]
         mask = files["masks"].get(spec.name)
         if mask:
             lines += [f"![{spec.name} mask]({_relative(mask, out)})", ""]

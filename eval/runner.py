@@ -96,11 +96,13 @@ class EvalPlan:
     output_dir: str
     cache_dir: str
     side_by_side_videos: bool = True  # False: the report's side-by-sides are still frames only (no mp4s)
+    stack: dict = dataclasses.field(default_factory=dict)  # what optimize stacks on every method (`--cache`, ...)
 
     def job(self, prompt: str, seed: int, method: str, options: dict) -> render.RenderJob:
         return render.RenderJob(
             prompt=prompt, seed=seed, method=method, options=options, frames=self.frames, height=self.height,
             width=self.width, steps=self.steps, guidance=self.guidance, model=self.model_label,
+            stack=self.stack if method != BASELINE else {},
         )  # fmt: skip
 
     def videos(self) -> list[tuple[SuitePrompt, int]]:
@@ -222,10 +224,12 @@ def make_plan(
     output_dir: str = "eval-out",
     cache_dir: str | None = None,
     side_by_side_videos: bool = True,
+    stack: dict | None = None,
 ) -> EvalPlan:
     """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed. `frames`,
     `height`, `width`, `steps` left None take the model's defaults (`settings_for`)."""
     names = parse_methods(methods)
+    stack = render.check_stack(stack or {})
     method_options = parse_method_options(list(options), names, block_size)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not np.isfinite(guidance):
         raise ValueError(f"guidance must be a number, got {guidance!r}")
@@ -244,6 +248,7 @@ def make_plan(
         model_label=label,
         suite=load_suite(suite),
         methods=tuple(MethodSpec(name, method_options[name]) for name in names),
+        stack=stack,
         seeds=parse_seeds(seeds),
         frames=render.check_frames(frames),
         height=render.check_size("height", height),
@@ -399,7 +404,10 @@ def render_timed(pipe, job: render.RenderJob, device: str) -> tuple[np.ndarray, 
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if job.method != BASELINE:
-        dit_sparse.sparsify(pipe, job.method, **job.options)
+        if job.stack:
+            dit_sparse.optimize(pipe, job.method, **job.stack, **job.options)
+        else:
+            dit_sparse.sparsify(pipe, job.method, **job.options)
         dit_sparse.sparsity_stats(pipe, reset=True)
     probe = CallProbe(pipe, cuda)
     has_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
@@ -418,7 +426,7 @@ def render_timed(pipe, job: render.RenderJob, device: str) -> tuple[np.ndarray, 
     finally:
         probe.close()
         if job.method != BASELINE:
-            dit_sparse.unsparsify(pipe)
+            dit_sparse.restore(pipe)  # unsparsify, and whatever the stack added
     denoise_end = probe.step_ends[-1] if probe.step_ends else probe.last_call
     denoise = denoise_end - probe.first_call if probe.first_call is not None and denoise_end else None
     step_seconds = list(np.diff([probe.first_call, *probe.step_ends])) if probe.step_ends and probe.first_call else []

@@ -234,3 +234,12 @@ def test_app_refuses_a_cache_dir_it_cannot_write_before_serving(tmp_path, capsys
     assert error == f"dit-sparse: error: --cache-dir {str(tmp_path / 'file')!r} is a file, not a folder"
     assert cli.main(["app", "--device", "tpu"]) == 2
     assert "device 'tpu' is not available here; available: cpu" in capsys.readouterr().err
+
+
+def test_the_step_cache_control_stacks_a_cache_on_the_method_and_refuses_an_unknown_one(client):
+    plain = _generate(client, method="radial", seed=7, **{**SMALL, "steps": 4})
+    cached = _generate(client, method="radial", seed=7, cache="first_block:threshold=1e9", **{**SMALL, "steps": 4})
+    assert cached["psnr"] != plain["psnr"]  # every step after the first served by the cache: another video
+    assert cached["sparse_seconds"] > 0
+    with pytest.raises(AppError, match="unknown cache 'nope'"):
+        _generate(client, method="radial", cache="nope", **SMALL)
