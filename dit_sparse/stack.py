@@ -197,12 +197,8 @@ def _weak(pipe: Any):
 
 
 def check_fp8(transformers: list, devices: list) -> None:
-    """ValueError unless torchao is importable and every transformer runs on a CUDA GPU with FP8 tensor cores.
+    """ValueError unless every transformer runs on a CUDA GPU with FP8 tensor cores and torchao is importable.
     `devices`: where each transformer's weights are (None under offloading: the current CUDA device is checked)."""
-    try:
-        import torchao.quantization  # noqa: F401
-    except ImportError as exc:
-        raise ValueError("fp8=True needs torchao: pip install 'dit-sparse[fp8]'") from exc
     for transformer, device in zip(transformers, devices):
         if device is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
@@ -215,6 +211,10 @@ def check_fp8(transformers: list, devices: list) -> None:
             raise ValueError(f"fp8=True needs compute capability >= {FP8_MIN_CAPABILITY}; "
                              f"{torch.cuda.get_device_name(device)}"
                              f" has {capability}: allowed fp8=False there")
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("fp8=True needs torchao: pip install 'dit-sparse[fp8]'") from exc
 
 
 def check_compile(compile: str | None, cache: CachePlan | None = None) -> None:
