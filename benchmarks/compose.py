@@ -295,17 +295,18 @@ def main(argv=None) -> int:
     result = dict(command="python -m benchmarks.compose " + " ".join(sys.argv[1:] if argv is None else argv),
                   gpu=gpu, date=date, torch=torch.__version__, diffusers=diffusers.__version__,
                   python=platform.python_version(), steps=STEPS, rows=rows, notes=notes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"compose-{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}-{date}"
     start = time.time()
     for name in args.models:
         spec = {**MODELS, **SMOKE_MODELS}[name]
         print(f"== {spec.label}", flush=True)
         run_model(name, spec, args, device, dtype, rows, notes)
-    result["seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"compose-{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}-{date}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    write_atomic(stem.with_suffix(".md"), markdown(result))
+        result["seconds"] = round(time.time() - start, 1)
+        # written after every model: a run cut short by its time limit keeps the models it finished
+        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        write_atomic(stem.with_suffix(".md"), markdown(result))
     print(markdown(result))
     print(f"written: {stem}.json and .md")
     return 0
