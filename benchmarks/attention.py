@@ -3,6 +3,7 @@ FA4 called directly on the same block mask, and FlexAttention (torch.compile'd) 
 
     python benchmarks/attention.py --out benchmarks/results            # the whole table (GPU, about 5 minutes)
     python benchmarks/attention.py --shapes wan13 --densities 0.25     # one row
+    python benchmarks/attention.py --shapes wan13 hunyuan --densities 0.25 --no-flex --costs   # + compensation
 
 Shapes (bf16, batch 1): Wan2.1-1.3B 480p 81f (12 heads, 32,760 tokens, D 128), Wan2.1-14B 720p 81f (40 heads,
 75,600), HunyuanVideo 720p 129f (24 heads, 118,800 + 256 text suffix with padding), CogVideoX-5B 720x480 49f
@@ -10,6 +11,10 @@ Shapes (bf16, batch 1): Wan2.1-1.3B 480p 81f (12 heads, 32,760 tokens, D 128), W
 Effective TFLOP/s = 4 * H * S_video^2 * D * density / time (dense columns: the whole sequence, density 1). Writes
 attention-<gpu>-<date>.json (rows with shape, density, backend, ms, ms_cudnn, ms_flex, ...) and a markdown table.
 Runs without installing the package and without diffusers (`ensure_importable`).
+
+`--costs` adds, per shape, backend and mask (random at the first density, and radial), the cost of compensation
+(`compensate=True`: the pooled pass), of the recall guard (`min_recall=0.9`: the pooled map, the added blocks and
+the new mask's per-call preparation, then the call) and of both, each as a share of the same call without them.
 """
 
 from __future__ import annotations
@@ -329,9 +334,58 @@ def run_shape(name: str, densities, backends, args, rows: list, notes: list):
                              density=round(mask.density, 4), backend="fa4-joint-blocks", ms=ms, ms_cudnn=ms_cudnn,
                              heads=heads, head_dim=head_dim, seq_video=video_len, text_len=text_len))
             print(f"[{name}] text as extra kept blocks (fa4 joint) {ms:.3f} ms", flush=True)
+    if args.costs:
+        cost_masks = [entry for entry in masks if entry[0] == "radial"] + [entry for entry in masks if entry[1]][:1]
+        run_costs(name, label, cost_masks, backends, q, k, v, padding, layout, rows, errors)
     notes.extend(errors)
     del q, k, v
     torch.cuda.empty_cache()
+
+
+#: the recall guard's target in the cost rows
+COST_MIN_RECALL = 0.9
+
+
+def run_costs(name, label, masks, backends, q, k, v, padding, layout, rows: list, errors: list):
+    """Rows for the cost of compensation and of the recall guard: the same `sparse_attention` call with and without
+    them, per backend and mask; `cost_share` = (ms - plain ms) / plain ms."""
+    from dit_sparse import kernels
+    from dit_sparse.attention import sparse_attention
+    from dit_sparse.patterns.recall import guard_recall
+
+    video = layout.video_slice
+    qh, kh = q[:, video].transpose(1, 2), k[:, video].transpose(1, 2)  # (B, H, S, D) as the hooks give the guard
+    for mask_name, _, mask in masks:
+        mask = mask.to(q.device)
+        for backend in backends:
+            resolved = _try(lambda: kernels.resolve_backend(backend, q[:, video], mask), errors, f"{name} {backend}")
+            if resolved is None:
+                continue
+
+            def call(compensate=False, guard=False, backend=backend, mask=mask):
+                used = guard_recall(mask, qh, kh, COST_MIN_RECALL)[0] if guard else mask
+                return sparse_attention(q, k, v, used, layout, text_padding_mask=padding, backend=backend,
+                                        compensate=compensate)
+
+            variants = {"plain": {}, "compensate": dict(compensate=True), f"guard {COST_MIN_RECALL}": dict(guard=True),
+                        f"compensate + guard {COST_MIN_RECALL}": dict(compensate=True, guard=True)}
+            timings = {}
+            for variant, options in variants.items():
+                timings[variant] = _try(lambda: bench_ms(lambda: call(**options)), errors,
+                                        f"{name} {mask_name} {backend} {variant}")
+            guarded = _try(lambda: guard_recall(mask, qh, kh, COST_MIN_RECALL)[0].density, errors, f"{name} guard")
+            plain = timings["plain"]
+            for variant, ms in timings.items():
+                if ms is None:
+                    continue
+                share = (ms - plain) / plain if plain else None
+                rows.append(dict(shape=name, label=label, mask=mask_name, variant=variant, cost_row=True,
+                                 density=round(mask.density, 4),
+                                 guarded_density=round(guarded, 4) if guarded is not None and "guard" in variant
+                                 else None,
+                                 backend=backend, resolved_backend=resolved, ms=ms, ms_plain=plain, cost_share=share))
+                print(f"[{name}] cost {mask_name:10s} {backend:8s}({resolved}) {variant:24s} {ms:8.3f} ms "
+                      f"({'-' if share is None else f'{share:+.1%}'} of the plain call)", flush=True)
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -356,6 +410,8 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if r.get("cost_row"):
+            continue
         backend = r["backend"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend") not in (None, r["backend"])
                                   else "")
         lines.append(
@@ -364,7 +420,27 @@ def markdown(result: dict) -> str:
             f"{_fmt(r.get('ms_cudnn'))} | {_fmt(r.get('ms_fa4_dense'))} | {_fmt(r.get('ms_fa4_direct'))} | "
             f"{_fmt(r.get('vs_fa4_direct'), 3)} | {_fmt(r.get('ms_flex'))} | {_fmt(r.get('vs_flex'))} |"
         )
-    return "\n".join(lines + report_tail(result)) + "\n"
+    return "\n".join(lines + cost_table(result) + report_tail(result)) + "\n"
+
+
+def cost_table(result: dict) -> list[str]:
+    """The `--costs` rows: compensation and the recall guard as a share of the same call without them."""
+    costs = [r for r in result["rows"] if r.get("cost_row")]
+    if not costs:
+        return []
+    lines = ["", "Cost of compensation (`compensate=True`) and of the recall guard (`min_recall`), the same "
+             "`sparse_attention` call with and without them (the guard's time includes its pooled map, the added "
+             "blocks and the new mask's per-call preparation by the backend):", "",
+             "| shape | mask | density | guarded density | backend | variant | ms | plain ms | cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in costs:
+        backend = r["backend"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend") not in (None, r["backend"])
+                                  else "")
+        share = "-" if r.get("cost_share") is None else f"{r['cost_share']:+.1%}"
+        lines.append(f"| {r['shape']} | {r['mask']} | {_fmt(r.get('density'), 3)} | "
+                     f"{_fmt(r.get('guarded_density'), 3)} | {backend} | {r['variant']} | {_fmt(r['ms'], 3)} | "
+                     f"{_fmt(r.get('ms_plain'), 3)} | {share} |")
+    return lines
 
 
 def report_tail(result: dict) -> list[str]:
@@ -388,6 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-radial", dest="radial", action="store_false")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="CPU run of the script's logic on tiny shapes")
+    parser.add_argument("--costs", action="store_true",
+                        help="add rows for the cost of compensation and of the recall guard (min_recall)")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later shapes are skipped")
     args = parser.parse_args(argv)
     how = ensure_importable()

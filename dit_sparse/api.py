@@ -138,7 +138,10 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
     Counts one call per self-attention module per transformer forward, over every transformer of `pipe`; the counts
     accumulate over pipeline calls until `reset=True` (which returns the counts, then clears them). Dynamic methods
     (`draft`, `reorder`) add `mask_builds`: how many masks were estimated (the rest were reused per `refresh`);
-    per-layer ones (`vdit`) too: how many were built (one per layout and layer).
+    per-layer ones (`vdit`) too: how many were built (one per layout and layer). With the recall guard
+    (`min_recall`), `density` includes the blocks it added, and the stats add `guard_added_density` (the density it
+    added, mean over the sparse calls) and `guard_calls` (how many calls it changed); both are summed on the device
+    per call and read here once.
     """
     sessions = []
     for transformer in transformers_of(pipe, require_adapter=False):
@@ -149,10 +152,16 @@ def sparsity_stats(pipe: Any, reset: bool = False) -> dict:
         raise ValueError(f"{type(pipe).__name__} is not sparsified: call dit_sparse.sparsify first")
     calls = sum(session.attention_calls for session in sessions)
     kept = sum(float(session.kept_fraction_sum) for session in sessions)  # dynamic masks add device tensors
+    guard_added = sum(float(session.guard_added_sum) for session in sessions)
+    kept += guard_added
     stats = {"method": sessions[0].config.method, "density": kept / calls if calls else None, "attention_calls": calls,
              "sparse_calls": sum(session.sparse_calls for session in sessions)}
     if not is_static(sessions[0].config):
         stats["mask_builds"] = sum(session.mask_builds for session in sessions)
+    if sessions[0].config.min_recall is not None:
+        sparse = stats["sparse_calls"]
+        stats["guard_added_density"] = guard_added / sparse if sparse else None
+        stats["guard_calls"] = sum(int(session.guard_calls_sum) for session in sessions)
     if reset:
         for session in sessions:
             session.reset_stats()

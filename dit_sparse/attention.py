@@ -52,6 +52,7 @@ def sparse_attention(
     text_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    compensate: bool = False,
 ) -> torch.Tensor:
     """Block-sparse self-attention of a video DiT; q, k, v (B, S, H, D) as diffusers passes them.
 
@@ -59,7 +60,9 @@ def sparse_attention(
     queries (`layout.text_len` text tokens before or after the video, and `layout.extra_len` tokens off the grid on
     its other side) attend to every valid key. `text_padding_mask` (B, text_len) bool marks real text tokens (True)
     and padding (False, zero weight); extra tokens are never padding. `scale` defaults to 1/sqrt(D). A query block
-    with no kept key block and no joint token gets zeros. Output: (B, S, H, D), q's dtype.
+    with no kept key block and no joint token gets zeros. Output: (B, S, H, D), q's dtype. `compensate=True`: each
+    video query block's dropped key blocks still contribute through their pooled keys (SVG-EAR; DraftAttention;
+    `kernels.block_sparse_attention` documents the rule); the joint keys and the joint rows are unaffected.
     """
     scale = _check_inputs(q, k, v, mask, layout, text_padding_mask, backend, scale)
     if layout is None or layout.joint_len == 0:
@@ -68,7 +71,7 @@ def sparse_attention(
             # block loop (the `dense` method on a CPU, the demo's baseline), equal to fp32 rounding.
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
             return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
-        return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)[0]
+        return kernels.block_sparse_attention(q, k, v, mask, scale=scale, backend=backend, compensate=compensate)[0]
 
     # Video rows: kept blocks plus every valid joint key (text, then extra), in one pass (the joint keys continue the
     # kernel's online softmax). Joint rows: dense over every valid key. Each writes its slice of one output; no
@@ -84,7 +87,7 @@ def sparse_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kernels.block_sparse_attention(
         q[:, video], k[:, video], v[:, video], mask, scale=scale, backend=backend,
-        extra_k=joint_k, extra_v=joint_v, extra_key_valid=joint_valid, out=out[:, video],
+        extra_k=joint_k, extra_v=joint_v, extra_key_valid=joint_valid, out=out[:, video], compensate=compensate,
     )
     key_valid = None
     if text_padding_mask is not None:

@@ -94,6 +94,11 @@ class MethodConfig:
     - `dense_steps`: the first N denoising steps run dense (the official Radial Attention runs 12 of 50 dense).
     - `dense_layers`: the first M transformer blocks run dense (the official Radial Attention keeps 1).
     - `backend`: kernel backend, one of `BACKENDS`; `"auto"` picks the fastest one available.
+    - `compensate`: every key block the mask drops still contributes through one pooled key (its mean key, score
+      raised by log of its token count) and its mean value, in the same softmax (SVG-EAR; DraftAttention);
+      `kernels.block_sparse_attention` documents the rule.
+    - `min_recall`: None, or the recall guard: per call, blocks are added to each query block whose kept blocks hold
+      less than this share of its estimated (pooled) attention mass (`dit_sparse.patterns.recall`).
 
     A field with a fixed set of allowed values lists them in its metadata, `metadata["choices"]` (the app offers them).
     """
@@ -102,6 +107,8 @@ class MethodConfig:
     dense_steps: int = 0
     dense_layers: int = 0
     backend: str = choice("auto", BACKENDS)
+    compensate: bool = False
+    min_recall: float | None = None
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -109,6 +116,10 @@ class MethodConfig:
         check_int(owner, "dense_layers", self.dense_layers, 0)
         if self.backend not in BACKENDS:
             raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"{owner}.compensate must be a bool (True or False), got {self.compensate!r}")
+        if self.min_recall is not None:
+            check_fraction(owner, "min_recall", self.min_recall)
 
     def options(self) -> dict:
         """The config as plain keyword arguments (for manifests and `make_config`)."""

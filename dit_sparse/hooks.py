@@ -250,9 +250,12 @@ def _site_attention(site: _Site, query, key, value, attn_mask, scale) -> torch.T
         session.record(density)
     if heads is not None:  # this rank's rows of a per-head mask
         mask = mask_for_heads(mask, heads[0], local_heads, local_heads * shard.world)
+    if plan.min_recall is not None:  # the recall guard: blocks added to this call's mask, static ones too
+        video = layout.video_slice
+        mask = session.guard(mask, query[:, :, video], key[:, :, video], scale)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
     out = sparse_attention(q, k, v, mask, layout, text_padding_mask=text_padding_mask, scale=scale,
-                           backend=plan.backend).transpose(1, 2)  # (B, H, S, D)
+                           backend=plan.backend, compensate=plan.compensate).transpose(1, 2)  # (B, H, S, D)
     return out if orders is None else out[:, :, orders[1]]
 
 

@@ -31,6 +31,7 @@ from dit_sparse.config import DynamicConfig, MethodConfig
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import config_for_heads, gathered_order
 from dit_sparse.patterns import DenseConfig, build_mask, is_per_layer, is_static
+from dit_sparse.patterns.recall import guard_recall
 from dit_sparse.pipelines.adapters import TransformerAdapter
 
 #: What an observing session calls for each attention call: observer(layer=, step=, layout=, q=, k=, v=).
@@ -49,6 +50,7 @@ class ForwardPlan:
     - `sparse_from`: the first sparse layer (`dense_layers`), or None in a dense step (`dense_steps`).
     - `mask`, `density`: the static block mask over the video tokens and its kept fraction; None for dense steps and
       for patterns that need q and k or the layer (taken in the call).
+    - `compensate`, `min_recall`: the config's, for every sparse call (the pooled pass; the recall guard).
     """
 
     layout: VideoLayout
@@ -58,6 +60,8 @@ class ForwardPlan:
     backend: str
     mask: BlockMask | None = None
     density: float = 1.0
+    compensate: bool = False
+    min_recall: float | None = None
 
     def is_dense(self, layer: int) -> bool:
         return self.sparse_from is None or layer < self.sparse_from
@@ -97,6 +101,8 @@ class SparseSession:
     generation: int = 0  # counts generations: a timestep above the last, a step index below it, or reset_steps
     attention_calls: int = 0
     kept_fraction_sum: float | torch.Tensor = 0.0  # a device tensor once a dynamic mask is counted
+    guard_added_sum: float | torch.Tensor = 0.0  # density the recall guard added, summed over calls (device tensor)
+    guard_calls_sum: int | torch.Tensor = 0  # calls whose mask the guard changed (device tensor)
     branch: object = 0
     mask_builds: int = 0
     dynamic_masks: dict = field(default_factory=dict)
@@ -207,7 +213,8 @@ class SparseSession:
             if sparse_from is not None and is_static(self.config):
                 mask, density = self.mask_for(layout, device)
             self.plans[key] = ForwardPlan(
-                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density
+                layout, adapter.text_position, adapter.attention_mask, sparse_from, self.config.backend, mask, density,
+                compensate=self.config.compensate, min_recall=self.config.min_recall,
             )
         return self.plans[key]
 
@@ -224,8 +231,17 @@ class SparseSession:
             elif plan.mask is not None:
                 self.record(plan.density)
 
+    def guard(self, mask: BlockMask, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> BlockMask:
+        """The recall guard on one call's mask (`patterns.recall.guard_recall`, q, k (B, H, S, D) of the video
+        tokens), its added density and touched call counted as device tensors (no host sync)."""
+        guarded, added, touched = guard_recall(mask, q, k, self.config.min_recall, scale)
+        self.guard_added_sum = self.guard_added_sum + added
+        self.guard_calls_sum = self.guard_calls_sum + touched
+        return guarded
+
     def reset_stats(self) -> None:
         self.attention_calls, self.sparse_calls, self.kept_fraction_sum, self.mask_builds = 0, 0, 0.0, 0
+        self.guard_added_sum, self.guard_calls_sum = 0.0, 0
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self.warned:

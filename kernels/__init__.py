@@ -214,6 +214,7 @@ def block_sparse_attention(
     extra_v: torch.Tensor | None = None,
     extra_key_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    compensate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the kept key blocks of `mask` (plus every valid extra key); q, k, v (B, S, H, D), S == seq_len.
 
@@ -222,7 +223,17 @@ def block_sparse_attention(
     lse (B, H, S) fp32). A query with no kept key and no valid extra key gets zeros and lse -inf. `out`, when given
     ((B, S, H, D), q's dtype, any strides, e.g. a slice of the joint sequence's output), receives the result.
     Every argument is checked here, before anything runs; the backends trust it.
+
+    `compensate=True` (SVG-EAR, arXiv:2603.08982; DraftAttention, arXiv:2505.14708): for each query block, every
+    key block the mask drops still contributes through one pooled key (the block's mean key over its real tokens,
+    its score raised by log of that token count) and the block's mean value, inside the same softmax as the kept and
+    extra keys. Blocks are pooled in the mask's blocked order (its permutation, or each head's order); a kept block
+    masked inside (token boxes) counts as kept, its masked-out tokens stay out. On every backend: the backend's pass,
+    then one pooled pass merged by log-sum-exp (`triton_pooled` on a GPU, `reference.compensate_attention` for the
+    reference backend and elsewhere).
     """
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be a bool (True or False), got {compensate!r}")
     check_qkv(q, k, v)
     batch, seq_len, heads, head_dim = q.shape
     check_mask(mask, batch, heads, seq_len)
@@ -233,17 +244,33 @@ def block_sparse_attention(
     _check_out(out, q)
     scale = check_scale(scale, head_dim)
     check_backend_name(backend)
-    return _dispatch(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out)
+    return _dispatch(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out, compensate)
 
 
 def _dispatch(q, k, v, mask: BlockMask, scale: float, backend: str, extra_k=None, extra_v=None,
-              extra_key_valid=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+              extra_key_valid=None, out=None, compensate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_sparse_attention` of arguments it has checked: the dispatch."""
     mask = _on_device(mask, q.device)
     if mask.per_head_order:
-        return _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out)
+        return _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out,
+                                         compensate)
     name = resolve_backend(backend, q, mask)
-    return REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
+    result, lse = REGISTRY[name].attention(q, k, v, mask, scale, extra_k, extra_v, extra_key_valid, out)
+    if compensate:
+        result, lse = _compensate(result, lse, q, k, v, mask, scale, name)
+    return result, lse
+
+
+def _compensate(result, lse, q, k, v, mask: BlockMask, scale: float, name: str):
+    """The pooled pass of `compensate=True` after backend `name`'s main pass, for every backend alike: our Triton
+    kernel wherever it runs (any CUDA GPU; on a CPU only under the interpreter) after any backend but the reference,
+    whose own PyTorch pass stays the oracle. Both merge into (result, lse) by log-sum-exp, in place."""
+    triton_runs = REGISTRY["triton"].unavailable_reason(q.device, q.dtype, q.shape[-1]) is None
+    if triton_runs and name != "reference":
+        from . import triton_pooled
+
+        return triton_pooled.compensate_attention(result, lse, q, k, v, mask, scale)
+    return reference.compensate_attention(result, lse, q, k, v, mask, scale)
 
 
 def _on_device(mask: BlockMask, device: torch.device) -> BlockMask:
@@ -253,10 +280,12 @@ def _on_device(mask: BlockMask, device: torch.device) -> BlockMask:
     return mask.cached(("on_device", str(device)), lambda: mask.to(device))
 
 
-def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out):
+def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, extra_key_valid, out,
+                              compensate=False):
     """A mask with per-head token orders (or keys ordered apart from queries): gather q (and k, v) of each batch
     entry and head into its blocked order, run any backend on the un-permuted blocks, scatter the rows back. The
-    extra keys (joint text) are per row, so they need no reordering."""
+    extra keys (joint text) are per row, so they need no reordering; compensation pools the blocks of that blocked
+    order (for a clustered order, the pooled keys are the clusters' centroids)."""
     batch, seq_len, heads, head_dim = q.shape
     q_order, k_order = mask.orders()  # (Pb, Ph, S) each
 
@@ -267,7 +296,7 @@ def _per_head_order_attention(q, k, v, mask, scale, backend, extra_k, extra_v, e
     q_in = gather(q, q_order)
     k_in, v_in = gather(k, k_order), gather(v, k_order)
     result, lse = _dispatch(q_in, k_in, v_in, mask.in_blocked_order(), scale, backend, extra_k, extra_v,
-                            extra_key_valid)
+                            extra_key_valid, compensate=compensate)
     inverse = inverse_order(q_order).expand(batch, heads, -1)  # (B, H, S)
     lse = lse.gather(2, inverse)
     return write_into(out, gather(result, inverse)), lse

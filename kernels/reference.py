@@ -200,3 +200,79 @@ BACKEND = Backend(
     attention=_attention,
     dense_attention=_dense_attention,
 )
+
+
+# ---- compensation: the dropped key blocks through their pooled keys ---------------------------------------------
+
+
+def block_means(x: torch.Tensor, block_size: int, permutation: torch.Tensor | None = None):
+    """Mean of x (B, S, H, D) over each block of `block_size` tokens cut in `permutation`'s order (None: natural),
+    the ragged last block over its real tokens only. Returns (means (B, n_blocks, H, D) fp32, counts (n_blocks,)
+    fp32 on x's device). Tensor ops only: no host sync, no fp32 copy of x."""
+    batch, seq_len, heads, dim = x.shape
+    if permutation is not None:
+        x = x.index_select(1, permutation.to(x.device))
+    full = seq_len // block_size
+    sums = [x[:, : full * block_size].view(batch, full, block_size, heads, dim).sum(2, dtype=torch.float32)]
+    if full * block_size < seq_len:  # the ragged tail
+        sums.append(x[:, full * block_size:].sum(1, keepdim=True, dtype=torch.float32))
+    sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # (B, n_blocks, H, D)
+    counts = torch.full((sums.shape[1],), float(block_size), device=x.device)
+    counts[-1] = seq_len - (sums.shape[1] - 1) * block_size
+    return sums / counts[:, None, None], counts
+
+
+def pooled_keys(k: torch.Tensor, v: torch.Tensor, mask: BlockMask):
+    """The pooled key and value of every key block of `mask` (its blocked order) and the log of its real token count:
+    (k_pool, v_pool (B, n_kv, H, D) fp32, log_counts (n_kv,) fp32). A pooled key's score plus log(count) is the
+    log of the block's summed weight when all its keys score alike (SVG-EAR's centroid compensation)."""
+    k_pool, counts = block_means(k, mask.kv_block_size, mask.permutation)
+    v_pool, _ = block_means(v, mask.kv_block_size, mask.permutation)
+    return k_pool, v_pool, counts.log()
+
+
+def dropped_blocks(mask: BlockMask) -> torch.Tensor:
+    """Bool (Bm, Hm, n_q, n_kv): the key blocks each query block's row drops (kept with the mask, built once)."""
+    return mask.cached("dropped_blocks", lambda: ~mask.to_block_dense())
+
+
+def merge_by_lse(out0: torch.Tensor, lse0: torch.Tensor, out1: torch.Tensor, lse1: torch.Tensor):
+    """The attention over the union of two disjoint key sets from each one's (out (B, r, H, D), lse (B, H, r)): the
+    log-sum-exp merge (`extend_attention` does the same for the joint text). fp32 out, fp32 lse."""
+    total = torch.logaddexp(lse0, lse1)  # (B, H, r); -inf only when both are
+    weight0 = torch.exp(lse0 - total).nan_to_num_(0.0).transpose(1, 2)[..., None]  # (B, r, H, 1)
+    weight1 = torch.exp(lse1 - total).nan_to_num_(0.0).transpose(1, 2)[..., None]
+    return out0.float() * weight0 + out1.float() * weight1, total
+
+
+def compensate_attention(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: BlockMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add to a block-sparse result (out (B, S, H, D), lse (B, H, S), natural order) each query block's dropped key
+    blocks, each through one pooled key (block-mean key, score + log(real token count)) and its mean value, inside
+    the same softmax: SVG-EAR's centroid compensation (Zhou et al. 2026, arXiv:2603.08982) and DraftAttention's
+    pooled map (Shen et al. 2025, arXiv:2505.14708). The merge is by log-sum-exp, so a row that drops nothing keeps
+    its output exactly; a row that keeps nothing gets attention over the pooled keys (+ the joint keys the first pass
+    saw). Kept blocks masked inside (token boxes) count as kept: their masked-out tokens stay out. `out` is written
+    in place; returns (out, lse). The reference's pooled pass: chunked over query blocks, fp32, any device."""
+    seq_len = q.shape[1]
+    perm = mask.permutation
+    k_pool, v_pool, log_counts = pooled_keys(k, v, mask)
+    kh, vh = k_pool.transpose(1, 2), v_pool.transpose(1, 2)  # (B, H, n_kv, D)
+    dropped = dropped_blocks(mask).to(q.device)  # (Bm, Hm, n_q, n_kv)
+    qbs = mask.q_block_size
+    blocks_per_chunk = max(1, _chunk_rows(q, k_pool.shape[1]) // qbs)
+    for first in range(0, mask.n_q_blocks, blocks_per_chunk):
+        blocks = range(first, min(mask.n_q_blocks, first + blocks_per_chunk))
+        rows = torch.arange(blocks.start * qbs, min(seq_len, blocks.stop * qbs), device=q.device)  # blocked rows
+        tokens = rows if perm is None else perm.to(q.device)[rows]  # their natural positions
+        q_rows = q.index_select(1, tokens).transpose(1, 2).float()  # (B, H, r, D)
+        scores = torch.matmul(q_rows, kh.transpose(-1, -2)) * scale + log_counts  # (B, H, r, n_kv)
+        allowed = dropped[:, :, rows // qbs]  # (Bm, Hm, r, n_kv)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        pooled_lse = torch.logsumexp(scores, dim=-1)  # (B, H, r)
+        pooled_out = torch.matmul(torch.exp(scores - pooled_lse[..., None]).nan_to_num_(0.0), vh)  # (B, H, r, D)
+        merged, total = merge_by_lse(out.index_select(1, tokens), lse.index_select(2, tokens),
+                                     pooled_out.transpose(1, 2), pooled_lse)
+        out.index_copy_(1, tokens, merged.to(out.dtype))
+        lse = lse.index_copy(2, tokens, total)
+    return out, lse

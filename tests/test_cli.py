@@ -107,7 +107,7 @@ def test_render_writes_mp4s_at_the_requested_frames_and_size_and_a_manifest_row_
         }  # fmt: skip
         assert row["options"] == {
             "dense_steps": 0, "dense_layers": 0, "backend": "auto", "block_size": 16, "decay_factor": 1.0,
-            "variant": "wan",
+            "variant": "wan", "compensate": False, "min_recall": None,
         }  # fmt: skip
         assert 0 < row["density"] <= 1 and row["seconds"] > 0
 
@@ -175,6 +175,7 @@ def test_jsonl_lines_override_the_command_line_settings(tmp_path):
     assert (dog["method"], dog["steps"], dog["guidance"], dog["seed"]) == ("random", 1, 1.0, 0)
     assert dog["options"] == {
         "dense_steps": 0, "dense_layers": 0, "backend": "auto", "density": 0.5, "block_size": 16, "seed": 0,
+        "compensate": False, "min_recall": None,
     }  # fmt: skip
 
 
