@@ -32,7 +32,7 @@ def test_make_config_applies_overrides():
         ("radial", {"dense_steps": -1}, r"dense_steps must be an int >= 0, got -1"),
         ("radial", {"dense_layers": 1.5}, r"dense_layers must be an int >= 0, got 1.5"),
         ("radial", {"block_size": 100}, r"block_size must be a power of two >= 16, got 100"),
-        ("radial", {"variant": "flux"}, r"variant must be one of \('wan', 'hunyuan'\), got 'flux'"),
+        ("radial", {"variant": "flux"}, r"variant must be one of \('wan', 'hunyuan', 'wan-2025-06'\), got 'flux'"),
         ("radial", {"backend": "cuda"}, r"backend must be one of .*got 'cuda'"),
         ("radial", {"densty": 0.5}, r"unknown option\(s\) \['densty'\] for method 'radial'"),
     ],
@@ -85,7 +85,7 @@ def test_a_config_of_no_registered_pattern_is_refused_by_name(config):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda layout: radial(layout, variant="flux"), r"^variant must be one of \('wan', 'hunyuan'\), got 'flux'$"),
+        (lambda layout: radial(layout, variant="flux"), r"^variant must be one of \('wan', 'hunyuan', 'wan-2025-06'\), got 'flux'$"),
         (lambda layout: random_blocks(layout, density=0), r"^density must be in \(0, 1\], got 0$"),
         (lambda layout: random_blocks(layout, density="half"), r"^density must be in \(0, 1\], got 'half'$"),
         (lambda layout: axis_order(layout, "fxy"), r"^axes must be one of \('fhw', .*\), got 'fxy'$"),

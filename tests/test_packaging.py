@@ -55,3 +55,14 @@ def test_the_shipped_tiny_model_files_are_package_data_of_the_pipelines_package(
         if not any(fnmatch.fnmatch(path, glob) and path.count("/") == glob.count("/") for glob in globs)
     ]
     assert unshipped == []
+
+
+def test_the_test_data_is_not_shipped():
+    # tests/data (the official radial masks) is for the checkout's tests only: no package folder holds it.
+    setuptools = _setuptools()
+    tests = os.path.join(ROOT, "tests")
+    assert os.path.isdir(os.path.join(tests, "data"))
+    for folder in setuptools["package-dir"].values():
+        folder = os.path.realpath(os.path.join(ROOT, folder))
+        assert os.path.commonpath([folder, os.path.realpath(tests)]) != os.path.realpath(tests)
+        assert not os.path.realpath(tests).startswith(folder + os.sep)

@@ -22,11 +22,13 @@ class RadialConfig(MethodConfig):
 
     - `block_size`: tokens per block (128 in the official code).
     - `decay_factor`: scales the window; the official default is 1.0 (smaller is sparser).
-    - `variant`: `"wan"` or `"hunyuan"`, the two rules of the official `gen_log_mask_shrinked`.
+    - `variant`: the rule of the official `gen_log_mask_shrinked`: `"wan"` (the current official Wan rule, commit
+      72788d4 of 2025-11-11 on), `"hunyuan"`, or `"wan-2025-06"` (the earlier Wan rule, from the first release
+      3f66894 of 2025-06-25 up to d945317 of 2025-10-30: half the window at frame distance 1).
     """
 
     method: ClassVar[str] = "radial"
-    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan")
+    VARIANTS: ClassVar[tuple[str, ...]] = ("wan", "hunyuan", "wan-2025-06")
 
     block_size: int = 128
     decay_factor: float = 1.0
@@ -47,18 +49,22 @@ def radial(layout: VideoLayout, *, block_size: int = 128, decay_factor: float = 
     (arXiv 2506.19852); official code: github.com/mit-han-lab/radial-attention, `radial_attn/attn_mask.py`,
     `gen_log_mask_shrinked`. With s tokens per frame, d = |query frame - key frame|, r, c the tokens' positions in
     their frames, L = 2 ** s.bit_length() (the power of two above s) and g = d.bit_length(), (r, c) is kept when
-    - |r - c| <= w(d): w = s at d = 0; at d = 1, s // 2 (`"wan"`) or s (`"hunyuan"`); beyond,
+    - |r - c| <= w(d): w = s at d = 0 and d = 1 (at d = 1, s // 2 for `"wan-2025-06"`); beyond,
       max(L / 2**g * decay_factor, block_size), so the window halves each time d doubles;
     - and, where L / 2**g < block_size, d is a multiple of block_size / (L / 2**g) (far frames are skipped);
-    - or, `"wan"` only, the key is in frame 0 (the attention sink).
+    - or, `"wan"` and `"wan-2025-06"` only, the key is in frame 0 (the attention sink).
     Blocks are voted as the official `shrinkMaskStrict` does: each frame owns the ceil(s / block_size) blocks from
     the one it starts in (a frame's tokens past them are left out); per pair of frames owning a (query, key) block,
     a key token is dense when it keeps more than block_size / 3 of the block's rows (other frames' rows count as
     dropped), and the pair keeps the block when over 60% of its key tokens that keep any row are dense. A block is
     kept when any pair keeps it.
 
-    Equal to the official mask on its full blocks (tests/test_radial.py: Wan2.1 480p, 21 x 1,560 tokens; HunyuanVideo
-    720p, 33 x 3,600; block 128, decay 1.0). Differences:
+    The official code changed its Wan rule at d = 1 from s // 2 to s in commit 72788d4 (2025-11-11): `"wan"` follows
+    the current rule, `"wan-2025-06"` the earlier one (commits 3f66894 to d945317); at Wan2.1 480p 81 frames, block
+    128, their densities are 0.449 and 0.433 (1,073 of 65,536 blocks differ). `"hunyuan"` is the same at both.
+    Equal to the official mask of each commit on its full blocks (tests/test_radial.py against masks the official code
+    generated, tests/data/radial_official/: Wan2.1 480p, 21 x 1,560 tokens; HunyuanVideo 720p, 33 x 3,600; block
+    128, decay 1.0). Differences:
     - the short tail block (video_len not a multiple of block_size) is kept whole, row and column, as the official
       mask keeps every block from `video_len // block_size` on (there they are ORed with the text region);
     - the diagonal is always kept: the official vote leaves a query block with no key block, so a zero output, when no
@@ -92,10 +98,10 @@ def _frame_distance_rule(tokens_per_frame: int, frames: int, block_size: int, de
     s = tokens_per_frame
     widths, kept = [], []
     for d in range(frames):
-        if d == 0 or (d == 1 and variant == "hunyuan"):
+        if d == 0 or (d == 1 and variant != "wan-2025-06"):
             width = s
         elif d == 1:
-            width = s // 2
+            width = s // 2  # the official Wan rule before 72788d4
         else:
             # |r - c| <= w with integer r, c is |r - c| <= floor(w); floor(w) >= block_size iff w >= block_size.
             # A width of s or more keeps the whole frame pair.
@@ -141,7 +147,7 @@ def _full_blocks(layout: VideoLayout, block_size: int, decay_factor: float, vari
         nonzero = _columns_keeping_at_least(1, r0, r1, c0, c1, width)
         dense = _columns_keeping_at_least(dense_rows, r0, r1, c0, c1, width)
         keep = pair_kept[distance] & (5 * dense > 3 * nonzero)  # (p, P): more than 60% dense
-        if variant == "wan":  # frame 0 is kept whole: every key column keeps all the piece's query rows
+        if variant != "hunyuan":  # frame 0 is kept whole: every key column keeps all the piece's query rows
             keep[:, sink] = (3 * (r1 - r0) > block_size).expand(-1, int(sink.sum()))
         per_key_block = torch.zeros(keep.shape[0], n_full, dtype=torch.int32).index_add_(1, piece_block, keep.int())
         hits.index_add_(0, piece_block[q], per_key_block)
