@@ -33,6 +33,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment switch `name`: one of `choices`, the first when unset or empty; a ValueError otherwise."""
+    value = os.environ.get(name, "").strip() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 #: The internal switch for precision="fp8": its PV product in e4m3 ("fp8", per-channel V scales) or in bf16
 #: ("bf16"). The Triton kernel and the reference's emulation both read it; benchmarks/attention.py measures both.
 FP8_PV_ENV = "DIT_SPARSE_FP8_PV"
@@ -41,10 +49,7 @@ FP8_PV_CHOICES = ("fp8", "bf16")
 
 def fp8_pv() -> str:
     """The PV operands of precision="fp8": `DIT_SPARSE_FP8_PV` ("fp8", the default, or "bf16")."""
-    value = os.environ.get(FP8_PV_ENV, "fp8").strip() or "fp8"
-    if value not in FP8_PV_CHOICES:
-        raise ValueError(f"{FP8_PV_ENV} must be one of {FP8_PV_CHOICES}, got {value!r}")
-    return value
+    return _env_choice(FP8_PV_ENV, FP8_PV_CHOICES)
 
 
 #: The second switch of precision="fp8": its QK product on int8 per-block scales ("int8", the default:
@@ -56,10 +61,7 @@ FP8_QK_CHOICES = ("int8", "e4m3")
 
 def fp8_qk() -> str:
     """The QK operands of precision="fp8": `DIT_SPARSE_FP8_QK` ("int8", the default, or "e4m3")."""
-    value = os.environ.get(FP8_QK_ENV, "int8").strip() or "int8"
-    if value not in FP8_QK_CHOICES:
-        raise ValueError(f"{FP8_QK_ENV} must be one of {FP8_QK_CHOICES}, got {value!r}")
-    return value
+    return _env_choice(FP8_QK_ENV, FP8_QK_CHOICES)
 
 
 def qk_format(precision: str) -> str:
