@@ -470,7 +470,7 @@ PRECISION_VARIANTS = (
 #: `--quick`: the defaults of each precision and fp8's PV alternative.
 QUICK_VARIANTS = ("auto bf16", "triton bf16", "fp8 int8-QK fp8-PV", "fp8 int8-QK bf16-PV", "fp8 e4m3-QK fp8-PV",
                   "int8 fp16-PV")
-PRECISION_SHAPES = ("wan13", "wan14", "hunyuan")
+PRECISION_SHAPES = ("wan13", "wan14", "hunyuan", "tiny")  # tiny: the accuracy of q, k, v captured from the tiny model
 
 
 class _switches:
@@ -519,6 +519,71 @@ def realistic_inputs(layout, heads: int, head_dim: int, device, dtype=torch.bflo
 def _cosine_rel_l2(out, expected):
     a, b = out.float().flatten(), expected.float().flatten()
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0)), float((a - b).norm() / b.norm())
+
+
+#: (layer, step) of the shipped tiny model's self-attention calls whose q, k, v the accuracy table also takes (of its
+#: 6 layers and 25 steps: the first, a middle and the last layer, early, middle and late in the denoising)
+CAPTURED_CALLS = ((0, 0), (2, 12), (5, 24))
+
+
+def tiny_captures(device, calls=CAPTURED_CALLS, steps: int = 25, size=(81, 160, 160)
+                  ) -> tuple[list[tuple[str, object, tuple]], str | None]:
+    """([(name, layout, (q, k, v))], why none): the q, k, v (B, S, H, D) bf16 of the self-attention `calls` (layer,
+    step) from one render of the shipped tiny model (by default at its training size and steps; the quality suite's
+    first prompt, seed 0; the first call of each step, the conditional one), observed on the way through dense
+    attention."""
+    from dit_sparse import hooks
+    from dit_sparse.eval.suites import tiny_suite
+    from dit_sparse.pipelines import tiny
+    from dit_sparse.pipelines.adapters import find_adapter
+
+    if not tiny.available():
+        return [], f"no tiny model at {tiny.MODEL_DIR}"
+    pipe = tiny.load(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    captured = {}
+
+    def observer(layer, step, layout, q, k, v):
+        if (layer, step) in calls and (layer, step) not in captured:
+            captured[layer, step] = (layout, tuple(x.transpose(1, 2).to(torch.bfloat16).contiguous()
+                                                   for x in (q, k, v)))
+
+    with hooks.observe(pipe.transformer, find_adapter(pipe.transformer), observer):
+        frames, height, width = size
+        pipe(tiny_suite().prompts[0].prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+             generator=torch.Generator(device).manual_seed(0), output_type="latent")
+    del pipe
+    return [(f"tiny layer {layer} step {step}", *captured[layer, step]) for layer, step in sorted(captured)], None
+
+
+def run_captured_accuracy(variants, accuracy: list, notes: list) -> None:
+    """The accuracy table's rows for q, k, v captured from the tiny model: each low-precision variant against the
+    reference on a random 0.25-density mask and the radial mask of the tiny layout (blocks of 64)."""
+    from dit_sparse.attention import sparse_attention
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    captures, why = tiny_captures(device)
+    if why:
+        notes.append(f"tiny-model captured q/k/v: skipped, {why}")
+    for name, layout, (q, k, v) in captures:
+        masks = [("random 0.25", load_pattern("random_blocks")(layout, density=0.25, block_size=64)),
+                 ("radial", load_pattern("radial")(layout, block_size=64, decay_factor=1.0))]
+        for mask_name, mask in masks:
+            mask = mask.to(device)
+            expected = sparse_attention(q, k, v, mask, layout, backend="reference")
+            for column, precision, pv, qk, backend in variants:
+                if precision == "bf16":
+                    continue
+                with _switches(pv, qk):
+                    out = _try(lambda: sparse_attention(q, k, v, mask, layout, backend=backend, precision=precision),
+                               notes, f"{name} accuracy {column}")
+                if out is None:
+                    continue
+                cosine, rel = _cosine_rel_l2(out, expected)
+                accuracy.append(dict(shape="tiny", label=name, mask=mask_name, density=round(mask.density, 4),
+                                     inputs=name, variant=column, cosine=cosine, rel_l2=rel,
+                                     within_bounds=cosine >= 0.999 and rel <= 0.03))
+                print(f"[tiny] accuracy {mask_name} {name} {column:22s} cosine {cosine:.6f} rel L2 {rel:.4f}",
+                      flush=True)
 
 
 def run_precision_shape(name: str, densities, variants, args, rows: list, accuracy: list, notes: list):
@@ -655,7 +720,7 @@ def main_precision(args, argv, how: str) -> int:
     except Exception as error:
         sage_version = f"unavailable ({type(error).__name__})"
     variants = [v for v in PRECISION_VARIANTS if not args.quick or v[0] in QUICK_VARIANTS]
-    shapes = [s for s in args.shapes if s in PRECISION_SHAPES or s in SMOKE_SHAPES] or list(PRECISION_SHAPES)
+    shapes = [s for s in args.shapes or PRECISION_SHAPES if s in PRECISION_SHAPES or s in SMOKE_SHAPES]
     if args.smoke:
         variants = [("reference bf16", "bf16", None, None, "reference"),
                     ("reference fp8", "fp8", "fp8", "int8", "reference")]
@@ -673,8 +738,11 @@ def main_precision(args, argv, how: str) -> int:
         if time.time() - start > args.time_budget:
             result["notes"].append(f"{name}: skipped, the run passed its time budget of {args.time_budget} s")
             continue
-        run_precision_shape(name, args.densities, variants, args, result["rows"], result["accuracy"],
-                            result["notes"])
+        if name == "tiny":
+            run_captured_accuracy(variants, result["accuracy"], result["notes"])
+        else:
+            run_precision_shape(name, args.densities, variants, args, result["rows"], result["accuracy"],
+                                result["notes"])
         result["seconds"] = round(time.time() - start, 1)
         (out / f"attention-precision-{tag}-{date}.json").write_text(json.dumps(result, indent=1))
         (out / f"attention-precision-{tag}-{date}.md").write_text(precision_markdown(result))
@@ -688,7 +756,8 @@ def main_precision(args, argv, how: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(SMOKE_SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=None, choices=[*SHAPES, *SMOKE_SHAPES, "tiny"],
+                        help="default: every real shape (with --precision, and `tiny`: captured q/k/v accuracy)")
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--backends", nargs="+", default=["auto", "triton"])
     parser.add_argument("--no-fa4", dest="fa4", action="store_false")
@@ -707,17 +776,20 @@ def main(argv=None) -> int:
     how = ensure_importable()
     print(f"dit_sparse from: {how}", flush=True)
     if args.precision:
-        if args.smoke:
-            args.shapes, args.fa4 = list(SMOKE_SHAPES), False
+        if args.smoke:  # the smoke shapes, and the tiny model's captured q/k/v when asked for
+            args.shapes, args.fa4 = [*SMOKE_SHAPES, *(["tiny"] if "tiny" in (args.shapes or ()) else [])], False
         elif not torch.cuda.is_available():
             print("no CUDA GPU: nothing to benchmark (--smoke runs the script's logic on CPU)")
             return 1
         return main_precision(args, argv, how)
+    if args.shapes and "tiny" in args.shapes:
+        parser.error("--shapes tiny (the tiny model's captured q/k/v) goes with --precision")
     if args.smoke:
         args.shapes, args.backends, args.fa4, args.flex = list(SMOKE_SHAPES), ["reference"], False, False
     elif not torch.cuda.is_available():
         print("no CUDA GPU: nothing to benchmark (--smoke runs the script's logic on CPU)")
         return 1
+    args.shapes = args.shapes or list(SHAPES)
     try:
         import flash_attn.cute  # noqa: F401
 

@@ -27,7 +27,8 @@ Each row reports the density actually run (mean kept fraction over every self-at
 its caption vocabulary), `--seeds K` seeds 0..K-1; the dense video of each (prompt, seed) is rendered once and reused
 by every row. `--block-sizes` runs every row per block size (tiles of one block: (1, 4, 4) for 16, (1, 4, 8) for 32).
 `--variants` runs every row per option set given to the method's config (`plain`: none, `compensate`:
-`compensate=True`, `recall0.9`: `min_recall=0.9`); a config without such a field skips that variant, saying so.
+`compensate=True`, `recall0.9`: `min_recall=0.9`, `fp8` / `int8`: `precision=...`, on the CPU through the
+reference backend's emulation); a config without such a field skips that variant, saying so.
 `--warmup`: per method and target density, `dense_steps` at 0/10/20/30% of the steps x `dense_layers` 0/1/2, with the
 official settings (radial 12 of 50 steps and 1 layer; Sparse VideoGen2, `reorder` cluster, 30% of the steps) as
 anchors; each row gives PSNR, the attention work (the mean kept fraction, dense calls counting 1) and PSNR per unit
@@ -61,7 +62,8 @@ VDIT_MAX_ERRORS = (0.05, 0.1, 0.2, 0.4)
 #: draft / vdit tiles of one block, per block size
 TILES = {16: (1, 4, 4), 32: (1, 4, 8), 64: (1, 8, 8), 128: (1, 8, 16)}
 #: option sets given to every method's config, per variant name
-VARIANTS = {"plain": {}, "compensate": {"compensate": True}, "recall0.9": {"min_recall": 0.9}}
+VARIANTS = {"plain": {}, "compensate": {"compensate": True}, "recall0.9": {"min_recall": 0.9},
+            "fp8": {"precision": "fp8"}, "int8": {"precision": "int8"}}
 #: the dense warm-up grid: dense_steps as a share of the steps, dense_layers
 WARMUP_STEP_SHARES = (0.0, 0.1, 0.2, 0.3)
 WARMUP_LAYERS = (0, 1, 2)
@@ -261,7 +263,11 @@ def main(argv=None) -> int:
                 args.budget_s is not None and time.time() - start > args.budget_s):
             raise _OutOfBudget(f"--max-videos {args.max_videos}" if args.max_videos is not None else
                                f"--budget-s {args.budget_s}")
-        options = dict(options, **VARIANTS[variant])
+        # each variant against the same plain row: compensation only where the variant asks for it, whatever the
+        # method's default
+        options = dict(options, **{"compensate": False, **VARIANTS[variant]})
+        if options.get("precision", "bf16") != "bf16" and args.device == "cpu":
+            options["backend"] = "reference"  # the CPU emulates low precision only where asked for by name
         if not supported_options(method, VARIANTS[variant]):
             skipped.append(f"{name} {variant}: the {method.split('-')[0]} config has no {sorted(VARIANTS[variant])}")
             return None
@@ -400,7 +406,8 @@ def markdown(result: dict) -> str:
         "`density`: the mean kept fraction over every self-attention call (the kernel's work; dense calls count 1). "
         "Radial and the neighborhood windows reach a density through their decay factor or window (the nearest on a "
         "grid); vdit's through its search bound, listed under the nearest target. `variant`: the options added to "
-        "each method's config (plain: none; compensate: `compensate=True`; recall0.9: `min_recall=0.9`).",
+        "each method's config (plain: none; compensate: `compensate=True`; recall0.9: `min_recall=0.9`; fp8 / int8: "
+        "`precision=...`, on a CPU through the reference backend's emulation of the kernel's quantization).",
         *(["", f"**Note:** {result['note']}"] if result.get("note") else []),
         *(["", f"**Stopped:** {result['stopped']}"] if result.get("stopped") else []),
         *[f"\n{note}." for note in result.get("metric_notes", [])],

@@ -63,3 +63,15 @@ def test_warmup_sweeps_dense_steps_and_layers_and_marks_the_official_setting(tmp
     assert grid[(0, 0)]["density"] < grid[(1, 0)]["density"] < 1
     assert grid[(0, 0)]["density"] < grid[(0, 1)]["density"] < grid[(0, 2)]["density"] == 1.0
     assert all(r["psnr_per_work"] == round(r["psnr_db"] / r["density"], 3) for r in rows if r["psnr_db"] != float("inf"))
+
+
+def test_low_precision_variant_runs_the_reference_emulation_on_cpu(tmp_path):
+    argv = ["--random", "--size", "9,64,64", "--methods", "radial", "--densities", "0.5", "--steps", "1", "--prompts",
+            "1", "--variants", "plain,fp8", "--out", str(tmp_path)]
+    assert quality.main(argv) == 0
+    (path,) = tmp_path.glob("quality-random-subset-cpu-*.json")
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["fp8"]["options"]["precision"] == "fp8" and rows["fp8"]["options"]["backend"] == "reference"
+    assert "precision" not in rows["plain"]["options"]
+    assert rows["fp8"]["density"] == rows["plain"]["density"]  # the same mask, in other arithmetic
+    assert rows["fp8"]["psnr_db"] != rows["plain"]["psnr_db"]
