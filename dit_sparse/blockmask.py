@@ -391,5 +391,5 @@ def _block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:
     """Tokens in each block, the last one short when seq_len is not a multiple."""
     n = math.ceil(seq_len / block_size)
     sizes = torch.full((n,), float(block_size), dtype=torch.float64, device=device)
-    sizes[-1] = seq_len - (n - 1) * block_size
+    sizes[-1:].fill_(seq_len - (n - 1) * block_size)  # a fill, not a copy from the host: no sync on a GPU
     return sizes

@@ -324,7 +324,7 @@ def block_means(x: torch.Tensor, block_size: int, permutation: torch.Tensor | No
         sums.append(x[:, full * block_size:].sum(1, keepdim=True, dtype=torch.float32))
     sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # (B, n_blocks, H, D)
     counts = torch.full((sums.shape[1],), float(block_size), device=x.device)
-    counts[-1] = seq_len - (sums.shape[1] - 1) * block_size
+    counts[-1:].fill_(seq_len - (sums.shape[1] - 1) * block_size)  # a fill, not a host copy: no sync
     return sums / counts[:, None, None], counts
 
 

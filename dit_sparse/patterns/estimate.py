@@ -44,7 +44,7 @@ def video_qk(layout, q: torch.Tensor | None, k: torch.Tensor | None, method: str
 def _block_sizes(seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
     n = math.ceil(seq_len / block_size)
     sizes = torch.full((n,), float(block_size), device=device)
-    sizes[-1] = seq_len - (n - 1) * block_size
+    sizes[-1:].fill_(seq_len - (n - 1) * block_size)  # a fill, not a copy from the host: no sync
     return sizes
 
 
