@@ -21,6 +21,12 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     from dit_sparse.cli import add_stack_arguments  # --cache, --fp8, --compile: one meaning in render and eval
 
     add_stack_arguments(evaluate)
+    evaluate.add_argument(
+        "--stacks", nargs="+", default=None, metavar="SPEC",
+        help=f"compare stacks in one run: each method rendered once per stack, a report row each; a SPEC is "
+             f"{render.STACK_SPEC_HELP} (e.g. --stacks none cache=first_block:threshold=0.1 cache=taylorseer+fp8); "
+             "not with --cache, --fp8, --compile",
+    )  # fmt: skip
     model_size = (f"the tiny trained model's own: {render.DEFAULT_FRAMES} frames, {render.DEFAULT_HEIGHT} px, "
                   f"{tiny.DEFAULT_STEPS} steps; other models: {DEFAULT_FRAMES} frames, {DEFAULT_SIZE} px, "
                   f"{DEFAULT_STEPS} steps")
@@ -55,7 +61,7 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from dit_sparse.eval import metrics
     from dit_sparse.eval.report import write_report
-    from dit_sparse.eval.runner import make_plan, method_means, render_all, score_videos, score_workers
+    from dit_sparse.eval.runner import make_plan, method_means, render_all, row_label, score_videos, score_workers
     from dit_sparse.pipelines.models import resolve_model_label
 
     plan = make_plan(
@@ -63,7 +69,7 @@ def run_eval(args: argparse.Namespace) -> int:
         seeds=args.seeds, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
         guidance=args.guidance, fps=args.fps, device=args.device, dtype=args.dtype, warmup_steps=args.warmup_steps,
         output_dir=args.output_dir, cache_dir=args.cache_dir, side_by_side_videos=args.side_by_side_videos,
-        stack=render.stack_from_args(args),
+        stack=render.stack_from_args(args), stacks=args.stacks,
     )  # fmt: skip
     score_workers(1, args.score_workers)  # a bad value fails before anything renders
     render.check_output_dir(plan.output_dir)
@@ -78,10 +84,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if model_note:
         print(model_note)
         notes.append(model_note.removeprefix("note: "))
-    videos = len(plan.videos())
+    videos, rows = len(plan.videos()), plan.rows()
     print(
         f"model: {plan.model_label}; suite {plan.suite.name} ({len(plan.suite.prompts)} prompts) x {len(plan.seeds)} "
-        f"seed(s); baseline + {', '.join(m.name for m in plan.methods)}: {videos * (1 + len(plan.methods))} videos"
+        f"seed(s); baseline + {', '.join(row.label for row in rows)}: {videos * (1 + len(rows))} videos"
     )
     finished = render_all(plan)
     optional, skipped = metrics.optional_metrics(plan.device)
@@ -91,13 +97,14 @@ def run_eval(args: argparse.Namespace) -> int:
     results = score_videos(plan, finished, optional, workers=args.score_workers)
     means = method_means(plan, results)
     files = write_report(plan, results, means, notes)
-    print(f"\n{'method':<14} {'density':>8} {'s/step':>8} {'speedup':>8} {'PSNR':>9} {'SSIM':>7}")
+    width = max(14, *(len(row_label(mean)) + 1 for mean in means))
+    print(f"\n{'method':<{width}} {'density':>8} {'s/step':>8} {'speedup':>8} {'PSNR':>9} {'SSIM':>7}")
     for mean in means:
         density = "-" if mean["density"] is None else f"{mean['density']:.3f}"
         step = "-" if mean["seconds_per_step"] is None else f"{mean['seconds_per_step']:.3f}"
         speed = "-" if mean["step_speedup"] is None else f"{mean['step_speedup']:.2f}x"
         psnr = "-" if mean["psnr"] is None else ("inf" if mean["psnr"] == float("inf") else f"{mean['psnr']:.2f}")
         ssim = "-" if mean["ssim"] is None else f"{mean['ssim']:.4f}"
-        print(f"{mean['method']:<14} {density:>8} {step:>8} {speed:>8} {psnr:>9} {ssim:>7}")
+        print(f"{row_label(mean):<{width}} {density:>8} {step:>8} {speed:>8} {psnr:>9} {ssim:>7}")
     print(f"report: {os.path.join(plan.output_dir, 'report.html')} (and report.md, results.json, results.csv)")
     return 0

@@ -250,9 +250,10 @@ def check_stack(stack: dict) -> dict:
 
     if not isinstance(stack, dict) or set(stack) - {"cache", "fp8", "compile"}:
         raise ValueError(f"stack must be an object with keys among cache, fp8, compile, got {stack!r}")
+    cache = None
     if stack.get("cache") is not None:
-        stacking.parse_cache(stack["cache"])
-    stacking.check_compile(stack.get("compile"))
+        cache = stacking.CachePlan(stacking.parse_cache(stack["cache"])[0])
+    stacking.check_compile(stack.get("compile"), cache)
     if stack.get("fp8") not in (None, True, False):
         raise ValueError(f"fp8 must be true or false, got {stack['fp8']!r}")
     return {name: value for name, value in stack.items() if value not in (None, False)}
@@ -262,6 +263,50 @@ def stack_from_args(args: argparse.Namespace) -> dict:
     """The stack of `--cache SPEC`, `--fp8` and `--compile MODE`."""
     return check_stack({"cache": getattr(args, "cache", None), "fp8": getattr(args, "fp8", False),
                         "compile": getattr(args, "compile", None)})
+
+
+#: What a `--stacks` entry may be (`parse_stack_spec`).
+STACK_SPEC_HELP = ("none (the method alone) or items joined by '+': cache=NAME[:KEY=VALUE...], fp8, "
+                   "compile=regional|full")
+
+
+def parse_stack_spec(text: str) -> dict:
+    """The stack a `--stacks` entry names: `none` (the method alone) or items joined by `+`: `cache=SPEC` (SPEC as
+    `--cache` takes it), `fp8`, `compile=regional|full`; checked by `check_stack`. A bad entry is a ValueError
+    naming it and what is allowed."""
+    if not isinstance(text, str):
+        raise ValueError(f"a stack spec must be a string ({STACK_SPEC_HELP}), got {text!r}")
+    if text.strip() == "none":
+        return {}
+    stack = {}
+    for item in (part.strip() for part in text.split("+")):
+        name, sep, value = item.partition("=")
+        if (name, bool(sep)) not in (("cache", True), ("compile", True), ("fp8", False)) or (sep and not value):
+            raise ValueError(f"--stacks entry {text!r}: {item!r} is not a stack item; allowed: {STACK_SPEC_HELP}")
+        if name in stack:
+            raise ValueError(f"--stacks entry {text!r} names {name} twice; allowed: {STACK_SPEC_HELP}, each once")
+        stack[name] = True if name == "fp8" else value
+    try:
+        return check_stack(stack)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--stacks entry {text!r}: {exc}") from exc
+
+
+def stack_spec(stack: dict) -> str:
+    """The `--stacks` entry of a checked stack (`parse_stack_spec`'s inverse): "none" for the empty stack."""
+    items = [f"cache={stack['cache']}"] if stack.get("cache") else []
+    items += ["fp8"] if stack.get("fp8") else []
+    items += [f"compile={stack['compile']}"] if stack.get("compile") else []
+    return "+".join(items) or "none"
+
+
+def stack_label(method: str, stack: dict) -> str:
+    """A report row's name: the method, then each part of its stack after " + " (`radial + first_block:threshold=0.1
+    + fp8`); the method alone keeps its plain name."""
+    parts = [stack["cache"]] if stack.get("cache") else []
+    parts += ["fp8"] if stack.get("fp8") else []
+    parts += [f"compile={stack['compile']}"] if stack.get("compile") else []
+    return " + ".join([method, *parts])
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import platform
 
 import numpy as np
 
-from dit_sparse.eval.runner import BASELINE, RESULT_FIELDS, EvalPlan
+from dit_sparse.eval.render import stack_spec
+from dit_sparse.eval.runner import BASELINE, CACHE_FIELDS, RESULT_FIELDS, EvalPlan, row_label
 from dit_sparse.files import write_atomic
 from dit_sparse.pipelines.models import RANDOM_WEIGHTS, TINY, TINY_RANDOM, random_weights_origin
 
@@ -41,6 +42,7 @@ METRIC_NOTES = [
     ("speedup", "baseline time over method time, end to end and per step (ratios of totals over the same videos)"),
     ("attention share", "GPU only: time inside the self-attention modules (CUDA events) over the denoising time"),
     ("peak memory", "GPU: torch.cuda.max_memory_allocated; CPU: peak resident set size of the process, sampled"),
+    ("cache skipped", "under a step cache: the share of the self-attention computations the cache served instead"),
     ("PSNR", "dB against the baseline's frames (lossless), over all frames, pixels and channels; higher is closer"),
     ("SSIM", "Wang et al. 2004 (11x11 Gaussian, sigma 1.5) on BT.601 luma, per frame, averaged; 1 is identical"),
     ("LPIPS / CLIP", "learnt metrics, computed only when their package and weights are available offline"),
@@ -49,6 +51,12 @@ METRIC_NOTES = [
     ("dynamic", "VBench dynamic degree on Farneback flow instead of RAFT: the fraction of videos that move"),
     ("flow px", "mean Farneback flow magnitude between consecutive frames, pixels per frame"),
 ]
+
+
+def metric_notes(means: list[dict]) -> list[tuple[str, str]]:
+    """`METRIC_NOTES`, the cache's only where a row ran under one."""
+    cached = any(mean.get("cache_skip_share") is not None for mean in means)
+    return [(name, text) for name, text in METRIC_NOTES if name != "cache skipped" or cached]
 
 
 def _json_safe(value):
@@ -104,6 +112,7 @@ def describe_run(plan: EvalPlan, notes: list[str]) -> dict:
         "suite": {"name": plan.suite.name, "source": plan.suite.source, "prompts": len(plan.suite.prompts)},
         "methods": {m.name: m.options for m in plan.methods},
         **({"stack": plan.stack} if plan.stack else {}),
+        **({"stacks": list(plan.stacks)} if plan.stacks else {}),
         "settings": {
             "seeds": list(plan.seeds), "frames": plan.frames, "height": plan.height, "width": plan.width,
             "steps": plan.steps, "guidance": plan.guidance, "fps": plan.fps, "dtype": plan.dtype,
@@ -150,21 +159,29 @@ def reproduce_command(plan: EvalPlan) -> str:
             if defaults.get(key) != value:
                 text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
                 words.append(f"--option={spec.name}.{key}={text}")
+    if plan.stacks:
+        words += ["--stacks", *(stack_spec(stack) for stack in plan.stacks)]  # last: it takes the words after it
     return " ".join(shlex.quote(str(word)) for word in words)
 
 
 # ---- results files -----------------------------------------------------------------------------------------------
 def write_results(output_dir: str, run: dict, results: list[dict], means: list[dict]) -> None:
-    """results.json (run, per-video rows, per-method means) and results.csv (the rows, then the means)."""
+    """results.json (run, per-video rows, per-row means) and results.csv (the rows, then the means; in a `--stacks`
+    run also each row's label, stack (JSON) and cache skips)."""
     payload = {"run": run, "means": means, "videos": results}
     write_atomic(os.path.join(output_dir, "results.json"), json.dumps(_json_safe(payload), indent=1) + "\n")
     fields = [*RESULT_FIELDS, "identical", "config"]
+    if "stacks" in run:
+        fields[fields.index("method") + 1 : fields.index("method") + 1] = ["label", "stack"]
+        fields += CACHE_FIELDS
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in [*results, *means]:
         out = _json_safe({field: row.get(field) for field in fields})
         out["config"] = "" if row.get("config") is None else json.dumps(row["config"], sort_keys=True)
+        if "stack" in out:
+            out["stack"] = json.dumps(row["stack"], sort_keys=True)
         writer.writerow({key: "" if value is None else value for key, value in out.items()})
     write_atomic(os.path.join(output_dir, "results.csv"), buffer.getvalue())
 
@@ -180,13 +197,14 @@ PARETO_MARKERS = "osD^vP*X<>"
 
 
 def pareto_points(means: list[dict]) -> list[dict]:
-    """The methods' (speedup, PSNR) points; x is the per-step speedup where measured, else end to end."""
+    """The rows' (speedup, PSNR) points, each named by its row (`method`: the row label, a method with its stack in
+    a `--stacks` run); x is the per-step speedup where measured, else end to end."""
     points = []
     for mean in means:
         if mean["method"] == BASELINE or mean["psnr"] is None:
             continue
         speed = mean["step_speedup"] if mean["step_speedup"] is not None else mean["speedup"]
-        points.append({"method": mean["method"], "speedup": speed, "psnr": mean["psnr"], "density": mean["density"]})
+        points.append({"method": row_label(mean), "speedup": speed, "psnr": mean["psnr"], "density": mean["density"]})
     return points
 
 
@@ -201,7 +219,7 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 
 def pareto_plot(means: list[dict], path: str, title: str) -> str:
-    """Speedup vs PSNR per method (matplotlib, no pyplot), the Pareto front joined; infinite PSNR drawn at the top."""
+    """Speedup vs PSNR per row (matplotlib, no pyplot), the Pareto front joined; infinite PSNR drawn at the top."""
     from matplotlib.figure import Figure
 
     points = pareto_points(means)
@@ -214,7 +232,7 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     if len(front) > 1:
         axes.plot([p["speedup"] for p in front], [p["psnr"] for p in front], color="#fb8500", lw=1.5, zorder=1,
                   label="Pareto front")  # fmt: skip
-    # one colour and marker per method, named in the legend: labels beside close points would overlap
+    # one colour and marker per row, named in the legend: labels beside close points would overlap
     for index, point in enumerate(shown):
         density = "" if point["density"] is None else f", density {point['density']:.2f}"
         label = point["method"] + (" (identical)" if not math.isfinite(point["psnr"]) else "") + density
@@ -227,13 +245,17 @@ def pareto_plot(means: list[dict], path: str, title: str) -> str:
     axes.set_ylabel("PSNR vs baseline (dB, mean over videos)")
     axes.set_title(title, fontsize=9)
     axes.margins(x=0.25, y=0.15)
-    figure.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
+    # three entries a line fit labels of up to ~40 characters (a method's); a method with a stack needs fewer
+    longest = max((len(text) for text in axes.get_legend_handles_labels()[1]), default=0)
+    columns = 3 if longest <= 40 else 2 if longest <= 60 else 1
+    figure.legend(fontsize=8, loc="outside lower center", ncols=columns, frameon=False)
     return _save_figure(figure, path)
 
 
 def mask_plots(means: list[dict], folder: str) -> dict[str, str | None]:
     """Per method, a `plot_mask` PNG of its block mask at the eval's layout (head 0), or None with the reason kept
-    in the returned dict's `<method>:note`."""
+    in the returned dict's `<method>:note`. One per method: a stack leaves the mask as it is (the first of the
+    method's rows that recorded its layout draws it)."""
     from dit_sparse.layout import VideoLayout
     from dit_sparse.patterns import build_mask, is_static, make_config
     from dit_sparse.plot import plot_mask
@@ -241,7 +263,7 @@ def mask_plots(means: list[dict], folder: str) -> dict[str, str | None]:
     plots = {}
     for mean in means:
         name = mean["method"]
-        if name == BASELINE:
+        if name == BASELINE or plots.get(name):
             continue
         if mean["layout"] is None or mean["config"] is None:
             plots[name], plots[f"{name}:note"] = None, "no layout recorded"
@@ -277,8 +299,8 @@ def difference_gain(reference: np.ndarray, videos: dict[str, np.ndarray]) -> int
 
 
 def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int | None = None) -> np.ndarray:
-    """A grid video: one row per method, columns baseline | method | |method - baseline| x gain (`difference_gain`
-    when None); uint8 `(T, H', W', 3)`, padded to multiples of 16."""
+    """A grid video: one row per entry of `videos` (a method, or a method with a stack), columns baseline | method |
+    |method - baseline| x gain (`difference_gain` when None); uint8 `(T, H', W', 3)`, padded to multiples of 16."""
     gain = difference_gain(reference, videos) if gain is None else gain
     rows = []
     for name, video in videos.items():
@@ -293,8 +315,8 @@ def side_by_side(reference: np.ndarray, videos: dict[str, np.ndarray], gain: int
 
 
 def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> list[dict]:
-    """Per prompt (its first seed): the side-by-side mp4 (unless `plan.side_by_side_videos` is False: "video" is
-    then None) and a JPEG of its middle frame; returns their entries."""
+    """Per prompt (its first seed), a row per report row: the side-by-side mp4 (unless `plan.side_by_side_videos` is
+    False: "video" is then None) and a JPEG of its middle frame; returns their entries."""
     import cv2
 
     from dit_sparse.eval.render import slugify
@@ -304,9 +326,9 @@ def write_side_by_sides(plan: EvalPlan, results: list[dict], folder: str) -> lis
     entries = []
     seed = plan.seeds[0]
     for index, prompt in enumerate(plan.suite.prompts):
-        rows = {r["method"]: r for r in results if r["prompt"] == prompt.prompt and r["seed"] == seed}
+        rows = {row_label(r): r for r in results if r["prompt"] == prompt.prompt and r["seed"] == seed}
         reference = load_frames(plan, rows[BASELINE])
-        videos = {m.name: load_frames(plan, rows[m.name]) for m in plan.methods}
+        videos = {row.label: load_frames(plan, rows[row.label]) for row in plan.rows()}
         grid = side_by_side(reference, videos)
         stem = f"{index:02d}-{slugify(prompt.prompt)}"
         os.makedirs(folder, exist_ok=True)
@@ -332,7 +354,7 @@ def fmt(field: str, value) -> str:
         return f"{value:.2f}x"
     if field == "dynamic":
         return ("yes" if value else "no") if isinstance(value, bool) else f"{value:.2f}"
-    if field == "attention_share":
+    if field in ("attention_share", "cache_skip_share"):
         return f"{100 * value:.0f}%"
     if field == "peak_memory_mb":
         return f"{value:,.0f}"
@@ -346,11 +368,12 @@ def fmt(field: str, value) -> str:
     return str(value)
 
 
-#: (field, column title) of the summary table and of the per-method tables
+#: (field, column title) of the summary table and of the per-row tables (`method`: the row's label, `row_label`)
 SUMMARY_COLUMNS = [
     ("method", "method"), ("videos", "videos"), ("density", "density"), ("seconds", "seconds"),
     ("seconds_per_step", "s/step"), ("speedup", "speedup"), ("step_speedup", "step speedup"),
-    ("attention_share", "attention share"), ("peak_memory_mb", "peak MB"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
+    ("attention_share", "attention share"), ("cache_skip_share", "cache skipped"), ("peak_memory_mb", "peak MB"),
+    ("psnr", "PSNR dB"), ("ssim", "SSIM"),
     ("lpips", "LPIPS"), ("clip_score", "CLIP"), ("temporal_flickering", "flicker"),
     ("motion_smoothness", "smoothness"), ("dynamic", "dynamic"), ("flow_px", "flow px"),
 ]  # fmt: skip
@@ -366,12 +389,14 @@ def _present(columns, rows):
 
 def _setting_lines(run: dict) -> list[tuple[str, str]]:
     s = run["settings"]
+    stacks = run.get("stacks")
     return [
         ("model", run["model"]),
         ("suite", f"{run['suite']['name']}: {run['suite']['prompts']} prompts ({run['suite']['source']})"),
         ("settings", f"{s['frames']} frames at {s['width']}x{s['height']} px, {s['steps']} steps, guidance "
                      f"{s['guidance']}, seeds {s['seeds']}, {s['dtype']}, "
-                     f"{s['warmup_steps']} warm-up step(s) per method"),
+                     f"{s['warmup_steps']} warm-up step(s) per method{' and stack' if stacks else ''}"),
+        *((("stacks", f"{', '.join(map(stack_spec, stacks))}: each method once per stack"),) if stacks else ()),
         ("device", run["device"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in run["versions"].items())),
         ("date", run["date"]),
@@ -384,10 +409,15 @@ def _relative(path: str, output_dir: str) -> str:
 
 
 # ---- report.md ---------------------------------------------------------------------------------------------------
+def _cell(row: dict, field: str) -> str:
+    """A table cell of `row`; the `method` column names the row (`row_label`: with its stack in a `--stacks` run)."""
+    return fmt(field, row_label(row) if field == "method" else row.get(field))
+
+
 def _md_table(columns, rows) -> list[str]:
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(f, row.get(f)).replace("|", "\\|") for f, _ in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row, f).replace("|", "\\|") for f, _ in columns) + " |")
     return lines
 
 
@@ -401,16 +431,16 @@ def render_markdown(run, means, results, plan: EvalPlan, files: dict) -> str:
     lines += _md_table(_present(SUMMARY_COLUMNS, means), means)
     lines += ["", f"![speed vs PSNR]({_relative(files['pareto'], out)})", ""]
     lines += ["## Methods", ""]
-    for spec in plan.methods:
-        lines += [f"### {spec.name}", "", f"Options: `{json.dumps(spec.options, sort_keys=True)}`", ""]
-        if plan.stack:
-            lines += [f"Stacked on it (`optimize`): `{json.dumps(plan.stack, sort_keys=True)}`", ""]
-        mask = files["masks"].get(spec.name)
+    for spec in plan.rows():
+        lines += [f"### {spec.label}", "", f"Options: `{json.dumps(spec.options, sort_keys=True)}`", ""]
+        if spec.stack:
+            lines += [f"Stacked on it (`optimize`): `{json.dumps(spec.stack, sort_keys=True)}`", ""]
+        mask = files["masks"].get(spec.method)
         if mask:
-            lines += [f"![{spec.name} mask]({_relative(mask, out)})", ""]
-        elif files["masks"].get(f"{spec.name}:note"):
-            lines += [f"No mask plot: {files['masks'][spec.name + ':note']}.", ""]
-        rows = [r for r in results if r["method"] == spec.name]
+            lines += [f"![{spec.method} mask]({_relative(mask, out)})", ""]
+        elif files["masks"].get(f"{spec.method}:note"):
+            lines += [f"No mask plot: {files['masks'][spec.method + ':note']}.", ""]
+        rows = [r for r in results if row_label(r) == spec.label]
         lines += _md_table(_present(VIDEO_COLUMNS, rows), rows) + [""]
     lines += ["## Side by side", "", "Each row: baseline | method | |method - baseline| amplified by the gain in its "
               "label. Videos are for viewing (H.264); the metrics use the lossless frames.", ""]
@@ -418,7 +448,7 @@ def render_markdown(run, means, results, plan: EvalPlan, files: dict) -> str:
         video = f": [video]({_relative(entry['video'], out)})" if entry["video"] else " (middle frame; no video)"
         lines += [f"**{entry['prompt']}** (seed {entry['seed']}){video}", "",
                   f"![{entry['prompt']}]({_relative(entry['still'], out)})", ""]  # fmt: skip
-    lines += ["## What the columns mean", ""] + [f"- **{name}**: {text}" for name, text in METRIC_NOTES]
+    lines += ["## What the columns mean", ""] + [f"- **{name}**: {text}" for name, text in metric_notes(means)]
     if run["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in run["notes"]]
     return "\n".join(lines) + "\n"
@@ -447,7 +477,7 @@ def _html_table(columns, rows) -> str:
     for row in rows:
         cells = []
         for field, _ in columns:
-            value = fmt(field, row.get(field))
+            value = _cell(row, field)
             cls = "" if field in ("method", "prompt") else ' class="num"'
             cells.append(f"<td{cls}>{html.escape(value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -471,17 +501,17 @@ def render_html(run, means, results, plan: EvalPlan, files: dict) -> str:
               "<figcaption>Speed against fidelity; the Pareto front joins the methods no other beats on both."
               "</figcaption></figure></div>"]  # fmt: skip
     parts.append("<h2>Methods</h2>")
-    for spec in plan.methods:
+    for spec in plan.rows():
         options = esc(json.dumps(spec.options, sort_keys=True))
-        parts.append(f"<h3>{esc(spec.name)}</h3><p>Options: <code>{options}</code></p>")
-        mask = files["masks"].get(spec.name)
+        parts.append(f"<h3>{esc(spec.label)}</h3><p>Options: <code>{options}</code></p>")
+        mask = files["masks"].get(spec.method)
         if mask:
-            parts.append(f"<figure class='mask'><img src='{esc(_relative(mask, out))}' alt='{esc(spec.name)} mask'>"
+            parts.append(f"<figure class='mask'><img src='{esc(_relative(mask, out))}' alt='{esc(spec.method)} mask'>"
                          "<figcaption>Kept key blocks per query block (head 0) at this eval's layout."
                          "</figcaption></figure>")  # fmt: skip
-        elif files["masks"].get(f"{spec.name}:note"):
-            parts.append(f"<p>No mask plot: {esc(files['masks'][spec.name + ':note'])}.</p>")
-        rows = [r for r in results if r["method"] == spec.name]
+        elif files["masks"].get(f"{spec.method}:note"):
+            parts.append(f"<p>No mask plot: {esc(files['masks'][spec.method + ':note'])}.</p>")
+        rows = [r for r in results if row_label(r) == spec.label]
         parts.append(_html_table(_present(VIDEO_COLUMNS, rows), rows))
     parts.append("<h2>Side by side</h2><p>Each row: baseline | method | |method &minus; baseline| amplified by the "
                  "gain in its label (one per prompt, a power of two). Videos are for viewing (H.264); the metrics use "
@@ -496,7 +526,7 @@ def render_html(run, means, results, plan: EvalPlan, files: dict) -> str:
         parts.append(f"<figure class='sbs'><figcaption><b>{esc(entry['prompt'])}</b> (seed {entry['seed']})"
                      f"</figcaption>{view}</figure>")  # fmt: skip
     parts.append("<h2>What the columns mean</h2><ul>" + "".join(
-        f"<li><b>{esc(name)}</b>: {esc(text)}</li>" for name, text in METRIC_NOTES) + "</ul>")  # fmt: skip
+        f"<li><b>{esc(name)}</b>: {esc(text)}</li>" for name, text in metric_notes(means)) + "</ul>")  # fmt: skip
     if run["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in run["notes"]) + "</ul>")
     parts.append("</body></html>")

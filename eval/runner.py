@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dit_sparse import stack as stacking
 from dit_sparse.eval import render
 from dit_sparse.eval.render import MANIFEST_NAME
 from dit_sparse.eval.suites import Suite, SuitePrompt, load_suite
@@ -76,6 +77,20 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class EvalRow:
+    """One row of the report: a method with the stack `optimize` puts on it (empty: the method alone), named by
+    `label` (`render.stack_label` in a `--stacks` run, else the method's name)."""
+
+    label: str
+    method: str
+    options: dict
+    stack: dict
+
+
+BASELINE_ROW = EvalRow(BASELINE, BASELINE, {}, {})
+
+
+@dataclass(frozen=True)
 class EvalPlan:
     """Everything one eval renders and how; built and checked by `make_plan` before any model is loaded."""
 
@@ -97,12 +112,21 @@ class EvalPlan:
     cache_dir: str
     side_by_side_videos: bool = True  # False: the report's side-by-sides are still frames only (no mp4s)
     stack: dict = dataclasses.field(default_factory=dict)  # what optimize stacks on every method (`--cache`, ...)
+    #: `--stacks`: each method is rendered once per stack, a report row each; empty: one row per method, `stack` on it
+    stacks: tuple[dict, ...] = ()
 
-    def job(self, prompt: str, seed: int, method: str, options: dict) -> render.RenderJob:
+    def rows(self) -> list[EvalRow]:
+        """The report's rows after the baseline: per method, one per stack of `stacks` (method-major), or one with
+        `stack` when `stacks` is empty."""
+        if not self.stacks:
+            return [EvalRow(m.name, m.name, m.options, self.stack) for m in self.methods]
+        return [EvalRow(render.stack_label(m.name, stack), m.name, m.options, stack)
+                for m in self.methods for stack in self.stacks]  # fmt: skip
+
+    def job(self, prompt: str, seed: int, row: EvalRow) -> render.RenderJob:
         return render.RenderJob(
-            prompt=prompt, seed=seed, method=method, options=options, frames=self.frames, height=self.height,
-            width=self.width, steps=self.steps, guidance=self.guidance, model=self.model_label,
-            stack=self.stack if method != BASELINE else {},
+            prompt=prompt, seed=seed, method=row.method, options=row.options, frames=self.frames, height=self.height,
+            width=self.width, steps=self.steps, guidance=self.guidance, model=self.model_label, stack=row.stack,
         )  # fmt: skip
 
     def videos(self) -> list[tuple[SuitePrompt, int]]:
@@ -110,12 +134,9 @@ class EvalPlan:
         return [(prompt, seed) for prompt in self.suite.prompts for seed in self.seeds]
 
     def jobs(self) -> list[render.RenderJob]:
-        """Per (prompt, seed): the baseline, then each method."""
-        jobs = []
-        for prompt, seed in self.videos():
-            jobs.append(self.job(prompt.prompt, seed, BASELINE, {}))
-            jobs += [self.job(prompt.prompt, seed, m.name, m.options) for m in self.methods]
-        return jobs
+        """Per (prompt, seed): the baseline, then each row."""
+        return [self.job(prompt.prompt, seed, row) for prompt, seed in self.videos()
+                for row in [BASELINE_ROW, *self.rows()]]  # fmt: skip
 
     def video_key(self, job: render.RenderJob) -> dict:
         return video_key(job, self.device, self.dtype)
@@ -177,6 +198,24 @@ def parse_seeds(text) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def parse_stacks(specs) -> tuple[dict, ...]:
+    """The stacks of `--stacks` (each a spec `render.parse_stack_spec` reads, or a stack dict); none given, or one
+    stack given twice (in any spelling: `fp8+cache=pab` is `cache=pab+fp8`), is a ValueError."""
+    specs = list(specs)
+    if not specs:
+        raise ValueError(f"--stacks must name at least one stack: {render.STACK_SPEC_HELP}")
+    seen, stacks = {}, []
+    for spec in specs:
+        stack = render.check_stack(spec) if isinstance(spec, dict) else render.parse_stack_spec(spec)
+        cache = stack.get("cache")
+        identity = json.dumps({**stack, **({"cache": stacking.parse_cache(cache)} if cache else {})}, sort_keys=True)
+        if identity in seen:
+            raise ValueError(f"--stacks {spec!r} is the same stack as {seen[identity]!r}: give each stack once")
+        seen[identity] = spec
+        stacks.append(stack)
+    return tuple(stacks)
+
+
 def parse_method_options(pairs: list[str], methods: list[str], block_size: int | None) -> dict[str, dict]:
     """Per method, its options from `--option METHOD.KEY=VALUE` and `--block-size` (every method with a
     `block_size` field, unless set for it by --option); each method's config is built, so bad values fail here."""
@@ -225,11 +264,18 @@ def make_plan(
     cache_dir: str | None = None,
     side_by_side_videos: bool = True,
     stack: dict | None = None,
+    stacks: list | None = None,
 ) -> EvalPlan:
     """A checked `EvalPlan`; every bad input is a ValueError naming the value and what is allowed. `frames`,
-    `height`, `width`, `steps` left None take the model's defaults (`settings_for`)."""
+    `height`, `width`, `steps` left None take the model's defaults (`settings_for`). `stack`: one stack on every
+    method (`--cache`, `--fp8`, `--compile`); `stacks`: several, each method rendered once per stack (`--stacks`);
+    not both."""
     names = parse_methods(methods)
     stack = render.check_stack(stack or {})
+    if stacks is not None and stack:
+        raise ValueError(f"--stacks {' '.join(map(str, stacks))} cannot be combined with --cache, --fp8 or --compile "
+                         f"(given: {render.stack_spec(stack)}): put that stack in --stacks instead")
+    stacks = () if stacks is None else parse_stacks(stacks)
     method_options = parse_method_options(list(options), names, block_size)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not np.isfinite(guidance):
         raise ValueError(f"guidance must be a number, got {guidance!r}")
@@ -249,6 +295,7 @@ def make_plan(
         suite=load_suite(suite),
         methods=tuple(MethodSpec(name, method_options[name]) for name in names),
         stack=stack,
+        stacks=stacks,
         seeds=parse_seeds(seeds),
         frames=render.check_frames(frames),
         height=render.check_size("height", height),
@@ -419,10 +466,12 @@ def render_timed(pipe, job: render.RenderJob, device: str) -> tuple[np.ndarray, 
             start = probe._now()
             frames = _call_pipe(pipe, job, job.steps, probe.step_end if has_callback else None)
             end = probe._now()
-        density, config, layout = 1.0, None, None
+        density, config, layout, cached = 1.0, None, None, {}
         if job.method != BASELINE:
-            density = dit_sparse.sparsity_stats(pipe)["density"]
+            counts = dit_sparse.sparsity_stats(pipe)
+            density = counts["density"]
             config, layout = _session_details(pipe)
+            cached = {name: counts[name] for name in CACHE_FIELDS if name in counts}
     finally:
         probe.close()
         if job.method != BASELINE:
@@ -444,6 +493,7 @@ def render_timed(pipe, job: render.RenderJob, device: str) -> tuple[np.ndarray, 
         "attention_share": attention / denoise if attention is not None and denoise else None,
         "peak_memory_mb": None if peak is None else peak / 2**20,
         "memory_source": "torch.cuda.max_memory_allocated" if cuda else ("peak RSS (sampled)" if peak else None),
+        **cached,  # under a step cache: the self-attention computations it served instead (`sparsity_stats`)
     }
     return to_uint8(frames), stats
 
@@ -561,10 +611,11 @@ def render_all(plan: EvalPlan, pipe=None, log=print) -> dict[str, dict]:
         pipe = load_eval_model(plan)
     warmed = set()
     for job in tqdm(pending, desc="eval videos", unit="video"):
-        if job.method not in warmed and plan.warmup_steps > 0:
+        warm_key = (job.method, json.dumps(job.stack, sort_keys=True))  # each stack its own warm-up (compilation)
+        if warm_key not in warmed and plan.warmup_steps > 0:
             warm = dataclasses.replace(job, steps=plan.warmup_steps)
             render_timed(pipe, warm, plan.device)
-            warmed.add(job.method)
+            warmed.add(warm_key)
         _, row = render_into_cache(pipe, job, plan.device, plan.dtype, plan.cache_dir)
         finished[row["hash"]] = row
     return finished
@@ -577,6 +628,11 @@ RESULT_FIELDS = (
     "attention_share", "peak_memory_mb", "psnr", "ssim", "lpips", "clip_score", "temporal_flickering",
     "motion_smoothness", "dynamic", "flow_px",
 )  # fmt: skip
+
+
+#: what a video rendered under a step cache adds (in a `--stacks` run): the self-attention computations the cache
+#: served instead, and their share of all (`dit_sparse.sparsity_stats`)
+CACHE_FIELDS = ("cache_skipped_blocks", "cache_skip_share")
 
 
 def _score_video(video_path: str, reference_path: str | None, fps: float) -> dict:
@@ -606,22 +662,23 @@ def score_workers(videos: int, workers: int | None = None) -> int:
 
 def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | None = None,
                  workers: int | None = None) -> list[dict]:  # fmt: skip
-    """One result row per (prompt, seed, method), the baseline first: its speed, fidelity against the baseline and
-    the VBench-style dimensions. `optional`: learnt metrics from `metrics.optional_metrics` ("lpips", "clip_score"),
-    computed in this process. The frame metrics (SSIM and optical flow: about 30 s a video at 480p) run in
-    `score_workers(videos, workers)` spawned processes, each reading its video from the cache; the rows are the same
-    as from one process."""
+    """One result row per (prompt, seed, row of `plan.rows()`), the baseline first: its speed, fidelity against the
+    baseline and the VBench-style dimensions; in a `--stacks` run also its `label`, `stack` and `CACHE_FIELDS`.
+    `optional`: learnt metrics from `metrics.optional_metrics` ("lpips", "clip_score"), computed in this process.
+    The frame metrics (SSIM and optical flow: about 30 s a video at 480p) run in `score_workers(videos, workers)`
+    spawned processes, each reading its video from the cache; the rows are the same as from one process."""
     from tqdm.auto import tqdm
 
     optional = optional or {}
     results, tasks = [], []
     for prompt, seed in plan.videos():
-        base_row = finished[plan.video_hash(plan.job(prompt.prompt, seed, BASELINE, {}))]
-        for name, options in [(BASELINE, {}), *((m.name, m.options) for m in plan.methods)]:
-            row = finished[plan.video_hash(plan.job(prompt.prompt, seed, name, options))]
+        base_row = finished[plan.video_hash(plan.job(prompt.prompt, seed, BASELINE_ROW))]
+        for entry in [BASELINE_ROW, *plan.rows()]:
+            row = finished[plan.video_hash(plan.job(prompt.prompt, seed, entry))]
             result = {field: None for field in RESULT_FIELDS}
             result.update(
-                prompt=prompt.prompt, category=prompt.category, seed=seed, method=name, density=row["density"],
+                prompt=prompt.prompt, category=prompt.category, seed=seed, method=entry.method,
+                **({"label": entry.label, "stack": entry.stack} if plan.stacks else {}), density=row["density"],
                 seconds=row["seconds"], seconds_per_step=row["seconds_per_step"],
                 attention_share=row["attention_share"], peak_memory_mb=row["peak_memory_mb"],
                 speedup=base_row["seconds"] / row["seconds"],
@@ -629,8 +686,10 @@ def score_videos(plan: EvalPlan, finished: dict[str, dict], optional: dict | Non
             if row["seconds_per_step"] and base_row["seconds_per_step"]:
                 result["step_speedup"] = base_row["seconds_per_step"] / row["seconds_per_step"]
             result["config"], result["layout"], result["file"] = row["config"], row["layout"], row["file"]
+            if plan.stacks:
+                result.update({field: row[field] for field in CACHE_FIELDS if field in row})
             results.append(result)
-            reference = None if name == BASELINE else os.path.join(plan.cache_dir, base_row["file"])
+            reference = None if entry.method == BASELINE else os.path.join(plan.cache_dir, base_row["file"])
             tasks.append((os.path.join(plan.cache_dir, row["file"]), reference, plan.fps))
     processes = score_workers(len(tasks), workers)
     progress = tqdm(total=len(tasks), desc=f"scoring ({processes} process{'es' if processes > 1 else ''})",
@@ -668,16 +727,26 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def row_label(result: dict) -> str:
+    """The report row a result or mean row belongs to: its `label` in a `--stacks` run, else its method."""
+    return result.get("label", result["method"])
+
+
 def method_means(plan: EvalPlan, results: list[dict]) -> list[dict]:
-    """Per method, the mean of each result field over its videos. PSNR: the mean over the videos that differ from
-    the baseline (`identical` counts the rest; inf when all are identical). Speedups: the ratio of total times
-    (baseline over method, same videos). Dynamic: the fraction of dynamic videos (VBench's dynamic degree)."""
+    """Per row of `plan.rows()` (a method, or a method with one stack), the mean of each result field over its
+    videos. PSNR: the mean over the videos that differ from the baseline (`identical` counts the rest; inf when all
+    are identical). Speedups: the ratio of total times (baseline over row, same videos). Dynamic: the fraction of
+    dynamic videos (VBench's dynamic degree). In a `--stacks` run, its `label` and `stack`, and under a cache the
+    mean `CACHE_FIELDS`."""
     means = []
-    for name in [BASELINE, *(m.name for m in plan.methods)]:
-        rows = [r for r in results if r["method"] == name]
+    for entry in [BASELINE_ROW, *plan.rows()]:
+        name = entry.method
+        rows = [r for r in results if row_label(r) == entry.label]
         base = [r for r in results if r["method"] == BASELINE]
         mean = {field: None for field in RESULT_FIELDS}
         mean.update(prompt="MEAN", category="", seed=None, method=name, videos=len(rows))
+        if plan.stacks:
+            mean.update(label=entry.label, stack=entry.stack)
         for field in RESULT_FIELDS[4:]:
             mean[field] = _mean(r[field] for r in rows)
         psnrs = [r["psnr"] for r in rows if r["psnr"] is not None]
@@ -694,5 +763,8 @@ def method_means(plan: EvalPlan, results: list[dict]) -> list[dict]:
         mean["config"] = configs[0] if configs else None
         layouts = [r["layout"] for r in rows if r["layout"] is not None]
         mean["layout"] = layouts[0] if layouts else None
+        for field in CACHE_FIELDS:
+            if any(field in r for r in rows):
+                mean[field] = _mean(r.get(field) for r in rows)
         means.append(mean)
     return means

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -112,6 +113,15 @@ BAD_INPUTS = [
     (["--seeds", f"0,{2**70}"], ["seed must be in 0..", str(2**70)]),
     (["--device", "tpu"], ["device 'tpu'", "available: cpu"]),
     (["--threads", "0"], ["threads", "0"]),
+    (["--stacks", "cache=nosuch"], ["'cache=nosuch'", "unknown cache 'nosuch'", "'first_block'"]),
+    (["--stacks", "fp8+fp8"], ["'fp8+fp8'", "fp8 twice", "compile=regional|full"]),
+    (["--stacks", "compile=fast"], ["'compile=fast'", "'regional', 'full'"]),
+    (["--stacks", "none+fp8"], ["'none+fp8'", "'none' is not a stack item", "none (the method alone)"]),
+    (["--stacks", "cache=first_block+compile=regional"], ["'cache=first_block+compile=regional'", "compile='full'"]),
+    (["--stacks", "none", "cache=pab", "none"], ["--stacks 'none' is the same stack as 'none'"]),
+    (["--stacks", "fp8+cache=pab", "cache=pab+fp8"], ["'cache=pab+fp8' is the same stack as 'fp8+cache=pab'"]),
+    (["--stacks", "none", "cache=pab", "--cache", "pab"], ["--stacks none cache=pab", "--cache", "(given: cache=pab)"]),
+    (["--fp8", "--stacks", "none"], ["--stacks none", "--fp8", "(given: fp8)"]),
 ]
 
 
@@ -383,6 +393,112 @@ def test_score_workers_default_to_the_cores_this_process_may_use_and_never_excee
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="score workers"):
             runner.score_workers(5, bad)
+
+
+# ---- several stacks in one eval ----------------------------------------------------------------------------------
+def test_stack_specs_read_as_documented_and_name_their_rows():
+    assert render.parse_stack_spec("none") == {}
+    assert render.parse_stack_spec("cache=first_block:threshold=0.1") == {"cache": "first_block:threshold=0.1"}
+    assert render.parse_stack_spec("fp8+cache=taylorseer") == {"cache": "taylorseer", "fp8": True}
+    assert render.parse_stack_spec("compile=full+cache=pab+fp8") == {"cache": "pab", "fp8": True, "compile": "full"}
+    assert render.stack_spec({}) == "none" and render.stack_spec({"compile": "full", "cache": "pab"}) == (
+        "cache=pab+compile=full")
+    assert render.stack_label("radial", {}) == "radial"
+    assert render.stack_label("radial", {"cache": "taylorseer", "fp8": True}) == "radial + taylorseer + fp8"
+    # the example line: every method once per stack, method-major
+    args = cli.build_parser("eval").parse_args(
+        ["eval", "--methods", "radial,dense", "--stacks", "none", "cache=first_block:threshold=0.1",
+         "cache=taylorseer+fp8"])  # fmt: skip
+    plan = runner.make_plan(suite="tiny", methods=args.methods, model="tiny-random", stacks=args.stacks)
+    assert [(row.label, row.method) for row in plan.rows()] == [
+        ("radial", "radial"), ("radial + first_block:threshold=0.1", "radial"), ("radial + taylorseer + fp8", "radial"),
+        ("dense", "dense"), ("dense + first_block:threshold=0.1", "dense"), ("dense + taylorseer + fp8", "dense")]
+    assert len(plan.jobs()) == len(plan.suite.prompts) * 7 and len({job.key_hash() for job in plan.jobs()}) == len(
+        plan.jobs())  # every stack's video has its own key
+
+
+def test_eval_with_stacks_reports_a_row_and_a_pareto_point_per_method_and_stack(tmp_path, render_calls):
+    prompts = tmp_path / "one.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    out = tmp_path / "report"
+    cache = "first_block:threshold=0.2"  # skips blocks on the tiny random pipeline even at 2 steps
+    stacked = f"radial + {cache}"
+    common = ["eval", *SMALL, "--suite", str(prompts), "--methods", "radial", "--score-workers", "1", "--no-videos",
+              "--output-dir", str(out)]  # fmt: skip
+    assert cli.main([*common, "--stacks", "none", f"cache={cache}"]) == 0
+    # the baseline once, then radial once per stack, each stack after its own warm-up call
+    assert render_calls.calls == [("baseline", 1), ("baseline", 2), ("radial", 1), ("radial", 2), ("radial", 1),
+                                  ("radial", 2)]  # fmt: skip
+
+    manifest = [json.loads(line) for line in open(out / "videos" / runner.MANIFEST_NAME)]
+    assert [(row["method"], row.get("stack")) for row in manifest] == [
+        ("baseline", None), ("radial", None), ("radial", {"cache": cache})]
+    base, plain, cached = manifest
+    assert len({row["hash"] for row in manifest}) == 3 and len({row["file"] for row in manifest}) == 3
+    # 2 steps x 2 CFG calls x 2 transformer blocks = 8 self-attention computations; the cache served some
+    assert 0 < cached["cache_skipped_blocks"] < 8 and cached["cache_skip_share"] == cached["cache_skipped_blocks"] / 8
+    assert "cache_skipped_blocks" not in plain
+    frames = {row["hash"]: np.load(out / "videos" / row["file"]) for row in manifest}
+    assert not np.array_equal(frames[plain["hash"]], frames[cached["hash"]])
+
+    def psnr(row):  # against the baseline's lossless frames, on the 0..255 scale
+        error = np.mean((frames[row["hash"]].astype(np.float64) - frames[base["hash"]]) ** 2)
+        return "inf" if error == 0 else 10 * math.log10(255.0**2 / error)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["stacks"] == [{}, {"cache": cache}]
+    videos = {video["label"]: video for video in results["videos"]}
+    means = {mean["label"]: mean for mean in results["means"]}
+    assert list(videos) == list(means) == ["baseline", "radial", stacked]
+    for label, row in [("radial", plain), (stacked, cached)]:
+        for entry in (videos[label], means[label]):
+            assert entry["method"] == "radial" and entry["stack"] == row.get("stack", {})
+            expected = psnr(row)
+            assert entry["psnr"] == expected if expected == "inf" else entry["psnr"] == pytest.approx(expected)
+            assert entry["step_speedup"] == pytest.approx(base["seconds_per_step"] / row["seconds_per_step"])
+    assert psnr(cached) != "inf" and psnr(cached) != psnr(plain)  # the cache changed the video
+    assert means[stacked]["cache_skip_share"] == cached["cache_skip_share"]
+    assert "cache_skip_share" not in means["radial"]
+    # one Pareto point per row, each at its own speed and PSNR
+    points = report_module.pareto_points([{**m, "psnr": None if m["psnr"] is None else float(m["psnr"])}
+                                          for m in results["means"]])  # fmt: skip
+    assert [(p["method"], p["speedup"]) for p in points] == [(label, means[label]["step_speedup"])
+                                                            for label in ("radial", stacked)]  # fmt: skip
+    assert points[1]["psnr"] == pytest.approx(psnr(cached))
+
+    with open(out / "results.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert [(r["prompt"], r["label"], r["method"]) for r in table] == [
+        (PROMPTS[0], "baseline", "baseline"), (PROMPTS[0], "radial", "radial"), (PROMPTS[0], stacked, "radial"),
+        ("MEAN", "baseline", "baseline"), ("MEAN", "radial", "radial"), ("MEAN", stacked, "radial")]
+    assert json.loads(table[2]["stack"]) == {"cache": cache} and json.loads(table[1]["stack"]) == {}
+    markdown = (out / "report.md").read_text()
+    summary = [line.split(" | ")[0] for line in markdown.split("## Methods")[0].splitlines() if line.startswith("| ")]
+    assert summary == ["| method", "| baseline", "| radial", f"| {stacked}"]
+    assert "\n### radial\n" in markdown and f"\n### {stacked}\n" in markdown and "cache skipped" in markdown
+    assert markdown.count("](masks/radial.png)") == 2 and os.listdir(out / "masks") == ["radial.png"]
+    html = (out / "report.html").read_text()
+    assert "<h3>radial</h3>" in html and f"<h3>{stacked}</h3>" in html
+    import cv2
+
+    still = cv2.imread(str(out / "side_by_side" / os.listdir(out / "side_by_side")[0]))
+    assert still.shape == (2 * (32 + 14) + 4, 3 * 32, 3)  # a row per report row, each labelled; padded to 16
+
+    # the reproduce command names both stacks and parses back to the same plan
+    command = results["run"]["command"]
+    assert f" --stacks none cache={cache}" in command and command in markdown
+    args = cli.build_parser("eval").parse_args(shlex.split(command)[1:])
+    assert runner.parse_stacks(args.stacks) == ({}, {"cache": cache}) and args.cache is None
+
+    # the method alone is the video a run without --stacks renders: that run reuses it, and its report is as before
+    render_calls.calls.clear()
+    assert cli.main(common) == 0
+    assert render_calls.calls == []
+    legacy = json.loads((out / "results.json").read_text())
+    assert [(m["method"], "label" in m, "stack" in m) for m in legacy["means"]] == [("baseline", False, False),
+                                                                                   ("radial", False, False)]
+    assert "stacks" not in legacy["run"] and "--stacks" not in legacy["run"]["command"]
+    assert "cache skipped" not in (out / "report.md").read_text()
 
 
 def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
