@@ -179,14 +179,22 @@ def _cache_dit_on(model, setting: str):
     return model
 
 
+def alternating_inputs(calls: list[dict]) -> list[list[dict]]:
+    """Two steps' inputs that differ (the latents negated): a cache compares each step with the one before, and on
+    identical inputs every setting reuses (FirstBlockCache at threshold 0 saw a change of exactly 0 and skipped its
+    "always computes" step in an H100 run); alternating them keeps a full step full."""
+    return [calls, [dict(kwargs, hidden_states=-kwargs["hidden_states"]) for kwargs in calls]]
+
+
 def run_model(name: str, spec, args, device, dtype, rows: list, notes: list) -> None:
     model = build(spec, device, dtype)
-    calls = spec.calls(device, dtype)
+    inputs = alternating_inputs(spec.calls(device, dtype))
     shares = measured_shares()
     counter = iter(range(10**9))
 
     def step():
-        _calls_in_context(model, calls, next(counter))
+        index = next(counter)
+        _calls_in_context(model, inputs[index % 2], index)
 
     baseline_50 = None
     for stack_name in args.rows:
@@ -204,6 +212,10 @@ def run_model(name: str, spec, args, device, dtype, rows: list, notes: list) -> 
             notes.append(f"{spec.label} {stack_name}: no FP8 GPU; row skipped")
             continue
         began = time.time()
+        gc.collect()
+        if torch.cuda.is_available():  # each row's own peak (a cache's stored features show in it)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             settings = CACHE_SETTINGS.get(cache, (None, None, None))
             with stacked(model, spec, stack_name, settings[0], notes):
@@ -218,7 +230,9 @@ def run_model(name: str, spec, args, device, dtype, rows: list, notes: list) -> 
                         step()
                     ms_cached = time_steps(step, args.repeats)
         except Exception as exc:  # a row that cannot run here (a backend not installed): noted, the run goes on
-            notes.append(f"{spec.label} {stack_name}: {type(exc).__name__}: {str(exc)[:300]}")
+            peak = (f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated)"
+                    if torch.cuda.is_available() else "")
+            notes.append(f"{spec.label} {stack_name}: {type(exc).__name__}{peak}: {str(exc)[:300]}")
             traceback.print_exc()
             continue
         schedules = {}
@@ -237,7 +251,8 @@ def run_model(name: str, spec, args, device, dtype, rows: list, notes: list) -> 
         row = dict(model=spec.label, stack=stack_name, ms_full_step=round(ms_full, 2),
                    ms_cached_step=None if ms_cached is None else round(ms_cached, 2), schedule=schedules,
                    speedup_vs_default=None if baseline_50 is None else round(baseline_50 / best, 2),
-                   breakdown_full_step_ms=parts, seconds=round(time.time() - began, 1))
+                   breakdown_full_step_ms=parts, seconds=round(time.time() - began, 1),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None)
         rows.append(row)
         print(row, flush=True)
     del model

@@ -328,11 +328,22 @@ def _latents(pipe, method, **options):
 @pytest.mark.parametrize("method", ["radial", "draft"])
 def test_compensation_and_guard_run_end_to_end_and_change_the_output(tiny_pipe, method):
     options = dict(density=0.25, tile=(1, 4, 4)) if method == "draft" else dict(block_size=16)
-    plain, plain_stats = _latents(tiny_pipe, method, **options)
+    plain, plain_stats = _latents(tiny_pipe, method, compensate=False, **options)
     compensated, stats = _latents(tiny_pipe, method, compensate=True, **options)
     assert not torch.equal(compensated, plain) and torch.isfinite(compensated).all()
     assert stats["density"] == pytest.approx(plain_stats["density"])  # compensation adds no kept block
-    guarded, guard_stats = _latents(tiny_pipe, method, min_recall=0.9, **options)
+    guarded, guard_stats = _latents(tiny_pipe, method, compensate=False, min_recall=0.9, **options)
     assert not torch.equal(guarded, plain) and torch.isfinite(guarded).all()
     assert guard_stats["guard_calls"] > 0 and guard_stats["guard_added_density"] > 0
     assert guard_stats["density"] == pytest.approx(plain_stats["density"] + guard_stats["guard_added_density"])
+
+
+def test_compensation_is_on_by_default_for_reorder_alone():
+    """The defaults issue 31's sweep set (ReorderConfig's docstring): reorder compensates, every other method does not
+    unless asked."""
+    import dit_sparse
+
+    defaults = {name: config().compensate for name, config in dit_sparse.CONFIGS.items()}
+    assert defaults.pop("reorder") is True
+    assert defaults and not any(defaults.values())
+    assert dit_sparse.make_config("reorder", compensate=False).compensate is False

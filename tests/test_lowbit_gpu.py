@@ -26,8 +26,8 @@ MIN_COSINE, MAX_REL_L2 = 0.999, 0.03
 #: the kernel against its emulation (same scales and rounding of q, k, v; P rounded at another max).
 EMULATION_COSINE, EMULATION_REL_L2 = 0.9999, 0.01
 #: (precision, DIT_SPARSE_FP8_PV, DIT_SPARSE_FP8_QK, cases): the defaults of each precision at full count, fp8's
-#: bf16-PV alternative at fewer (its own kernel variants compile too).
-VARIANTS = [("int8", "fp8", "int8", CASES), ("fp8", "fp8", "int8", CASES), ("fp8", "bf16", "int8", 50)]
+#: e4m3-PV alternative at fewer (its own kernel variants compile too).
+VARIANTS = [("int8", "fp8", "int8", CASES), ("fp8", "bf16", "int8", CASES), ("fp8", "fp8", "int8", 50)]
 
 
 def _skip_unless(precision):

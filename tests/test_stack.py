@@ -362,3 +362,45 @@ def test_the_benchmark_scripts_run_their_logic_on_a_cpu(tmp_path):
                                  "first_block", "--attention", "none", "--out", str(tmp_path)]) == 0
     quality = json.loads(next(tmp_path.glob("compose-quality-random-cpu-*.json")).read_text())
     assert [row["cache"] for row in quality["rows"]] == compose_quality.SWEEP["first_block"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed (pip install "
+                    "'dit-sparse[fp8]')")
+def test_fp8_quantizes_only_the_bf16_linears_fp8_gemms_take(monkeypatch):
+    import torchao.quantization
+
+    chosen = []
+    monkeypatch.setattr(torchao.quantization, "quantize_",
+                        lambda model, config, filter_fn: chosen.extend(
+                            name for name, m in model.named_modules() if filter_fn(m, name)))
+    model = torch.nn.ModuleDict(dict(
+        bf16=torch.nn.Linear(32, 64).to(torch.bfloat16),
+        kept_fp32=torch.nn.Linear(32, 64),  # a module the model keeps in fp32 (Wan's time embedder)
+        odd=torch.nn.Linear(24, 64).to(torch.bfloat16),  # 24 input features: no FP8 GEMM
+        norm=torch.nn.LayerNorm(32).to(torch.bfloat16)))
+    stack.quantize_fp8(model)
+    assert chosen == ["bf16"]
+    assert [m for m, _ in stack.record_of(model).fp8_weights] == [model["bf16"]]
+
+
+def test_compose_full_step_computes_every_block_on_its_alternating_inputs():
+    """The benchmark's "always computes" FirstBlockCache setting (threshold 0) runs the last block at every call
+    once the inputs alternate; on one repeated input the cache sees no change and skips (what an H100 run hit)."""
+    from benchmarks import compose
+    from benchmarks.transformer_step import SMOKE_MODELS, build
+
+    spec = SMOKE_MODELS["smoke-wan"]
+    model = build(spec, torch.device("cpu"), torch.float32)
+    calls = spec.calls(torch.device("cpu"), torch.float32)
+    last_block_calls = []
+    # the last block's feed-forward: a skipped block's forward is the cache's, which runs none of its parts
+    model.blocks[-1].ffn.register_forward_hook(lambda *_: last_block_calls.append(1))
+    for inputs, expected in ((compose.alternating_inputs(calls), 3 * 2), ([calls, calls], None)):
+        last_block_calls.clear()
+        with compose.stacked(model, spec, "first_block", compose.CACHE_SETTINGS["first_block"][0], []):
+            for step in range(3):
+                compose._calls_in_context(model, inputs[step % 2], step)
+        if expected is not None:
+            assert len(last_block_calls) == expected  # 3 steps x (cond, uncond), every block computed
+        else:
+            assert len(last_block_calls) < 3 * 2  # the same input again: reused

@@ -46,6 +46,12 @@ class ReorderConfig(DynamicConfig):
       of `kmeans_iters` Lloyd steps, SVG2's 2 per step; cold starts seed with random tokens and run 8 x as many,
       with centroid relocations), tokens sorted by cluster, blocks chosen from the centroid-level attention.
     - `block_size`: tokens per kernel block (power of two >= 16).
+    - `compensate` is on by default for this method alone (SVG-EAR's setting: the pooled keys of the dropped blocks
+      are the clusters' centroids). Issue 31's sweep on the tiny model at density 0.25
+      (benchmarks/results/quality-tiny-compensation-cpu-2026-12-08.md): +7.2 / +10.2 dB PSNR for clusters / axes in
+      blocks of 16, +3.2 / +2.6 dB in blocks of 32, for +7-11% of the attention call on an H100
+      (attention-h100-80gb-hbm3-2026-12-08.md); `draft` and `radial` gained under 2 dB in blocks of 32, so theirs
+      stays off.
     """
 
     method: ClassVar[str] = "reorder"
@@ -57,6 +63,7 @@ class ReorderConfig(DynamicConfig):
     layer_axes: tuple[tuple[str, ...], ...] | None = None
     clusters: int | None = None
     kmeans_iters: int = 2
+    compensate: bool = True  # on for reorder alone: see the docstring
 
     def __post_init__(self):
         super().__post_init__()
