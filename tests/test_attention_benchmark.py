@@ -38,6 +38,8 @@ def test_captured_accuracy_rows_compare_the_emulation_with_the_reference(monkeyp
     assert notes == []
     assert [(r["mask"], r["variant"]) for r in rows] == [("random 0.25", "reference fp8"), ("radial", "reference fp8")]
     _, layout, (q, k, v) = captures[0]
+    monkeypatch.setenv("DIT_SPARSE_FP8_PV", "fp8")  # the variant's operands, for the independent recomputation
+    monkeypatch.setenv("DIT_SPARSE_FP8_QK", "int8")
     for row in rows:
         mask = (bench.load_pattern("random_blocks")(layout, density=0.25, block_size=64) if row["mask"] != "radial"
                 else bench.load_pattern("radial")(layout, block_size=64, decay_factor=1.0))
