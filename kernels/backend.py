@@ -44,7 +44,7 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
 #: The internal switch for precision="fp8": its PV product in bf16 ("bf16", the default) or in e4m3 ("fp8",
 #: per-channel V scales). The Triton kernel and the reference's emulation both read it; benchmarks/attention.py
 #: measures both. bf16 PV is the default from that measurement (H100, Wan2.1-1.3B 480p,
-#: benchmarks/results/attention-precision-h100-2026-12-08.md): 1.04-1.20x our bf16 kernel where e4m3 PV ran at
+#: benchmarks/results/attention-precision-h100-80gb-hbm3-2026-12-08.md): 1.04-1.20x our bf16 kernel where e4m3 PV ran at
 #: 0.65-0.81x (not yet profiled; its pre-pass alone takes 0.45 ms against 0.24 ms), with half the error (rel. L2
 #: 1.4% against 2.9% on the tiny model's q, k, v).
 FP8_PV_ENV = "DIT_SPARSE_FP8_PV"
