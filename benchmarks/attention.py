@@ -521,6 +521,30 @@ def _cosine_rel_l2(out, expected):
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0)), float((a - b).norm() / b.norm())
 
 
+def accuracy_rows(q, k, v, mask, layout, padding, variants, errors: list, *, shape: str, label: str, mask_name: str,
+                  inputs: str) -> list[dict]:
+    """The accuracy table's rows for one input and mask: each low-precision variant of `variants` against the
+    reference backend (fp32 accumulation of the same inputs and mask); a variant that fails is noted in `errors`."""
+    from dit_sparse.attention import sparse_attention
+
+    expected = sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend="reference")
+    rows = []
+    for column, precision, pv, qk, backend in variants:
+        if precision == "bf16":
+            continue
+        with _switches(pv, qk):
+            out = _try(lambda: sparse_attention(q, k, v, mask, layout, text_padding_mask=padding, backend=backend,
+                                                precision=precision), errors, f"{shape} {inputs} accuracy {column}")
+        if out is None:
+            continue
+        cosine, rel = _cosine_rel_l2(out, expected)
+        rows.append(dict(shape=shape, label=label, mask=mask_name, density=round(mask.density, 4), inputs=inputs,
+                         variant=column, cosine=cosine, rel_l2=rel, within_bounds=cosine >= 0.999 and rel <= 0.03))
+        print(f"[{shape}] accuracy {mask_name} {inputs:8s} {column:22s} cosine {cosine:.6f} rel L2 {rel:.4f}",
+              flush=True)
+    return rows
+
+
 #: (layer, step) of the shipped tiny model's self-attention calls whose q, k, v the accuracy table also takes (of its
 #: 6 layers and 25 steps: the first, a middle and the last layer, early, middle and late in the denoising)
 CAPTURED_CALLS = ((0, 0), (2, 12), (5, 24))
@@ -558,8 +582,6 @@ def tiny_captures(device, calls=CAPTURED_CALLS, steps: int = 25, size=(81, 160, 
 def run_captured_accuracy(variants, accuracy: list, notes: list) -> None:
     """The accuracy table's rows for q, k, v captured from the tiny model: each low-precision variant against the
     reference on a random 0.25-density mask and the radial mask of the tiny layout (blocks of 64)."""
-    from dit_sparse.attention import sparse_attention
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     captures, why = tiny_captures(device)
     if why:
@@ -568,22 +590,8 @@ def run_captured_accuracy(variants, accuracy: list, notes: list) -> None:
         masks = [("random 0.25", load_pattern("random_blocks")(layout, density=0.25, block_size=64)),
                  ("radial", load_pattern("radial")(layout, block_size=64, decay_factor=1.0))]
         for mask_name, mask in masks:
-            mask = mask.to(device)
-            expected = sparse_attention(q, k, v, mask, layout, backend="reference")
-            for column, precision, pv, qk, backend in variants:
-                if precision == "bf16":
-                    continue
-                with _switches(pv, qk):
-                    out = _try(lambda: sparse_attention(q, k, v, mask, layout, backend=backend, precision=precision),
-                               notes, f"{name} accuracy {column}")
-                if out is None:
-                    continue
-                cosine, rel = _cosine_rel_l2(out, expected)
-                accuracy.append(dict(shape="tiny", label=name, mask=mask_name, density=round(mask.density, 4),
-                                     inputs=name, variant=column, cosine=cosine, rel_l2=rel,
-                                     within_bounds=cosine >= 0.999 and rel <= 0.03))
-                print(f"[tiny] accuracy {mask_name} {name} {column:22s} cosine {cosine:.6f} rel L2 {rel:.4f}",
-                      flush=True)
+            accuracy += accuracy_rows(q, k, v, mask.to(device), layout, None, variants, notes, shape="tiny",
+                                      label=name, mask_name=mask_name, inputs=name)
 
 
 def run_precision_shape(name: str, densities, variants, args, rows: list, accuracy: list, notes: list):
@@ -654,23 +662,8 @@ def run_precision_shape(name: str, densities, variants, args, rows: list, accura
             continue
         for inputs_name, (qa, ka, va) in (("randn", (q, k, v)), ("dit-like", realistic_inputs(layout, heads, head_dim,
                                                                                                   device))):
-            expected = sparse_attention(qa, ka, va, mask, layout, text_padding_mask=padding, backend="reference")
-            for column, precision, pv, qk, backend in variants:
-                if precision == "bf16":
-                    continue
-                with _switches(pv, qk):
-                    out = _try(lambda: sparse_attention(qa, ka, va, mask, layout, text_padding_mask=padding,
-                                                        backend=backend, precision=precision), errors,
-                               f"{name} accuracy {column}")
-                if out is None:
-                    continue
-                cosine, rel = _cosine_rel_l2(out, expected)
-                accuracy.append(dict(shape=name, label=label, mask=mask_name, density=round(density, 4),
-                                     inputs=inputs_name, variant=column, cosine=cosine, rel_l2=rel,
-                                     within_bounds=cosine >= 0.999 and rel <= 0.03))
-                print(f"[{name}] accuracy {mask_name} {inputs_name:8s} {column:22s} cosine {cosine:.6f} "
-                      f"rel L2 {rel:.4f}", flush=True)
-            del expected
+            accuracy += accuracy_rows(qa, ka, va, mask, layout, padding, variants, errors, shape=name, label=label,
+                                      mask_name=mask_name, inputs=inputs_name)
     notes.extend(errors)
     notes.append(f"triton configs: {triton_block_sparse.chosen_configs()}")
     del q, k, v

@@ -292,21 +292,23 @@ def parse_stack_spec(text: str) -> dict:
         raise ValueError(f"--stacks entry {text!r}: {exc}") from exc
 
 
+def _stack_parts(stack: dict, cache_prefix: str) -> list[str]:
+    """A checked stack's parts in one order: its cache spec (after `cache_prefix`), `fp8`, `compile=MODE`."""
+    parts = [f"{cache_prefix}{stack['cache']}"] if stack.get("cache") else []
+    parts += ["fp8"] if stack.get("fp8") else []
+    parts += [f"compile={stack['compile']}"] if stack.get("compile") else []
+    return parts
+
+
 def stack_spec(stack: dict) -> str:
     """The `--stacks` entry of a checked stack (`parse_stack_spec`'s inverse): "none" for the empty stack."""
-    items = [f"cache={stack['cache']}"] if stack.get("cache") else []
-    items += ["fp8"] if stack.get("fp8") else []
-    items += [f"compile={stack['compile']}"] if stack.get("compile") else []
-    return "+".join(items) or "none"
+    return "+".join(_stack_parts(stack, "cache=")) or "none"
 
 
 def stack_label(method: str, stack: dict) -> str:
     """A report row's name: the method, then each part of its stack after " + " (`radial + first_block:threshold=0.1
     + fp8`); the method alone keeps its plain name."""
-    parts = [stack["cache"]] if stack.get("cache") else []
-    parts += ["fp8"] if stack.get("fp8") else []
-    parts += [f"compile={stack['compile']}"] if stack.get("compile") else []
-    return " + ".join([method, *parts])
+    return " + ".join([method, *_stack_parts(stack, "")])
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------
